@@ -1,0 +1,354 @@
+"""NormXLogit and LogAt: one forward pass of the body, then a dot product per token.
+
+    LogAt(i)      = HoT(x_i^L)[y]            the head-on-top applied to token i's own vector
+    NormXLogit(i) = ||x_i^0||_2 * LogAt(i)
+
+Layer-wise (logit lens for a fixed target), with the final norm applied to every
+layer except the last, which already carries it:
+
+    LogAt_l(i) = HoT(norm(x_i^l))[y],  NormXLogit_l = ||x_i^0|| * LogAt_l,
+    EachLayer_l = ||x_i^l|| * LogAt_l.
+
+See ../shared/PAPER.md for the definitions; `heads.py` for how a model is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from .heads import ModelAdapter, probe_mode, resolve_adapter
+
+NORMS = ("layer0", "word")
+
+
+@dataclass
+class Attribution:
+    """Scores for a batch; padding (and, for causal LMs, positions after the
+    explained one) hold NaN so they can never be mistaken for scores.
+
+    Shapes: B rows, T positions, K requested layers. All float32 except the
+    integer index tensors.
+    """
+
+    scores: Tensor  # (B, T) NormXLogit at the last layer
+    logat: Tensor  # (B, T) LogAt at the last layer
+    norms: Tensor  # (B, T) ||x_i^0|| ("layer0") or ||E[id_i]|| ("word")
+    positions: Tensor  # (B,) explained position
+    targets: Tensor  # (B,) explained token/class (0 for regression)
+    target_logits: Tensor  # (B,) the model's logit of the target at `positions`
+    target_probs: Tensor  # (B,) its softmax probability (NaN for regression)
+    valid: Tensor  # (B, T) bool: positions that carry a score
+    norm: str = "layer0"
+    kind: str = "causal"
+    foils: Tensor | None = None  # (B,)
+    contrast_logat: Tensor | None = None  # (B, T) LogAt(target) - LogAt(foil)
+    contrast_scores: Tensor | None = None  # (B, T) norm * contrast_logat
+    layers: tuple[int, ...] | None = None  # requested layer indices, 0..L
+    layer_logat: Tensor | None = None  # (B, K, T)
+    layer_scores: Tensor | None = None  # (B, K, T) ||x^0|| * LogAt_l
+    layer_each: Tensor | None = None  # (B, K, T) ||x^l|| * LogAt_l ("EachLayer")
+    layer_contrast: Tensor | None = None  # (B, K, T) LogAt_l(target) - LogAt_l(foil)
+
+    def cpu(self) -> Attribution:
+        """A copy with every tensor on the CPU."""
+        moved = {
+            f.name: (v.cpu() if isinstance(v := getattr(self, f.name), Tensor) else v)
+            for f in fields(self)
+        }
+        return Attribution(**moved)
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token (right or left padding). [B, T] -> [B]."""
+    t = attention_mask.shape[1]
+    idx = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, -1).max(dim=1).values
+
+
+def first_positions(attention_mask: Tensor) -> Tensor:
+    """Index of each row's first real token. [B, T] -> [B]."""
+    t = attention_mask.shape[1]
+    idx = torch.arange(t, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, t).min(dim=1).values
+
+
+def mask_positions(input_ids: Tensor, mask_token_id: int) -> Tensor:
+    """Position of the (single) mask token in each row, for masked LMs. [B, T] -> [B]."""
+    hits = input_ids == mask_token_id
+    count = hits.sum(dim=1)
+    if bool((count != 1).any()):
+        bad = int((count != 1).nonzero()[0, 0])
+        raise ValueError(
+            f"row {bad} of input_ids has {int(count[bad])} mask tokens (id {mask_token_id}); "
+            "each row needs exactly one, or pass positions= explicitly"
+        )
+    return hits.float().argmax(dim=1)
+
+
+def _resolve_layers(layers, num_layers: int) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers={layers!r}: use None, 'all' or a list of indices")
+        return tuple(range(num_layers + 1))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        if not isinstance(layer, int) or not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"layers contains {layer!r}: valid indices are 0..{num_layers} "
+                f"(0 = embedding output, {num_layers} = last layer) or negative from the end"
+            )
+        out.append(layer % (num_layers + 1))
+    if not out:
+        raise ValueError("layers is empty: use None, 'all' or a non-empty list of indices")
+    return tuple(out)
+
+
+def _as_rows(value, name: str, batch: int, device) -> Tensor | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, device=device).long().reshape(-1)
+    if t.numel() == 1 and batch > 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"{name} has {t.numel()} entries but input_ids has {batch} rows")
+    return t
+
+
+def normxlogit(
+    model: nn.Module | ModelAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    positions: Tensor | Sequence[int] | None = None,
+    targets: Tensor | Sequence[int] | None = None,
+    foils: Tensor | Sequence[int] | None = None,
+    layers: str | Sequence[int] | None = None,
+    norm: str = "layer0",
+    batch_size: int | None = 64,
+) -> Attribution:
+    """NormXLogit attribution of each row's prediction at `positions`.
+
+    Args:
+        model: a Hugging Face causal LM, masked LM or sequence classifier, or a
+            `ModelAdapter` for anything else.
+        input_ids, attention_mask: [B, T]; right or left padding.
+        positions: [B] the prediction explained. Default: the last real token for
+            causal LMs, the pooled token for classifiers; required for masked LMs
+            (see `mask_positions`).
+        targets: [B] token/class whose logit is read. Default: the model's argmax.
+        foils: [B] optional contrast token: adds `contrast_logat`/`contrast_scores`.
+        layers: None (last layer), "all", or indices 0..L for the layer-wise variants.
+        norm: "layer0" (`hidden_states[0]`, the paper's choice) or "word" (raw row).
+        batch_size: rows per forward pass, bounding memory; None = all at once.
+
+    No gradients are computed; the model's flags, hooks and grads are unchanged.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    adapter = resolve_adapter(model)
+    device = adapter.embedding.weight.device
+    input_ids = input_ids.to(device)
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if bool((attention_mask.sum(dim=1) == 0).any()):
+        raise ValueError("attention_mask has a row with no real token")
+    vocab = adapter.embedding.num_embeddings
+    if bool((input_ids >= vocab).any()) or bool((input_ids < 0).any()):
+        raise ValueError(
+            f"input_ids contain ids outside the model's vocabulary of {vocab}: is the "
+            "tokenizer the one this model was built for?"
+        )
+    num_layers = adapter.num_layers
+    if num_layers is None:
+        raise ValueError("ModelAdapter.num_layers must be set (the number of layers L)")
+    layer_ids = _resolve_layers(layers, num_layers)
+    positions = _as_rows(positions, "positions", batch, device)
+    if positions is None:
+        if adapter.kind == "masked":
+            raise ValueError(
+                "positions is required for masked LMs: pass "
+                "positions=normx_callbacks.mask_positions(input_ids, tokenizer.mask_token_id)"
+            )
+        if adapter.kind in ("classifier", "regression") and adapter.pool_position == "first":
+            positions = first_positions(attention_mask)
+        else:
+            positions = last_positions(attention_mask)
+    rows = torch.arange(batch, device=device)
+    if bool((positions < 0).any()) or bool((positions >= input_ids.shape[1]).any()):
+        raise ValueError(f"positions must lie in 0..{input_ids.shape[1] - 1}")
+    if not bool(attention_mask[rows, positions].bool().all()):
+        raise ValueError("positions point at padding: each explained position must be a real token")
+    targets = _as_rows(targets, "targets", batch, device)
+    foils = _as_rows(foils, "foils", batch, device)
+    for name, ids in (("targets", targets), ("foils", foils)):
+        if ids is not None and adapter.kind != "regression":
+            limit = _num_outputs(adapter)
+            if limit is not None and (bool((ids < 0).any()) or bool((ids >= limit).any())):
+                raise ValueError(f"{name} must lie in 0..{limit - 1}")
+    if foils is not None and adapter.kind == "regression":
+        raise ValueError("foils make no sense for a regression head (single output)")
+
+    step = batch if batch_size is None else batch_size
+    parts = []
+    with probe_mode(adapter.module):
+        for start in range(0, batch, step):
+            sl = slice(start, start + step)
+            parts.append(
+                _attribute_chunk(
+                    adapter,
+                    input_ids[sl],
+                    attention_mask[sl],
+                    positions[sl],
+                    None if targets is None else targets[sl],
+                    None if foils is None else foils[sl],
+                    layer_ids,
+                    norm,
+                )
+            )
+    return _concat(parts, layer_ids, norm, adapter.kind)
+
+
+def _num_outputs(adapter: ModelAdapter) -> int | None:
+    if adapter.unembedding is not None:
+        return adapter.unembedding[1].shape[0]
+    return None
+
+
+def _attribute_chunk(adapter, ids, mask, positions, targets, foils, layer_ids, norm) -> dict:
+    states = adapter.hidden_states(ids, mask)  # L+1 x (B, T, d)
+    last = states[-1]
+    b = ids.shape[0]
+    rows = torch.arange(b, device=ids.device)
+
+    valid = mask.bool()
+    if adapter.kind == "causal":
+        # The prediction after position t sees tokens 0..t only.
+        idx = torch.arange(ids.shape[1], device=ids.device)
+        valid = valid & (idx[None, :] <= positions[:, None])
+
+    if norm == "layer0":
+        norms = states[0].float().norm(dim=-1)  # (B, T)
+    else:
+        norms = adapter.embedding.weight[ids].float().norm(dim=-1)
+
+    if adapter.kind == "regression":
+        pooled = adapter.head(last[rows, positions]).float().reshape(b)  # (B,)
+        target_logits = pooled
+        target_probs = torch.full_like(pooled, float("nan"))
+        targets = torch.zeros(b, dtype=torch.long, device=ids.device)
+    else:
+        full = adapter.full_logits(last[rows, positions])  # (B, C)
+        if targets is None:
+            targets = full.argmax(dim=-1)
+        target_logits = full[rows, targets]
+        target_probs = full.softmax(dim=-1)[rows, targets]
+
+    def head_scores(layer_states: Tensor, ids_: Tensor, pool_states: Tensor | None) -> Tensor:
+        if adapter.kind == "regression":
+            per_token = adapter.head(layer_states).float().squeeze(-1)  # (K, B, T)
+            pool = adapter.head(pool_states).float().reshape(per_token.shape[0], b, 1)
+            # Documented choice: importance = distance from the pooled prediction.
+            return (per_token - pool).abs()
+        return adapter.target_logits(layer_states, ids_)  # (K, B, T)
+
+    last_stack = last.unsqueeze(0)
+    pool_last = last[rows, positions].unsqueeze(0) if adapter.kind == "regression" else None
+    logat = head_scores(last_stack, targets, pool_last)[0]
+    out = {
+        "norms": norms,
+        "logat": logat,
+        "positions": positions,
+        "targets": targets,
+        "target_logits": target_logits,
+        "target_probs": target_probs,
+        "valid": valid,
+        "foils": foils,
+    }
+    if foils is not None:
+        out["contrast_logat"] = logat - adapter.target_logits(last_stack, foils)[0]
+
+    if layer_ids is not None:
+        lens = _lens_states(adapter, states, layer_ids)  # (K, B, T, d)
+        pools = lens[:, rows, positions].unsqueeze(2) if adapter.kind == "regression" else None
+        layer_logat = head_scores(lens, targets, pools)  # (K, B, T)
+        raw_norms = torch.stack([states[i].float().norm(dim=-1) for i in layer_ids])  # (K, B, T)
+        out["layer_logat"] = layer_logat.transpose(0, 1)
+        out["layer_each"] = (raw_norms * layer_logat).transpose(0, 1)
+        if foils is not None:
+            foil_logat = adapter.target_logits(lens, foils)
+            out["layer_contrast"] = (layer_logat - foil_logat).transpose(0, 1)
+    return out
+
+
+def _lens_states(adapter: ModelAdapter, states, layer_ids) -> Tensor:
+    """Head-ready vectors per requested layer: final norm on all but the last."""
+    last_index = len(states) - 1
+    picked = []
+    for i in layer_ids:
+        x = states[i]
+        if i != last_index and adapter.final_norm is not None:
+            x = adapter.final_norm(x)
+        picked.append(x)
+    return torch.stack(picked)
+
+
+def _concat(parts: list[dict], layer_ids, norm: str, kind: str) -> Attribution:
+
+    def cat(key):
+        if parts[0].get(key) is None:
+            return None
+        return torch.cat([p[key] for p in parts])
+
+    valid = cat("valid")
+    nan = torch.tensor(float("nan"), device=valid.device)
+
+    def masked(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        mask = valid if t.dim() == 2 else valid[:, None, :]
+        return torch.where(mask, t.float(), nan)
+
+    norms = masked(cat("norms"))
+    logat = masked(cat("logat"))
+    contrast = masked(cat("contrast_logat"))
+    layer_logat = masked(cat("layer_logat"))
+    layer_contrast = masked(cat("layer_contrast"))
+    return Attribution(
+        scores=norms * logat,
+        logat=logat,
+        norms=norms,
+        positions=cat("positions"),
+        targets=cat("targets"),
+        target_logits=cat("target_logits").float(),
+        target_probs=cat("target_probs").float(),
+        valid=valid,
+        norm=norm,
+        kind=kind,
+        foils=cat("foils"),
+        contrast_logat=contrast,
+        contrast_scores=None if contrast is None else norms * contrast,
+        layers=layer_ids,
+        layer_logat=layer_logat,
+        layer_scores=None if layer_logat is None else norms[:, None, :] * layer_logat,
+        layer_each=masked(cat("layer_each")),
+        layer_contrast=layer_contrast,
+    )
