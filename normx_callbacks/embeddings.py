@@ -1,0 +1,240 @@
+"""Snapshots of input-embedding row norms, and the token counts they are compared with.
+
+The paper claims pre-training makes word-embedding norms track token
+importance (rarer tokens, larger norms). A snapshot records the norm of every
+row of the input embedding matrix, summary statistics, the extreme tokens, how
+far the embeddings moved since the last snapshot, and the rank correlation of
+norm with log-frequency in the training data seen so far.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from normx_callbacks.metrics import spearman
+
+# Rows per chunk are chosen so a float32 chunk stays near this many elements (64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class EmbeddingSnapshot:
+    """Input-embedding norms at one training step."""
+
+    norms: Tensor  # (V,) float32 on CPU: L2 norm of each embedding row
+    stats: dict[str, float]  # mean, std (population), min, max, median, p05, p95 of norms
+    top: list[tuple[int, float]]  # k largest (token_id, norm), largest first
+    bottom: list[tuple[int, float]]  # k smallest (token_id, norm), smallest first
+    drift: float | None  # relative change since `previous`; None at the first snapshot
+    norm_logfreq_spearman: float  # Spearman(norm, log count) over seen tokens; NaN if < 3
+    tied: bool  # whether input and output embeddings share one matrix
+    drift_kind: str | None = None  # "matrix" or "norms": what `drift` was measured on
+
+
+def _row_chunks(weight: Tensor) -> list[Tensor]:
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return list(weight.split(rows, dim=0))
+
+
+def _check_matrix(weight: Tensor) -> Tensor:
+    if weight.ndim != 2:
+        raise ValueError(f"weight must have shape (V, d), got {tuple(weight.shape)}")
+    return weight.detach()
+
+
+@torch.no_grad()
+def embedding_norms(weight: Tensor) -> Tensor:
+    """L2 norm of each row of ``weight`` ``(V, d)``, as a ``(V,)`` float32 CPU tensor.
+
+    Half-precision matrices are upcast one chunk of rows at a time, so no
+    float32 copy of the whole matrix is ever materialised.
+    """
+    weight = _check_matrix(weight)
+    if weight.dtype in (torch.float32, torch.float64):
+        norms = torch.linalg.vector_norm(weight, dim=1)
+    else:
+        norms = torch.cat([torch.linalg.vector_norm(c.float(), dim=1) for c in _row_chunks(weight)])
+    return norms.to("cpu", torch.float32)
+
+
+@torch.no_grad()
+def _matrix_drift(weight: Tensor, previous: Tensor) -> float:
+    """||W - W_prev||_F / ||W_prev||_F, streaming ``weight`` to ``previous``'s device by chunks."""
+    diff_sq = 0.0
+    prev_sq = 0.0
+    start = 0
+    for chunk in _row_chunks(weight):
+        prev = previous[start : start + chunk.shape[0]].to(torch.float64)
+        cur = chunk.to(device=previous.device, dtype=torch.float64)
+        diff_sq += float(torch.sum((cur - prev) ** 2))
+        prev_sq += float(torch.sum(prev**2))
+        start += chunk.shape[0]
+    return math.sqrt(diff_sq / prev_sq) if prev_sq > 0 else math.nan
+
+
+def _drift(weight: Tensor, norms: Tensor, previous: Tensor) -> tuple[float, str]:
+    previous = previous.detach()
+    if previous.ndim == 2:
+        if previous.shape != weight.shape:
+            raise ValueError(
+                f"previous matrix must have the weight's shape {tuple(weight.shape)}, "
+                f"got {tuple(previous.shape)}"
+            )
+        return _matrix_drift(weight, previous), "matrix"
+    if previous.ndim == 1:
+        if previous.shape[0] != norms.shape[0]:
+            raise ValueError(
+                f"previous norms must have shape ({norms.shape[0]},), got {tuple(previous.shape)}"
+            )
+        prev = previous.to("cpu", torch.float64)
+        denom = float(torch.linalg.vector_norm(prev))
+        num = float(torch.linalg.vector_norm(norms.double() - prev))
+        return (num / denom if denom > 0 else math.nan), "norms"
+    raise ValueError(
+        f"previous must be a (V, d) matrix or a (V,) norms vector, got shape {tuple(previous.shape)}"
+    )
+
+
+def _stats(norms: Tensor) -> dict[str, float]:
+    x = norms.double().numpy()
+    if x.size == 0:
+        return dict.fromkeys(("mean", "std", "min", "max", "median", "p05", "p95"), math.nan)
+    p05, median, p95 = np.quantile(x, [0.05, 0.5, 0.95])
+    return {
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "min": float(x.min()),
+        "max": float(x.max()),
+        "median": float(median),
+        "p05": float(p05),
+        "p95": float(p95),
+    }
+
+
+def snapshot_embeddings(
+    weight: Tensor,
+    *,
+    counts: Tensor | None = None,
+    previous: Tensor | None = None,
+    top_k: int = 20,
+    tied: bool = False,
+) -> EmbeddingSnapshot:
+    """Summarise the input embedding matrix ``weight`` ``(V, d)``.
+
+    Args:
+        counts: ``(V,)`` token counts (e.g. :attr:`TokenCounter.counts`); None
+            leaves ``norm_logfreq_spearman`` NaN.
+        previous: what ``drift`` is measured against, by its shape:
+            a ``(V,)`` norms vector (the cheap choice: pass the previous
+            snapshot's ``norms``) gives ``||n_t - n_prev|| / ||n_prev||``;
+            a ``(V, d)`` matrix gives ``||W_t - W_prev||_F / ||W_prev||_F``.
+            Keep that matrix copy on CPU (``weight.detach().to("cpu", torch.float32)``):
+            the comparison runs on ``previous``'s device, streaming ``weight``
+            to it by chunks. None gives ``drift=None``.
+        top_k: how many largest and smallest rows to list.
+        tied: recorded as is; whether the matrix is shared with the LM head.
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    weight = _check_matrix(weight)
+    norms = embedding_norms(weight)
+    vocab = norms.shape[0]
+
+    k = min(top_k, vocab)
+    hi = torch.topk(norms, k, largest=True, sorted=True)
+    lo = torch.topk(norms, k, largest=False, sorted=True)
+    top = [(int(i), float(v)) for i, v in zip(hi.indices, hi.values, strict=True)]
+    bottom = [(int(i), float(v)) for i, v in zip(lo.indices, lo.values, strict=True)]
+
+    drift, drift_kind = (None, None) if previous is None else _drift(weight, norms, previous)
+
+    rho = math.nan
+    if counts is not None:
+        if tuple(counts.shape) != (vocab,):
+            raise ValueError(f"counts must have shape ({vocab},), got {tuple(counts.shape)}")
+        counts = counts.detach().to("cpu")
+        seen = counts > 0
+        rho = spearman(norms[seen], torch.log(counts[seen].double()))
+
+    return EmbeddingSnapshot(
+        norms=norms,
+        stats=_stats(norms),
+        top=top,
+        bottom=bottom,
+        drift=drift,
+        norm_logfreq_spearman=rho,
+        tied=tied,
+        drift_kind=drift_kind,
+    )
+
+
+class TokenCounter:
+    """Token frequencies of the training batches seen so far.
+
+    ``counts`` is a ``(V,)`` int64 CPU tensor. Counting runs on the batch's
+    device; only the ``(V,)`` histogram is moved to CPU.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.counts = torch.zeros(vocab_size, dtype=torch.int64)
+        self._warned = False
+
+    @torch.no_grad()
+    def update(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """Add one batch. Masked positions (``attention_mask == 0``) are skipped;
+        ids outside ``[0, vocab_size)`` are skipped with a one-time warning."""
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        ids = input_ids.detach().reshape(-1)
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            ids = ids[attention_mask.detach().reshape(-1).to(ids.device).bool()]
+        in_range = (ids >= 0) & (ids < self.vocab_size)
+        if not bool(in_range.all()):
+            if not self._warned:
+                bad = ids[~in_range]
+                warnings.warn(
+                    f"TokenCounter: input_ids hold ids outside [0, vocab_size={self.vocab_size}) "
+                    f"(min {int(bad.min())}, max {int(bad.max())}); they are not counted. "
+                    "Does the tokenizer's vocabulary match the embedding matrix?",
+                    stacklevel=2,
+                )
+                self._warned = True
+            ids = ids[in_range]
+        self.counts += torch.bincount(ids, minlength=self.vocab_size).to("cpu", torch.int64)
+
+    def merge_(self, other_counts: Tensor) -> None:
+        """Add ``other_counts`` ``(V,)`` in place, e.g. the other ranks' counts."""
+        if tuple(other_counts.shape) != (self.vocab_size,):
+            raise ValueError(
+                f"other_counts must have shape ({self.vocab_size},), got {tuple(other_counts.shape)}"
+            )
+        self.counts += other_counts.detach().to("cpu", torch.int64)
+
+    def state_dict(self) -> dict:
+        return {"vocab_size": self.vocab_size, "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("vocab_size") != self.vocab_size:
+            raise ValueError(
+                f"state vocab_size must be {self.vocab_size}, got {state.get('vocab_size')!r}"
+            )
+        counts = state["counts"]
+        if tuple(counts.shape) != (self.vocab_size,):
+            raise ValueError(
+                f"state counts must have shape ({self.vocab_size},), got {tuple(counts.shape)}"
+            )
+        self.counts = counts.detach().to("cpu", torch.int64).clone()

@@ -1,0 +1,217 @@
+"""Evidence-alignment and ranking metrics (PAPER.md section 2).
+
+Pure functions: tensors in, tensors or floats out. Positions are the last
+dimension ``T``. A position takes part in a row only when it is valid (``valid``
+mask, default all) and its score is not NaN; NaN marks padding and positions
+after the explained one, and is always ignored.
+
+Ties: rankings use a stable descending sort, so equal scores rank by position
+order (the earlier position first). This is deterministic but not neutral: a
+cue that ties with a later non-cue position is ranked above it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch import Tensor
+
+_EULER_GAMMA = 0.5772156649015329
+
+
+def _work_dtype(scores: Tensor) -> torch.dtype:
+    # Half-precision scores are too coarse for softmax sums and precisions.
+    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+
+
+def _prepare(
+    scores: Tensor, relevant: Tensor, valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Broadcast the three inputs and fold NaN scores into ``valid``."""
+    if scores.ndim == 0:
+        raise ValueError(f"scores must have a position dimension, got shape {tuple(scores.shape)}")
+    if valid is None:
+        valid = torch.ones_like(relevant, dtype=torch.bool)
+    scores, relevant, valid = torch.broadcast_tensors(
+        scores.to(_work_dtype(scores)), relevant.bool(), valid.bool()
+    )
+    valid = valid & ~torch.isnan(scores)
+    return scores, relevant & valid, valid
+
+
+def _counts(relevant: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(R, N): relevant-and-valid and valid counts per row, as float32."""
+    if relevant.ndim == 0:
+        raise ValueError(
+            f"relevant must have a position dimension, got shape {tuple(relevant.shape)}"
+        )
+    if valid is None:
+        valid = torch.ones_like(relevant, dtype=torch.bool)
+    relevant, valid = torch.broadcast_tensors(relevant.bool(), valid.bool())
+    r = (relevant & valid).sum(-1).to(torch.float32)
+    n = valid.sum(-1).to(torch.float32)
+    return r, n
+
+
+def average_precision(scores: Tensor, relevant: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Average precision of the relevant positions in the descending score ranking.
+
+    Args:
+        scores: ``(..., T)`` scores; NaN positions are ignored.
+        relevant: ``(..., T)`` bool, the cue positions.
+        valid: ``(..., T)`` bool, positions that take part (default: all non-NaN).
+
+    Returns:
+        ``(...)`` AP per row; NaN for rows without a relevant valid position.
+        Ties rank by position order (stable sort), see the module docstring.
+    """
+    scores, relevant, valid = _prepare(scores, relevant, valid)
+    filled = scores.masked_fill(~valid, float("-inf"))
+    # Invalid positions may land anywhere in the sort: ranks below count only
+    # valid positions, so they never shift a valid one.
+    order = torch.sort(filled, dim=-1, descending=True, stable=True).indices
+    rel = relevant.gather(-1, order)
+    rank = valid.gather(-1, order).cumsum(-1).clamp(min=1).to(scores.dtype)
+    hits = rel.cumsum(-1).to(scores.dtype)
+    n_rel = rel.sum(-1).to(scores.dtype)
+    precision_sum = torch.where(rel, hits / rank, torch.zeros_like(rank)).sum(-1)
+    return torch.where(n_rel > 0, precision_sum / n_rel.clamp(min=1), float("nan"))
+
+
+def random_average_precision(relevant: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Exact expected AP of a uniformly random ranking of the valid positions.
+
+    With ``R`` relevant among ``N`` valid items, position ``k`` holds a relevant
+    item with probability ``R/N`` and, given that, each earlier position does
+    with probability ``(R-1)/(N-1)``. Hence
+
+        E[AP] = (1/R) sum_{k=1..N} (1/k) [R/N + (k-1) R(R-1) / (N(N-1))]
+              = (1/N) [H_N + (R-1)/(N-1) (N - H_N)],
+
+    with ``H_N`` the N-th harmonic number (``N = 1`` gives 1).
+
+    Returns:
+        ``(...)`` float32; NaN for rows with ``R = 0``.
+    """
+    r, n = _counts(relevant, valid)
+    h = torch.special.digamma(n + 1) + _EULER_GAMMA  # H_N
+    # N - H_N is 0 at N = 1, so the clamp only avoids 0/0.
+    expected = (h + (r - 1) / (n - 1).clamp(min=1) * (n - h)) / n.clamp(min=1)
+    return torch.where(r > 0, expected, float("nan"))
+
+
+def dot_product(scores: Tensor, relevant: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Softmax of the scores over valid positions, summed over relevant positions.
+
+    Returns:
+        ``(...)`` DP per row; NaN for rows without a relevant valid position
+        (undefined as an alignment score, and kept out of means like AP).
+        Scores must be finite where valid: ``+inf`` gives NaN.
+    """
+    scores, relevant, valid = _prepare(scores, relevant, valid)
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    # where() rather than a product: an all-invalid row softmaxes to NaN.
+    dp = torch.where(relevant, probs, torch.zeros_like(probs)).sum(-1)
+    return torch.where(relevant.any(-1), dp, float("nan"))
+
+
+def random_dot_product(relevant: Tensor, valid: Tensor | None = None) -> Tensor:
+    """DP under a uniform softmax: ``R / N``; NaN for rows with ``R = 0``. Shape ``(...)``."""
+    r, n = _counts(relevant, valid)
+    return torch.where(r > 0, r / n.clamp(min=1), float("nan"))
+
+
+def evidence_alignment(
+    scores: Tensor, cue_mask: Tensor, valid: Tensor, exclude: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Per-layer AP and DP of cue positions, with random baselines, averaged over probes.
+
+    Args:
+        scores: ``(B, L, T)`` token scores per probe and layer; NaN is ignored.
+        cue_mask: ``(B, T)`` bool, the cue tokens of each probe.
+        valid: ``(B, T)`` bool, real (non-padding) positions.
+        exclude: ``(B,)`` long, the explained (target) position of each probe,
+            removed before ranking as in the paper; None removes nothing.
+
+    Returns:
+        ``{"ap", "ap_random", "dp", "dp_random"}``, each ``(L,)``: the mean over
+        probes with at least one cue left after exclusion (NaN if none has).
+        Baselines use each probe's own ``R`` and ``N``.
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have shape (B, L, T), got {tuple(scores.shape)}")
+    b, _, t = scores.shape
+    for name, mask in (("cue_mask", cue_mask), ("valid", valid)):
+        if tuple(mask.shape) != (b, t):
+            raise ValueError(f"{name} must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    keep = valid.bool().to(scores.device)
+    if exclude is not None:
+        if tuple(exclude.shape) != (b,):
+            raise ValueError(f"exclude must have shape (B,) = {(b,)}, got {tuple(exclude.shape)}")
+        exclude = exclude.to(device=scores.device, dtype=torch.long)
+        if exclude.numel() and (exclude.min() < 0 or exclude.max() >= t):
+            raise ValueError(f"exclude must index positions in [0, {t}), got {exclude.tolist()}")
+        positions = torch.arange(t, device=scores.device)
+        keep = keep & (positions[None, :] != exclude[:, None])
+    cues = cue_mask.bool().to(scores.device)[:, None, :]  # (B, 1, T)
+    keep = keep[:, None, :] & ~torch.isnan(scores)  # (B, L, T)
+
+    per_probe = {
+        "ap": average_precision(scores, cues, keep),
+        "ap_random": random_average_precision(cues, keep),
+        "dp": dot_product(scores, cues, keep),
+        "dp_random": random_dot_product(cues, keep),
+    }  # each (B, L), NaN where a probe has no cue
+    return {k: torch.nanmean(v.to(torch.float32), dim=0) for k, v in per_probe.items()}
+
+
+def _to_numpy(x: Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).reshape(-1).numpy()
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation over positions where both ``a`` and ``b`` are finite.
+
+    Ties get average ranks. NaN when fewer than 3 pairs remain or either side
+    has zero rank variance.
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    x, y = _to_numpy(a), _to_numpy(b)
+    both = np.isfinite(x) & np.isfinite(y)
+    if both.sum() < 3:
+        return math.nan
+    rx = rankdata(x[both]) - (both.sum() + 1) / 2
+    ry = rankdata(y[both]) - (both.sum() + 1) / 2
+    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    if denom == 0.0:
+        return math.nan
+    return float(rx @ ry) / denom
+
+
+def rank_stability(prev: Tensor, cur: Tensor) -> float:
+    """Mean over rows of the Spearman correlation between two snapshots' scores.
+
+    Args:
+        prev, cur: ``(B, T)`` (or ``(T,)``) scores of the same probes at two steps.
+
+    Returns:
+        Mean of the per-row correlations that are defined (see :func:`spearman`);
+        NaN when none is.
+    """
+    if prev.shape != cur.shape:
+        raise ValueError(
+            f"prev and cur must have the same shape, got {tuple(prev.shape)} and {tuple(cur.shape)}"
+        )
+    if prev.ndim not in (1, 2):
+        raise ValueError(f"prev and cur must have shape (B, T) or (T,), got {tuple(prev.shape)}")
+    if prev.ndim == 1:
+        prev, cur = prev[None], cur[None]
+    rhos = [spearman(p, c) for p, c in zip(prev, cur, strict=True)]
+    defined = [r for r in rhos if not math.isnan(r)]
+    return sum(defined) / len(defined) if defined else math.nan

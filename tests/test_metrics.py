@@ -1,0 +1,236 @@
+import itertools
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from normx_callbacks.metrics import (
+    average_precision,
+    dot_product,
+    evidence_alignment,
+    random_average_precision,
+    random_dot_product,
+    rank_stability,
+    spearman,
+)
+
+NAN = float("nan")
+T, F = True, False
+
+
+def _ap_bruteforce(order_relevant: list[bool]) -> float:
+    """AP of a ranking given as relevance flags in rank order."""
+    hits, total = 0, 0.0
+    for k, rel in enumerate(order_relevant, start=1):
+        if rel:
+            hits += 1
+            total += hits / k
+    return total / hits
+
+
+# --- average precision -------------------------------------------------------
+
+
+def test_ap_hand_computed():
+    # Ranking 0, 2, 1: the cue is third, precision 1/3.
+    ap = average_precision(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([F, T, F]))
+    assert ap.item() == pytest.approx(1 / 3)
+    # Ranking 0, 2, 3, 1: cues at ranks 2 and 4 -> (1/2 + 2/4) / 2.
+    ap = average_precision(torch.tensor([0.9, 0.1, 0.8, 0.4]), torch.tensor([F, T, T, F]))
+    assert ap.item() == pytest.approx(0.5)
+    # Cue first -> 1.
+    ap = average_precision(torch.tensor([5.0, 1.0, 2.0]), torch.tensor([T, F, F]))
+    assert ap.item() == pytest.approx(1.0)
+
+
+def test_ap_batched_shape_and_no_cue_is_nan():
+    scores = torch.tensor([[[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]])  # (1, 2, 3)
+    relevant = torch.tensor([[F, T, F]])  # broadcast over the layer axis
+    ap = average_precision(scores, relevant[:, None, :])
+    assert ap.shape == (1, 2)
+    assert torch.allclose(ap, torch.tensor([[1 / 3, 1 / 2]]))
+    assert math.isnan(average_precision(torch.tensor([1.0, 2.0]), torch.tensor([F, F])).item())
+
+
+def test_ap_ignores_nan_and_invalid_positions():
+    # Position 3 is NaN, position 4 invalid: both would outrank the cue if counted.
+    scores = torch.tensor([3.0, 1.0, 2.0, NAN, 9.0])
+    relevant = torch.tensor([F, T, F, F, F])
+    valid = torch.tensor([T, T, T, T, F])
+    assert average_precision(scores, relevant, valid).item() == pytest.approx(1 / 3)
+    # A cue sitting on a NaN position does not count as relevant.
+    relevant_nan = torch.tensor([F, F, F, T, F])
+    assert math.isnan(average_precision(scores, relevant_nan, valid).item())
+
+
+def test_ap_ties_rank_by_position():
+    # All tied: the ranking is position order, so the cue at 1 is second.
+    ap = average_precision(torch.zeros(4), torch.tensor([F, T, F, F]))
+    assert ap.item() == pytest.approx(1 / 2)
+    # -inf scores are valid and tie among themselves the same way.
+    ap = average_precision(torch.full((3,), float("-inf")), torch.tensor([F, F, T]))
+    assert ap.item() == pytest.approx(1 / 3)
+
+
+def test_ap_matches_bruteforce_on_random_rows():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(50, 9, generator=g)
+    relevant = torch.rand(50, 9, generator=g) < 0.3
+    relevant[:, 0] = True
+    ap = average_precision(scores, relevant)
+    for row in range(50):
+        order = torch.argsort(scores[row], descending=True)
+        assert ap[row].item() == pytest.approx(_ap_bruteforce(relevant[row][order].tolist()))
+
+
+def test_ap_half_precision_scores():
+    ap = average_precision(
+        torch.tensor([3.0, 1.0, 2.0], dtype=torch.bfloat16), torch.tensor([F, T, F])
+    )
+    assert ap.dtype == torch.float32
+    assert ap.item() == pytest.approx(1 / 3)
+
+
+# --- random AP ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "r"), [(1, 1), (2, 1), (4, 2), (6, 1), (6, 3), (7, 7)])
+def test_random_ap_closed_form_is_exact(n, r):
+    # Average of AP over every placement of the R relevant items.
+    placements = list(itertools.combinations(range(n), r))
+    exact = sum(_ap_bruteforce([k in p for k in range(n)]) for p in placements) / len(placements)
+    relevant = torch.tensor([k < r for k in range(n)])
+    assert random_average_precision(relevant).item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_random_ap_matches_monte_carlo():
+    n, r, trials = 12, 3, 20000
+    g = torch.Generator().manual_seed(1234)
+    scores = torch.rand(trials, n, generator=g)
+    relevant = torch.zeros(trials, n, dtype=torch.bool)
+    relevant[:, :r] = True
+    monte_carlo = average_precision(scores, relevant).mean().item()
+    expected = random_average_precision(relevant[0]).item()
+    assert monte_carlo == pytest.approx(expected, abs=0.005)
+
+
+def test_random_ap_uses_valid_count_and_nan_without_cue():
+    relevant = torch.tensor([[T, F, F, F, F], [F, F, F, F, F]])
+    valid = torch.tensor([[T, T, F, F, F], [T, T, T, T, T]])
+    out = random_average_precision(relevant, valid)
+    assert out[0].item() == pytest.approx((1 + 1 / 2) / 2)  # N=2, R=1: E[1/rank]
+    assert math.isnan(out[1].item())
+
+
+# --- dot product ----------------------------------------------------------------
+
+
+def test_dot_product_values():
+    scores = torch.tensor([0.0, math.log(2.0), math.log(3.0), 50.0])
+    relevant = torch.tensor([F, T, T, F])
+    valid = torch.tensor([T, T, T, F])  # softmax over exp = 1, 2, 3
+    assert dot_product(scores, relevant, valid).item() == pytest.approx(5 / 6)
+    assert dot_product(torch.zeros(4), torch.tensor([T, F, F, F])).item() == pytest.approx(1 / 4)
+
+
+def test_dot_product_nan_handling():
+    scores = torch.tensor([0.0, NAN, 0.0])
+    assert dot_product(scores, torch.tensor([T, F, F])).item() == pytest.approx(1 / 2)
+    assert math.isnan(dot_product(scores, torch.tensor([F, T, F])).item())
+    assert math.isnan(dot_product(torch.full((3,), NAN), torch.tensor([T, T, T])).item())
+
+
+def test_random_dot_product():
+    relevant = torch.tensor([[T, T, F, F, F], [F, F, F, F, F]])
+    valid = torch.tensor([[T, T, T, T, F], [T, T, T, T, T]])
+    out = random_dot_product(relevant, valid)
+    assert out[0].item() == pytest.approx(2 / 4)
+    assert math.isnan(out[1].item())
+
+
+# --- evidence alignment -----------------------------------------------------------
+
+
+def test_evidence_alignment_shapes_means_and_exclude():
+    # Probe 0: cue at 1, target at 3 (which would outrank everything).
+    # Probe 1: padding at 3, no cue -> left out of the means.
+    scores = torch.tensor(
+        [
+            [[1.0, 2.0, 0.0, 9.0], [2.0, 1.0, 0.0, 9.0]],
+            [[1.0, 2.0, 3.0, NAN], [1.0, 2.0, 3.0, NAN]],
+        ]
+    )  # (B=2, L=2, T=4)
+    cue = torch.tensor([[F, T, F, F], [F, F, F, F]])
+    valid = torch.tensor([[T, T, T, T], [T, T, T, F]])
+    out = evidence_alignment(scores, cue, valid, exclude=torch.tensor([3, 2]))
+    assert set(out) == {"ap", "ap_random", "dp", "dp_random"}
+    assert all(v.shape == (2,) for v in out.values())
+    # N = 3 after excluding the target.
+    assert torch.allclose(out["ap"], torch.tensor([1.0, 0.5]))
+    h3 = 1 + 1 / 2 + 1 / 3
+    assert torch.allclose(out["ap_random"], torch.full((2,), h3 / 3))
+    e = math.e
+    dp = torch.tensor([e**2 / (e + e**2 + 1), e / (e**2 + e + 1)])
+    assert torch.allclose(out["dp"], dp)
+    assert torch.allclose(out["dp_random"], torch.full((2,), 1 / 3))
+
+    # Without exclusion the target at 3 is ranked first.
+    out = evidence_alignment(scores, cue, valid, exclude=None)
+    assert torch.allclose(out["ap"], torch.tensor([0.5, 1 / 3]))
+    assert torch.allclose(out["dp_random"], torch.full((2,), 1 / 4))
+
+
+def test_evidence_alignment_averages_over_probes_with_cues():
+    scores = torch.tensor([[[3.0, 1.0, 2.0]], [[1.0, 2.0, 3.0]], [[1.0, 1.0, 1.0]]])
+    cue = torch.tensor([[T, F, F], [T, F, F], [F, F, F]])
+    valid = torch.ones(3, 3, dtype=torch.bool)
+    out = evidence_alignment(scores, cue, valid)
+    assert out["ap"].item() == pytest.approx((1.0 + 1 / 3) / 2)
+
+
+def test_evidence_alignment_validates_arguments():
+    scores = torch.zeros(2, 1, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="scores"):
+        evidence_alignment(torch.zeros(2, 3), mask, mask)
+    with pytest.raises(ValueError, match="cue_mask"):
+        evidence_alignment(scores, mask[:, :2], mask)
+    with pytest.raises(ValueError, match="exclude"):
+        evidence_alignment(scores, mask, mask, exclude=torch.tensor([0, 3]))
+
+
+# --- Spearman and rank stability ------------------------------------------------
+
+
+def test_spearman_with_ties_matches_scipy():
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.0])
+    b = torch.tensor([2.0, 1.0, 4.0, 4.0, 3.0, 6.0, 6.0, 1.0])
+    expected = scipy.stats.spearmanr(a.numpy(), b.numpy()).statistic
+    assert spearman(a, b) == pytest.approx(expected)
+
+
+def test_spearman_ignores_non_finite_pairs():
+    a = torch.tensor([1.0, 2.0, NAN, 3.0, 4.0, float("inf")])
+    b = torch.tensor([1.0, 3.0, 0.0, 2.0, NAN, 9.0])
+    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr([1, 2, 3], [1, 3, 2]).statistic)
+
+
+def test_spearman_undefined_cases():
+    assert math.isnan(spearman(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])))
+    assert math.isnan(spearman(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3)))
+    with pytest.raises(ValueError, match="same shape"):
+        spearman(torch.ones(3), torch.ones(4))
+
+
+def test_rank_stability():
+    g = torch.Generator().manual_seed(0)
+    prev = torch.randn(4, 10, generator=g)
+    prev[1, 7:] = NAN  # padding
+    assert rank_stability(prev, prev.clone()) == pytest.approx(1.0)
+    assert rank_stability(prev, -prev) == pytest.approx(-1.0)
+    # A row with no defined correlation is left out of the mean.
+    cur = prev.clone()
+    cur[0] = 1.0
+    assert rank_stability(prev, cur) == pytest.approx(1.0)
+    assert math.isnan(rank_stability(torch.full((2, 3), NAN), torch.zeros(2, 3)))
