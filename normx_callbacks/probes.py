@@ -1,0 +1,543 @@
+"""Probe sets: fixed short texts whose next-word (causal) or masked-word prediction is explained.
+
+A probe names the word the model should predict (``target``), optionally a contrast word
+(``foil``), and the words in the text that carry the evidence (``cues``). ``ProbeSet.encode``
+turns probes into padded tensors plus the token positions the attribution is read at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+MASK_PLACEHOLDER = "[MASK]"
+OBJECTIVES = ("causal", "masked")
+SUFFIXES = (".yaml", ".yml", ".jsonl", ".json")
+_KEYS = ("cues", "foil", "id", "target", "text")
+
+
+class ProbeError(ValueError):
+    """A probe or probe file is malformed; the message says which one, what is wrong and the fix."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe. ``text`` is the prefix (causal) or a sentence with ``[MASK]`` once (masked)."""
+
+    text: str
+    target: str | None = None
+    foil: str | None = None
+    cues: tuple[str, ...] = ()
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        # YAML/JSON give lists and people write a single cue bare; a tuple keeps Probe hashable.
+        if isinstance(self.cues, str):
+            object.__setattr__(self, "cues", (self.cues,))
+        elif isinstance(self.cues, Iterable) and not isinstance(self.cues, tuple):
+            object.__setattr__(self, "cues", tuple(self.cues))
+
+
+@dataclass
+class EncodedProbes:
+    """Probes as tensors; N probes, T = longest probe in tokens."""
+
+    ids: list[str]
+    input_ids: torch.Tensor  # (N, T) long, right-padded
+    attention_mask: torch.Tensor  # (N, T) long, 1 on real tokens
+    tokens: list[list[str]]  # readable token strings per probe, unpadded
+    cue_mask: torch.Tensor  # (N, T) bool, True on tokens overlapping a cue word
+    positions: torch.Tensor  # (N,) long, the position whose prediction is explained
+    targets: torch.Tensor  # (N,) long token id, -1 when the probe has no target
+    foils: torch.Tensor  # (N,) long token id, -1 when the probe has no foil
+    probes: list[Probe]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: torch.device | str) -> EncodedProbes:
+        """Return a copy with every tensor moved to ``device``."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+class ProbeSet:
+    """A validated, ordered set of probes with unique ids."""
+
+    def __init__(self, probes: Iterable[Probe | str | Mapping[str, Any]]) -> None:
+        """Validate ``probes``: strings become ``Probe(text=...)``, mappings use ``Probe``'s fields."""
+        self.probes: list[Probe] = _build(list(probes), None, None)
+        self._wheres: list[str | None] = [None] * len(self.probes)
+
+    @classmethod
+    def _from_items(cls, items: list[Any], wheres: list[str], source: str) -> ProbeSet:
+        self = cls.__new__(cls)
+        self.probes = _build(items, wheres, source)
+        self._wheres = list(wheres)  # file/line, so encode errors point into the file too
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ProbeSet:
+        """Load probes from ``.yaml``/``.yml`` (a list, or a mapping with key ``probes``),
+        ``.jsonl`` (one object or string per line) or ``.json`` (a list)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in SUFFIXES:
+            raise ProbeError(
+                f"probes file '{path}' has unsupported suffix {path.suffix!r}; "
+                f"use one of {', '.join(SUFFIXES)}"
+            )
+        if not path.exists():
+            raise FileNotFoundError(
+                f"probes file '{path}' does not exist; check the path "
+                f"(relative paths resolve from '{Path.cwd()}')"
+            )
+        try:
+            # utf-8-sig: tolerate the BOM some editors write, still reject other encodings.
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ProbeError(
+                f"probes file '{path}' is not valid UTF-8 (byte {err.start}: {err.reason}); "
+                "re-save it with UTF-8 encoding"
+            ) from None
+        if suffix == ".jsonl":
+            items, wheres = _parse_jsonl(text, str(path))
+        elif suffix == ".json":
+            items, wheres = _parse_json(text, str(path))
+        else:
+            items, wheres = _parse_yaml(text, str(path))
+        return cls._from_items(items, wheres, str(path))
+
+    @classmethod
+    def coerce(cls, obj: ProbeSet | Sequence[Any] | str | os.PathLike[str]) -> ProbeSet:
+        """Accept a ProbeSet, a list of probes, or a path to a probes file."""
+        if isinstance(obj, ProbeSet):
+            return obj
+        if isinstance(obj, (str, os.PathLike)):
+            return cls.from_file(obj)
+        if isinstance(obj, (list, tuple)):
+            return cls(obj)
+        raise ProbeError(
+            f"probes must be a ProbeSet, a list of probes or a path to a "
+            f"{'/'.join(SUFFIXES)} file, got {type(obj).__name__}"
+        )
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self.probes)
+
+    def __getitem__(self, index: int) -> Probe:
+        return self.probes[index]
+
+    def __repr__(self) -> str:
+        return f"ProbeSet({len(self.probes)} probes)"
+
+    def encode(
+        self, tokenizer: Any, *, objective: str = "causal", max_length: int | None = None
+    ) -> EncodedProbes:
+        """Tokenise every probe for ``objective`` ("causal" or "masked") with a fast HF tokenizer.
+
+        Causal: the text (right-stripped) is the prefix; trailing special tokens some tokenizers
+        append (EOS/SEP) are dropped so the explained position is the last text token, and the
+        target id is the first token the word gets after a space in context.
+        Masked: ``[MASK]`` is replaced by ``tokenizer.mask_token``; the target id is the first
+        token of the word, tokenised with a leading space when the placeholder follows one.
+        """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(
+                f"max_length must be a positive int or None, got {max_length!r}; "
+                "pass the model's context length"
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"tokenizer must be a fast (Rust-backed) tokenizer, got {type(tokenizer).__name__}; "
+                "cue alignment needs its offset mapping, so load it with AutoTokenizer "
+                "(fast is the default) or wrap a tokenizers.Tokenizer in PreTrainedTokenizerFast"
+            )
+        if objective == "masked" and tokenizer.mask_token is None:
+            raise ProbeError(
+                f"objective='masked' needs a tokenizer with a mask token, but "
+                f'{type(tokenizer).__name__} has none; use objective="causal" or a tokenizer '
+                "with a mask token"
+            )
+        encode_one = _encode_causal if objective == "causal" else _encode_masked
+        rows = []
+        for index, probe in enumerate(self.probes):
+            label = _label(index, probe.id, self._wheres[index])
+            row = encode_one(tokenizer, probe, label)
+            if max_length is not None and len(row.ids) > max_length:
+                raise ProbeError(
+                    f"{label}: {len(row.ids)} tokens exceed max_length={max_length}; "
+                    "shorten the probe or use a model with a longer context"
+                )
+            rows.append(row)
+        return _collate(tokenizer, rows, self.probes)
+
+
+# --- building and validating -------------------------------------------------------------
+
+
+def _label(index: int, probe_id: Any, where: str | None) -> str:
+    name = f"probe {probe_id!r}" if isinstance(probe_id, str) and probe_id else "probe"
+    return f"{name} (index {index}{', ' + where if where else ''})"
+
+
+def _to_probe(item: Any, label: str) -> Probe:
+    if isinstance(item, Probe):
+        return item
+    if isinstance(item, str):
+        return Probe(text=item)
+    if isinstance(item, Mapping):
+        unknown = sorted(str(k) for k in item if k not in _KEYS)
+        if unknown:
+            raise ProbeError(
+                f"{label}: unknown key {unknown[0]!r}; valid keys are {', '.join(_KEYS)}"
+            )
+        if "text" not in item:
+            raise ProbeError(
+                f"{label}: missing required key 'text'; add the prefix (causal) or a sentence "
+                f"with {MASK_PLACEHOLDER} (masked)"
+            )
+        cues = item.get("cues")
+        return Probe(**{**item, "cues": () if cues is None else cues})
+    raise ProbeError(
+        f"{label}: got {type(item).__name__} {item!r}; a probe is a text string, a mapping "
+        f"with keys {', '.join(_KEYS)}, or a Probe"
+    )
+
+
+def _cue_spans(text: str, cue: str) -> list[tuple[int, int]]:
+    # Whole-word match: "key" must not hit inside "keys".
+    pattern = r"(?<!\w)" + re.escape(cue) + r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, text)]
+
+
+def _check(probe: Probe, label: str) -> None:
+    if not isinstance(probe.text, str) or not probe.text.strip():
+        raise ProbeError(
+            f"{label}: text must be a non-empty string, got {probe.text!r}; give the prefix "
+            f"(causal) or a sentence with {MASK_PLACEHOLDER} (masked)"
+        )
+    for name in ("target", "foil"):
+        word = getattr(probe, name)
+        if word is None:
+            continue
+        if not isinstance(word, str) or not word.strip():
+            raise ProbeError(
+                f"{label}: {name} must be a non-empty string or left out, got {word!r}; "
+                "quote numbers in YAML"
+            )
+        if word != word.strip():
+            raise ProbeError(
+                f"{label}: {name} {word!r} has surrounding whitespace; write {word.strip()!r} "
+                "(the separating space is added when encoding)"
+            )
+    if probe.foil is not None and probe.target is None:
+        raise ProbeError(
+            f"{label}: foil {probe.foil!r} is given without a target; a foil is a contrast to "
+            "the target, so add the target word or drop the foil"
+        )
+    if not isinstance(probe.cues, tuple):
+        raise ProbeError(
+            f"{label}: cues must be a list of words, got {probe.cues!r}; write e.g. [keys]"
+        )
+    for cue in probe.cues:
+        if not isinstance(cue, str) or not cue.strip() or cue != cue.strip():
+            raise ProbeError(
+                f"{label}: cue {cue!r} must be a non-empty word without surrounding whitespace; "
+                "list cues as words copied from the text"
+            )
+        if not _cue_spans(probe.text, cue):
+            raise ProbeError(
+                f"{label}: cue {cue!r} does not occur as a whole word in text {probe.text!r} "
+                "(case-sensitive); copy the cue from the text exactly or remove it"
+            )
+
+
+def _build(items: list[Any], wheres: list[str] | None, source: str | None) -> list[Probe]:
+    probes: list[Probe] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        where = wheres[index] if wheres else None
+        raw_id = item.get("id") if isinstance(item, Mapping) else getattr(item, "id", None)
+        probe = _to_probe(item, _label(index, raw_id, where))
+        if not isinstance(probe.id, str):
+            raise ProbeError(
+                f"{_label(index, None, where)}: id must be a string, got {probe.id!r}; "
+                "quote it in YAML/JSON"
+            )
+        if not probe.id:
+            probe = replace(probe, id=f"probe-{index}")
+        label = _label(index, probe.id, where)
+        _check(probe, label)
+        if probe.id in seen:
+            raise ProbeError(
+                f"{label}: duplicate id {probe.id!r}, already used by the probe at index "
+                f"{seen[probe.id]}; give each probe a unique id or leave id empty for "
+                "'probe-<index>'"
+            )
+        seen[probe.id] = index
+        probes.append(probe)
+    if not probes:
+        where = f"probes file '{source}'" if source else "probes"
+        raise ProbeError(
+            f"{where}: the probe set is empty; give at least one probe (a text string or a "
+            "mapping with key 'text')"
+        )
+    return probes
+
+
+# --- file formats --------------------------------------------------------------------------
+
+
+def _parse_yaml(text: str, name: str) -> tuple[list[Any], list[str]]:
+    try:
+        data = yaml.safe_load(text)
+        # The node tree keeps line numbers, so item errors can point into the file.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ProbeError(
+            f"probes file '{name}'{at}: malformed YAML ({problem}); fix the syntax, e.g. "
+            "'- {text: ..., target: ...}' per probe"
+        ) from None
+    if data is None:
+        return [], []
+    if isinstance(data, Mapping):
+        if set(data) != {"probes"}:
+            raise ProbeError(
+                f"probes file '{name}': top-level mapping has keys {sorted(map(str, data))}; "
+                "use a list of probes or a mapping with the single key 'probes'"
+            )
+        data = data["probes"]
+        root = next(value for key, value in root.value if key.value == "probes")
+    if not isinstance(data, list):
+        raise ProbeError(
+            f"probes file '{name}': expected a list of probes, got {type(data).__name__}; "
+            "write one '- ...' entry per probe"
+        )
+    return data, [f"{name} line {node.start_mark.line + 1}" for node in root.value]
+
+
+def _parse_jsonl(text: str, name: str) -> tuple[list[Any], list[str]]:
+    items: list[Any] = []
+    wheres: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ProbeError(
+                f"probes file '{name}' line {lineno}: malformed JSON ({err.msg} at column "
+                f"{err.colno}); each line must hold one JSON object or one JSON string"
+            ) from None
+        wheres.append(f"{name} line {lineno}")
+    return items, wheres
+
+
+def _parse_json(text: str, name: str) -> tuple[list[Any], list[str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ProbeError(
+            f"probes file '{name}' line {err.lineno}: malformed JSON ({err.msg} at column "
+            f"{err.colno}); fix the syntax"
+        ) from None
+    if not isinstance(data, list):
+        raise ProbeError(
+            f"probes file '{name}': expected a JSON list of probes, got {type(data).__name__}; "
+            "wrap the probes in [...]"
+        )
+    return data, [name] * len(data)
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    cue_mask: list[bool]
+    position: int
+    target: int
+    foil: int
+
+
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    return list(enc["input_ids"]), list(enc["offset_mapping"]), list(enc["special_tokens_mask"])
+
+
+def _strip_trailing_special(ids: list[int], special: list[int]) -> int:
+    end = len(ids)
+    while end > 0 and special[end - 1]:
+        end -= 1
+    return end
+
+
+def _cue_mask(
+    label: str,
+    offsets: list[tuple[int, int]],
+    special: list[int],
+    spans: dict[str, list[tuple[int, int]]],
+) -> list[bool]:
+    mask = [False] * len(offsets)
+    for cue, cue_spans in spans.items():
+        hit = False
+        for i, (start, end) in enumerate(offsets):
+            # Special tokens carry (0, 0) offsets; an empty span overlaps nothing anyway.
+            if special[i] or start >= end:
+                continue
+            if any(start < c_end and c_start < end for c_start, c_end in cue_spans):
+                mask[i] = hit = True
+        if not hit:
+            raise ProbeError(
+                f"{label}: cue {cue!r} does not line up with any token (the tokenizer's "
+                "normalizer may have changed it); pick a cue that survives tokenisation"
+            )
+    return mask
+
+
+def _first_token(tokenizer: Any, word: str, label: str, name: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ProbeError(
+            f"{label}: {name} {word.strip()!r} tokenises to nothing; pick another word"
+        )
+    return ids[0]
+
+
+def _causal_word_id(
+    tokenizer: Any, text: str, text_ids: list[int], word: str, label: str, name: str
+) -> int:
+    # In context, so byte-level BPE gives the word its leading-space form ("Ġare").
+    ids, _, special = _tokenize(tokenizer, text + " " + word)
+    ids = ids[: _strip_trailing_special(ids, special)]
+    n = len(text_ids)
+    if len(ids) > n and ids[:n] == text_ids:
+        return ids[n]
+    return _first_token(tokenizer, " " + word, label, name)
+
+
+def _check_contrast(tokenizer: Any, probe: Probe, label: str, target: int, foil: int) -> None:
+    if foil != -1 and foil == target:
+        token = tokenizer.convert_ids_to_tokens([target])[0]
+        raise ProbeError(
+            f"{label}: target {probe.target!r} and foil {probe.foil!r} both start with token "
+            f"{token!r} (id {target}), so the contrast between them would be meaningless; "
+            "pick a foil whose first token differs"
+        )
+
+
+def _encode_causal(tokenizer: Any, probe: Probe, label: str) -> _Row:
+    # A trailing space would become its own byte-level token and shift the next word's form.
+    text = probe.text.rstrip()
+    ids, offsets, special = _tokenize(tokenizer, text)
+    end = _strip_trailing_special(ids, special)
+    if end == 0:
+        raise ProbeError(f"{label}: text {text!r} has no ordinary tokens; give a real prefix")
+    ids, offsets, special = ids[:end], offsets[:end], special[:end]
+    spans = {cue: _cue_spans(text, cue) for cue in probe.cues}
+    cue_mask = _cue_mask(label, offsets, special, spans)
+    target = foil = -1
+    if probe.target is not None:
+        target = _causal_word_id(tokenizer, text, ids, probe.target, label, "target")
+    if probe.foil is not None:
+        foil = _causal_word_id(tokenizer, text, ids, probe.foil, label, "foil")
+    _check_contrast(tokenizer, probe, label, target, foil)
+    return _Row(ids, cue_mask, end - 1, target, foil)
+
+
+def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
+    count = probe.text.count(MASK_PLACEHOLDER)
+    if count != 1:
+        raise ProbeError(
+            f"{label}: masked probes need the placeholder {MASK_PLACEHOLDER} exactly once, found "
+            f"{count} in {probe.text!r}; mark the one word to predict with {MASK_PLACEHOLDER}"
+        )
+    start = probe.text.index(MASK_PLACEHOLDER)
+    end = start + len(MASK_PLACEHOLDER)
+    mask_token = tokenizer.mask_token
+    text = probe.text[:start] + mask_token + probe.text[end:]
+    shift = len(mask_token) - len(MASK_PLACEHOLDER)
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for cue in probe.cues:
+        # Cue spans come from the original text, then move with the swapped-in mask token.
+        outside = [(s, e) for s, e in _cue_spans(probe.text, cue) if e <= start or s >= end]
+        if not outside:
+            raise ProbeError(
+                f"{label}: cue {cue!r} only occurs inside the {MASK_PLACEHOLDER} placeholder; "
+                "cues must be visible words of the text"
+            )
+        spans[cue] = [(s + shift, e + shift) if s >= end else (s, e) for s, e in outside]
+    ids, offsets, special = _tokenize(tokenizer, text)
+    hits = [i for i, token_id in enumerate(ids) if token_id == tokenizer.mask_token_id]
+    if len(hits) != 1:
+        raise ProbeError(
+            f"{label}: expected one mask token {mask_token!r} after tokenising, found "
+            f"{len(hits)}; the tokenizer must keep its mask token whole (register it as special)"
+        )
+    cue_mask = _cue_mask(label, offsets, special, spans)
+    # The word form depends on whether a space precedes it (byte-level BPE: "Ġare" vs "are").
+    spaced = start > 0 and probe.text[start - 1].isspace()
+    target = foil = -1
+    if probe.target is not None:
+        target = _first_token(tokenizer, " " * spaced + probe.target, label, "target")
+    if probe.foil is not None:
+        foil = _first_token(tokenizer, " " * spaced + probe.foil, label, "foil")
+    _check_contrast(tokenizer, probe, label, target, foil)
+    return _Row(ids, cue_mask, hits[0], target, foil)
+
+
+def _readable(tokenizer: Any, ids: list[int]) -> list[str]:
+    out = []
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        text = tokenizer.convert_tokens_to_string([token])
+        # A lone byte of a multi-byte character decodes to U+FFFD; the raw token says more.
+        out.append(token if not text or "\ufffd" in text else text)
+    return out
+
+
+def _collate(tokenizer: Any, rows: list[_Row], probes: list[Probe]) -> EncodedProbes:
+    n, t = len(rows), max(len(row.ids) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((n, t), pad, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((n, t), dtype=torch.long)  # (N, T)
+    cue_mask = torch.zeros((n, t), dtype=torch.bool)  # (N, T)
+    for i, row in enumerate(rows):
+        length = len(row.ids)
+        input_ids[i, :length] = torch.tensor(row.ids, dtype=torch.long)
+        attention_mask[i, :length] = 1
+        cue_mask[i, :length] = torch.tensor(row.cue_mask, dtype=torch.bool)
+    return EncodedProbes(
+        ids=[p.id for p in probes],
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        tokens=[_readable(tokenizer, row.ids) for row in rows],
+        cue_mask=cue_mask,
+        positions=torch.tensor([row.position for row in rows], dtype=torch.long),
+        targets=torch.tensor([row.target for row in rows], dtype=torch.long),
+        foils=torch.tensor([row.foil for row in rows], dtype=torch.long),
+        probes=list(probes),
+    )
