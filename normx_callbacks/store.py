@@ -1,0 +1,543 @@
+"""On-disk snapshot store: the canonical record of a run, readable with plain pandas.
+
+Schema (version 1)::
+
+    <root>/                               default root: <log_dir>/normx
+        meta.json                         {"schema_version", "created", "updated", "run_meta"}
+        <table>/step=000000100.parquet    one file per table per snapshot
+        _commits/step=000000100.json      commit marker: {"schema_version", "step", "written",
+                                          "tables": {<table>: {"file", "rows"}}}
+        _missing/step=000000200.json      a snapshot that could not be taken or written:
+                                          {"step", "reason", "time"}
+
+Guarantees:
+
+- Every file is written to a hidden temp file in its target directory, fsync'd, then moved
+  into place with ``os.replace``: a file is either absent, the old version or the new one.
+- A snapshot is visible only once its commit marker exists. The marker is written after all
+  of the snapshot's table files, so readers (``SnapshotStore.steps``, ``load_run``) see
+  whole snapshots only, also while a training process is still writing. Table files without
+  a marker (a crash mid-snapshot) and temp files are ignored.
+- Each table file holds one step and has an int64 ``step`` column (first column).
+- Writing a step again replaces it (a resumed run re-takes snapshots after its last
+  checkpoint without duplicates): the old marker is removed first, then the tables are
+  written, then the new marker.
+- Tables may be absent at some steps, and columns may be added over time: ``load_run``
+  concatenates each table over steps with the union of its columns (missing cells are null).
+- A failed write raises ``OSError`` and leaves no visible half snapshot.
+- A successful write of a step clears that step's ``_missing`` record.
+
+Post-hoc reading without this package::
+
+    pandas.read_parquet("normx/attributions/step=000000100.parquet")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+STORE_DIRNAME = "normx"
+SCHEMA_VERSION = 1
+
+_META = "meta.json"
+_COMMITS = "_commits"
+_MISSING = "_missing"
+_STEP_FILE = re.compile(r"^step=(\d+)\.(json|parquet)$")
+# Table names become directory names; "_" and "." prefixes are reserved for the store itself.
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+# These are RunData attributes; a table of the same name would be shadowed by them.
+_RESERVED_NAMES = frozenset({"path", "meta", "steps", "tables", "missing"})
+_SEARCH_DEPTH = 3
+
+
+class StoreError(RuntimeError):
+    """The store on disk is corrupted, half-written, or not a store at all."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _step_name(step: int, suffix: str) -> str:
+    return f"step={step:09d}.{suffix}"
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool):
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    try:
+        step = int(step.__index__())
+    except (AttributeError, TypeError):
+        raise ValueError(f"step must be a non-negative int, got {step!r}") from None
+    if step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; directories cannot be opened for fsync on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` via a temp file in the same directory, fsync, ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            log.warning("could not remove temp file %s", tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, default=str).encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def _to_arrow(name: str, df: pd.DataFrame, step: int) -> pa.Table:
+    if not isinstance(name, str) or not _TABLE_NAME.match(name) or name in _RESERVED_NAMES:
+        raise ValueError(
+            f"table name {name!r} is invalid: use letters, digits, '_' and '-', not starting "
+            f"with '_' or '-', and none of {sorted(_RESERVED_NAMES)}"
+        )
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"table {name!r} must be a pandas.DataFrame, got {type(df).__name__}")
+    # The index is not stored; named index levels are data, so keep them as columns.
+    if any(level is not None for level in df.index.names):
+        df = df.reset_index()
+    if "step" in df.columns:
+        col = df["step"]
+        if not pd.api.types.is_integer_dtype(col) and len(col):
+            found = f"dtype {col.dtype}"
+        else:
+            found = ", ".join(str(v) for v in sorted(set(col.tolist()) - {step})[:3])
+        if found:
+            raise ValueError(
+                f"table {name!r} has a 'step' column that disagrees with step={step} "
+                f"(found {found}); drop the column or set it to the snapshot's step"
+            )
+        df = df.drop(columns="step")
+    df = df.copy(deep=False)
+    df.insert(0, "step", pd.Series(step, index=df.index, dtype="int64"))
+    try:
+        return pa.Table.from_pandas(df, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        raise ValueError(f"table {name!r} cannot be stored as Parquet: {e}") from e
+
+
+class SnapshotStore:
+    """Writes snapshots (dicts of DataFrames keyed by training step) under ``root``.
+
+    Args:
+        root: store directory, created on the first write (usually ``<log_dir>/normx``).
+        run_meta: JSON-able facts about the run (model, probes, config), merged into
+            ``meta.json``; values that are not JSON are stored as ``str``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, run_meta: Mapping | None = None) -> None:
+        if run_meta is not None and not isinstance(run_meta, Mapping):
+            raise ValueError(f"run_meta must be a mapping or None, got {type(run_meta).__name__}")
+        self.root = Path(root)
+        self.run_meta: dict = dict(run_meta or {})
+        self._meta_written = False
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"store root {str(self.root)!r} exists and is not a directory")
+        # Fail at construction, not hours later: a resumed run must be able to append.
+        if (self.root / _META).exists():
+            _read_meta(self.root)
+
+    def _ensure_root(self) -> None:
+        if self._meta_written:
+            return
+        (self.root / _COMMITS).mkdir(parents=True, exist_ok=True)
+        old = _read_meta(self.root) if (self.root / _META).exists() else {}
+        now = _now()
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "created": old.get("created", now),
+            "updated": now,
+            "run_meta": {**old.get("run_meta", {}), **self.run_meta},
+        }
+        _atomic_write_json(self.root / _META, meta)
+        self._meta_written = True
+
+    def write(self, step: int, tables: Mapping[str, pd.DataFrame]) -> None:
+        """Write (or replace) the snapshot at ``step``; visible only once complete.
+
+        Raises:
+            ValueError: bad step, table name or DataFrame (nothing is touched on disk).
+            OSError: the disk refused; no half snapshot is visible, temp files are removed.
+        """
+        step = _check_step(step)
+        if not isinstance(tables, Mapping):
+            raise ValueError(f"tables must be a mapping name -> DataFrame, got {type(tables)}")
+        arrow = {name: _to_arrow(name, df, step) for name, df in tables.items()}
+        self._ensure_root()
+        marker = self.root / _COMMITS / _step_name(step, "json")
+        try:
+            old_tables = _read_json(marker).get("tables", {})
+        except (OSError, ValueError, AttributeError):
+            old_tables = {}  # no previous snapshot, or an unreadable marker about to be replaced
+        _unlink(marker)
+        entries = {}
+        for name, table in arrow.items():
+            rel = f"{name}/{_step_name(step, 'parquet')}"
+            (self.root / name).mkdir(exist_ok=True)
+            _atomic_write(self.root / rel, lambda f, t=table: pq.write_table(t, f))
+            entries[name] = {"file": rel, "rows": table.num_rows}
+        _atomic_write_json(
+            marker,
+            {
+                "schema_version": SCHEMA_VERSION,
+                "step": step,
+                "written": _now(),
+                # Unique per write, so a reader can tell a rewrite from the marker it first saw.
+                "id": uuid.uuid4().hex,
+                "tables": entries,
+            },
+        )
+        # Tidying only: files of tables dropped by a rewrite are already invisible.
+        for name in set(old_tables) - set(entries):
+            if isinstance(name, str) and _TABLE_NAME.match(name):
+                _unlink(self.root / name / _step_name(step, "parquet"))
+        _unlink(self.root / _MISSING / _step_name(step, "json"))
+
+    def mark_missing(self, step: int, reason: str) -> None:
+        """Record that the snapshot at ``step`` could not be taken or written, and why."""
+        step = _check_step(step)
+        if not isinstance(reason, str):
+            raise ValueError(f"reason must be a str, got {type(reason).__name__}")
+        self._ensure_root()
+        (self.root / _MISSING).mkdir(exist_ok=True)
+        _atomic_write_json(
+            self.root / _MISSING / _step_name(step, "json"),
+            {"step": step, "reason": reason, "time": _now()},
+        )
+
+    def truncate_after(self, step: int) -> list[int]:
+        """Un-commit every snapshot after ``step`` (a resumed run re-takes them).
+
+        Only the commit markers and missing records are removed, so a crash here
+        leaves whole snapshots or none; the orphaned table files are overwritten
+        when those steps are written again. Returns the steps removed.
+        """
+        step = _check_step(step)
+        removed = [s for s in self.steps() if s > step]
+        for s in removed:
+            _unlink(self.root / _COMMITS / _step_name(s, "json"))
+        missing = self.root / _MISSING
+        if missing.is_dir():
+            for s in _list_steps(missing):
+                if s > step:
+                    _unlink(missing / _step_name(s, "json"))
+        return removed
+
+    def steps(self) -> list[int]:
+        """Committed steps, sorted."""
+        return _list_steps(self.root / _COMMITS)
+
+    def has(self, step: int) -> bool:
+        """Whether the snapshot at ``step`` is committed."""
+        return (self.root / _COMMITS / _step_name(_check_step(step), "json")).is_file()
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({str(self.root)!r})"
+
+
+@dataclass
+class RunData:
+    """A loaded store. ``run["attributions"]`` or ``run.attributions`` gives one table
+    (all steps, ``step`` column first, sorted by step)."""
+
+    path: Path
+    meta: dict
+    steps: list[int]
+    tables: dict[str, pd.DataFrame] = field(repr=False)
+    missing: pd.DataFrame = field(repr=False)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(
+                f"no table {name!r} in {self.path}; available tables: {sorted(self.tables)}"
+            ) from None
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        # Guard against recursion while copy/pickle build the object before `tables` exists.
+        tables = self.__dict__.get("tables")
+        if tables is None or name.startswith("_") or name not in tables:
+            raise AttributeError(
+                f"{type(self).__name__!r} has no attribute or table {name!r}; "
+                f"available tables: {sorted(tables or {})}"
+            )
+        return tables[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tables
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.tables))
+
+
+def _list_steps(directory: Path) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        int(m.group(1)) for n in names if (m := _STEP_FILE.match(n)) and m.group(2) == "json"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, "rb") as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_meta(root: Path) -> dict:
+    path = root / _META
+    try:
+        meta = _read_json(path)
+    except (OSError, ValueError) as e:
+        raise StoreError(
+            f"{path} is unreadable ({e}); the store is corrupted: restore it from a backup "
+            f"or delete {path} (its run_meta is lost, the snapshots are kept)"
+        ) from e
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema_version {version!r}; this normx-callbacks reads versions "
+            f"<= {SCHEMA_VERSION}: upgrade normx-callbacks"
+        )
+    return meta
+
+
+def _is_store(path: Path) -> bool:
+    return (path / _META).is_file() or (path / _COMMITS).is_dir()
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(path) if e.is_dir() and e.name[0] not in "._"]
+    except OSError:  # unreadable directories cannot hold the store we are looking for
+        return []
+
+
+def find_store(path: str | os.PathLike) -> Path:
+    """The store directory at ``path`` or in a ``normx/`` directory up to 3 levels below."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(
+            f"{path} is not a normx run directory: it does not exist or is not a directory"
+        )
+    if _is_store(path):
+        return path
+    found: list[Path] = []
+    level = [path]
+    for _ in range(_SEARCH_DEPTH):
+        level = sorted(p for d in level for p in _subdirs(d))
+        found += [p for p in level if p.name == STORE_DIRNAME and _is_store(p)]
+        # A store's table directories hold thousands of files: do not descend into them.
+        level = [p for p in level if p not in found]
+    if not found:
+        raise StoreError(
+            f"{path} is not a normx run directory: no {STORE_DIRNAME}/ store found in it or up "
+            f"to {_SEARCH_DEPTH} levels below; pass the directory the callback wrote "
+            f"(its `store_dir`)"
+        )
+    if len(found) > 1:
+        raise StoreError(
+            f"{path} holds {len(found)} normx stores: {[str(p) for p in found]}; pass one of them"
+        )
+    return found[0]
+
+
+def _corrupt(msg: str, step: int, root: Path, skip: bool, cause: BaseException) -> None:
+    marker = root / _COMMITS / _step_name(step, "json")
+    if skip:
+        log.warning("skipping step %d: %s", step, msg)
+        return
+    raise StoreError(
+        f"{msg}. The store at {root} is corrupted at step {step}: delete {marker} to drop that "
+        f"step, or call load_run(..., skip_corrupt=True) to skip it"
+    ) from cause
+
+
+def _read_markers(root: Path, skip_corrupt: bool) -> dict[int, tuple[bytes, dict]]:
+    commits = root / _COMMITS
+    markers = {}
+    for step in _list_steps(commits):
+        path = commits / _step_name(step, "json")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            continue  # being rewritten: not committed right now
+        try:
+            marker = json.loads(raw)
+            names = list(marker["tables"])
+            if not all(isinstance(n, str) and _TABLE_NAME.match(n) for n in names):
+                raise ValueError(f"invalid table names {names!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            _corrupt(f"commit marker {path} is unreadable ({e})", step, root, skip_corrupt, e)
+            continue
+        markers[step] = (raw, marker)
+    return markers
+
+
+def _marker_bytes(root: Path, step: int) -> bytes | None:
+    try:
+        return (root / _COMMITS / _step_name(step, "json")).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _file_error(
+    root: Path, step: int, raw: bytes, file: Path, e: BaseException, skip_corrupt: bool
+) -> None:
+    """Report an unreadable file, unless its step is being rewritten (then it just drops)."""
+    if _marker_bytes(root, step) == raw:
+        _corrupt(f"table file {file} is missing or unreadable ({e})", step, root, skip_corrupt, e)
+
+
+def _read_fast(entries: list[tuple[int, Path, pa.Schema]]) -> pa.Table | None:
+    """All files of one table in one scan; None if they need the file-by-file path."""
+    try:
+        schema = pa.unify_schemas([s for *_, s in entries], promote_options="permissive")
+        dataset = ds.dataset([str(f) for _, f, _ in entries], schema=schema, format="parquet")
+        return dataset.to_table()
+    except (OSError, pa.ArrowException, TypeError, ValueError):
+        return None
+
+
+def _concat(name: str, parts: list[pa.Table]) -> pd.DataFrame:
+    try:
+        table = pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowException, TypeError, ValueError):
+        # A column changed type across steps (e.g. int -> str): let pandas fall back to object.
+        log.warning("table %r changed column types across steps; concatenating in pandas", name)
+        df = pd.concat([t.to_pandas() for t in parts], ignore_index=True)
+        return df.sort_values("step", kind="stable", ignore_index=True)
+    # Stable sort: rows keep their order within a step.
+    return table.sort_by("step").to_pandas()
+
+
+def _load_tables(root: Path, skip_corrupt: bool) -> tuple[list[int], dict[str, pd.DataFrame]]:
+    """Read the snapshots committed now; steps rewritten meanwhile are left out whole."""
+    markers = _read_markers(root, skip_corrupt)
+    # Footers first: cheap, and pins a missing or truncated file to its step.
+    files: dict[str, list[tuple[int, Path, pa.Schema]]] = {}
+    bad: set[int] = set()
+    for step, (raw, marker) in markers.items():
+        found = []
+        for name in marker["tables"]:
+            file = root / name / _step_name(step, "parquet")
+            try:
+                found.append((name, file, pq.read_schema(file)))
+            except (OSError, pa.ArrowException) as e:
+                _file_error(root, step, raw, file, e, skip_corrupt)
+                bad.add(step)
+                break
+        else:
+            for name, file, schema in found:
+                files.setdefault(name, []).append((step, file, schema))
+
+    tables = {}
+    for name, entries in sorted(files.items()):
+        table = _read_fast(entries)
+        parts = [table] if table is not None else []
+        if table is None:
+            for step, file, _ in entries:
+                if step in bad:
+                    continue
+                try:
+                    parts.append(pq.read_table(file))
+                except (OSError, pa.ArrowException) as e:
+                    _file_error(root, step, markers[step][0], file, e, skip_corrupt)
+                    bad.add(step)
+        if parts:  # else every step holding this table was bad
+            tables[name] = _concat(name, parts)
+    # A rewrite removes the marker first, and its new marker has a new id: an unchanged marker
+    # proves that the files read for its step are the ones it committed.
+    bad |= {s for s, (raw, _) in markers.items() if _marker_bytes(root, s) != raw}
+    if bad:  # a step found bad late may have rows in tables read before
+        tables = {n: df[~df["step"].isin(bad)].reset_index(drop=True) for n, df in tables.items()}
+    return [s for s in markers if s not in bad], tables
+
+
+def _load_missing(root: Path) -> pd.DataFrame:
+    rows = []
+    for step in _list_steps(root / _MISSING):
+        path = root / _MISSING / _step_name(step, "json")
+        try:
+            rec = _read_json(path)
+        except FileNotFoundError:
+            continue
+        except ValueError as e:
+            rec = {"reason": f"unreadable missing-record {path}: {e}"}
+        rows.append(
+            {"step": step, "reason": str(rec.get("reason", "")), "time": str(rec.get("time", ""))}
+        )
+    df = pd.DataFrame(rows, columns=["step", "reason", "time"])
+    return df.astype({"step": "int64"})
+
+
+def load_run(path: str | os.PathLike, *, skip_corrupt: bool = False) -> RunData:
+    """Load every committed snapshot of a run.
+
+    Args:
+        path: the store directory, or a run/log directory with a ``normx/`` store up to
+            3 levels below (e.g. ``lightning_logs/version_0/normx``).
+        skip_corrupt: log a warning and skip steps whose files are missing or unreadable,
+            instead of raising ``StoreError``.
+
+    Returns:
+        ``RunData`` with one DataFrame per table (all steps, sorted by step), the committed
+        steps, ``meta.json`` and the ``missing`` table (step, reason, time).
+    """
+    root = find_store(path)
+    meta = _read_meta(root) if (root / _META).exists() else {}
+    steps, tables = _load_tables(root, skip_corrupt)
+    return RunData(root, meta, steps, tables, _load_missing(root))
