@@ -44,7 +44,7 @@ class Attribution:
     valid: Tensor  # (B, T) bool: positions that carry a score
     norm: str = "layer0"
     kind: str = "causal"
-    foils: Tensor | None = None  # (B,)
+    foils: Tensor | None = None  # (B,) -1 where a row has no foil
     contrast_logat: Tensor | None = None  # (B, T) LogAt(target) - LogAt(foil)
     contrast_scores: Tensor | None = None  # (B, T) norm * contrast_logat
     layers: tuple[int, ...] | None = None  # requested layer indices, 0..L
@@ -143,8 +143,10 @@ def normxlogit(
         positions: [B] the prediction explained. Default: the last real token for
             causal LMs, the pooled token for classifiers; required for masked LMs
             (see `mask_positions`).
-        targets: [B] token/class whose logit is read. Default: the model's argmax.
-        foils: [B] optional contrast token: adds `contrast_logat`/`contrast_scores`.
+        targets: [B] token/class whose logit is read. Default (or -1 in a row): the
+            model's argmax.
+        foils: [B] optional contrast token: adds `contrast_logat`/`contrast_scores`
+            (-1 in a row: no foil, NaN contrasts there).
         layers: None (last layer), "all", or indices 0..L for the layer-wise variants.
         norm: "layer0" (`hidden_states[0]`, the paper's choice) or "word" (raw row).
         batch_size: rows per forward pass, bounding memory; None = all at once.
@@ -202,8 +204,8 @@ def normxlogit(
     for name, ids in (("targets", targets), ("foils", foils)):
         if ids is not None and adapter.kind != "regression":
             limit = _num_outputs(adapter)
-            if limit is not None and (bool((ids < 0).any()) or bool((ids >= limit).any())):
-                raise ValueError(f"{name} must lie in 0..{limit - 1}")
+            if limit is not None and (bool((ids < -1).any()) or bool((ids >= limit).any())):
+                raise ValueError(f"{name} must lie in 0..{limit - 1} (or -1 for none)")
     if foils is not None and adapter.kind == "regression":
         raise ValueError("foils make no sense for a regression head (single output)")
 
@@ -257,8 +259,8 @@ def _attribute_chunk(adapter, ids, mask, positions, targets, foils, layer_ids, n
         targets = torch.zeros(b, dtype=torch.long, device=ids.device)
     else:
         full = adapter.full_logits(last[rows, positions])  # (B, C)
-        if targets is None:
-            targets = full.argmax(dim=-1)
+        predicted = full.argmax(dim=-1)
+        targets = predicted if targets is None else torch.where(targets < 0, predicted, targets)
         target_logits = full[rows, targets]
         target_probs = full.softmax(dim=-1)[rows, targets]
 
@@ -283,8 +285,12 @@ def _attribute_chunk(adapter, ids, mask, positions, targets, foils, layer_ids, n
         "valid": valid,
         "foils": foils,
     }
+    no_foil = None
     if foils is not None:
-        out["contrast_logat"] = logat - adapter.target_logits(last_stack, foils)[0]
+        no_foil = (foils < 0)[None, :, None]  # rows without a foil get NaN contrasts
+        foils = foils.clamp(min=0)
+        contrast = logat - adapter.target_logits(last_stack, foils)[0]
+        out["contrast_logat"] = contrast.masked_fill(no_foil[0], float("nan"))
 
     if layer_ids is not None:
         lens = _lens_states(adapter, states, layer_ids)  # (K, B, T, d)
@@ -295,7 +301,8 @@ def _attribute_chunk(adapter, ids, mask, positions, targets, foils, layer_ids, n
         out["layer_each"] = (raw_norms * layer_logat).transpose(0, 1)
         if foils is not None:
             foil_logat = adapter.target_logits(lens, foils)
-            out["layer_contrast"] = (layer_logat - foil_logat).transpose(0, 1)
+            contrast = (layer_logat - foil_logat).masked_fill(no_foil, float("nan"))
+            out["layer_contrast"] = contrast.transpose(0, 1)
     return out
 
 

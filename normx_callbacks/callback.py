@@ -1,0 +1,575 @@
+"""NormXLogitCallback: watch token importance emerge in any Lightning pre-training run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from . import plots
+from .attribution import NORMS, Attribution, normxlogit
+from .embeddings import TokenCounter, snapshot_embeddings
+from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter
+from .loggers import LoggerSink, token_html
+from .metrics import evidence_alignment, rank_stability, spearman
+from .probes import EncodedProbes, ProbeSet
+from .schedule import SnapshotSchedule
+from .store import STORE_DIRNAME, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+PREFIX = "normx"
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+@contextmanager
+def _preserved_rng():
+    """Snapshots must not shift any random stream the training run draws from."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _get_attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class NormXLogitCallback(Callback):
+    """Snapshots input-embedding norms and NormXLogit attributions during training.
+
+    At step 0, on a log-spaced schedule, then every `every_n_steps`, and at the end
+    of training, the callback runs the probe set through the model (eval mode,
+    no grad, RNG untouched), writes everything to the snapshot store
+    (`<log_dir>/normx`, see `normx_callbacks.load_run`) and logs to every logger.
+
+    Args:
+        probes: a `ProbeSet`, a list of texts/dicts, or a YAML/JSON/JSONL path.
+        tokenizer: a fast HF tokenizer; default `pl_module.tokenizer`, then
+            `trainer.datamodule.tokenizer`.
+        model_attr: dotted attribute path of the HF model inside the LightningModule
+            (default: found automatically); or pass a `ModelAdapter` as `adapter`.
+        schedule: "log" (default), "interval" or "steps" (see `SnapshotSchedule`).
+        every_n_steps, steps, log_base: schedule parameters.
+        layers: "all" (default), None (last layer only) or a list of layer indices.
+        norm: "layer0" (the paper's `hidden_states[0]`) or "word" (raw embedding row).
+        objective: "auto" (from the model), "causal" or "masked".
+        track_tokens: words whose embedding norms are logged at every snapshot.
+        top_k: how many tokens to list with the largest/smallest norms.
+        batch_key, mask_key: where the token ids / attention mask sit in a
+            training batch (dict key, or index for tuples) for frequency counting.
+        store_dir: where the snapshot store goes (default `<log_dir>/normx`).
+        media_probes: how many probes get heatmap images / HTML (cost control).
+        probe_batch_size: probes per forward pass (bounds memory).
+        state_key_suffix: distinguishes two instances in one Trainer.
+
+    Logged metrics (prefix `normx/`; `<l>` is a layer index):
+        - `embedding/{mean,std,min,max,median,p05,p95}`: input-embedding row norms
+        - `embedding/drift`: relative change of the norm vector since the last snapshot
+        - `embedding/norm_logfreq_spearman`: Spearman(norm, log frequency) over seen tokens
+        - `embedding/tied`: 1 if input and output embeddings share weights
+        - `embedding/track/<word>`: norm of each tracked token
+        - `probe/target_prob`, `probe/target_logit`: mean over probes
+        - `probe/accuracy`: fraction of probes with target logit > foil logit (foils only)
+        - `probe/contrast`: mean target-minus-foil logit at the explained position
+        - `alignment/{ap,dp}` and `alignment/{ap,dp}_random`: evidence alignment of cue
+          words (NormXLogit, last layer) and its random baseline; `alignment/ap_logat`
+        - `alignment/ap_layer<l>`: AP per requested layer
+        - `stability/spearman`: rank stability of NormXLogit vs the previous snapshot
+        - `importance/norm_logat_spearman`: Spearman(norm, LogAt) over probe tokens
+        - `nonfinite/{embedding,scores}`: count of NaN/Inf values seen (warns when > 0)
+        - `snapshot/seconds`: wall time of the snapshot
+    Media: `normx/embedding/norms` histogram, `normx/embedding/top` table,
+    `normx/heatmap/<probe>/layers` and `/history` images, `normx/tokens/<probe>`
+    tables (TensorBoard Markdown, W&B `wandb.Table`), `normx/html/<probe>` (W&B).
+    """
+
+    def __init__(
+        self,
+        probes: ProbeSet | Sequence | str | os.PathLike | None = None,
+        *,
+        tokenizer: Any = None,
+        model_attr: str | None = None,
+        adapter: ModelAdapter | None = None,
+        schedule: str = "log",
+        every_n_steps: int = 100,
+        steps: Sequence[int] | None = None,
+        log_base: int = 2,
+        layers: str | Sequence[int] | None = "all",
+        norm: str = "layer0",
+        objective: str = "auto",
+        track_tokens: Sequence[str] = (),
+        top_k: int = 20,
+        batch_key: str | int = "input_ids",
+        mask_key: str | int | None = "attention_mask",
+        store_dir: str | os.PathLike | None = None,
+        media_probes: int = 2,
+        probe_batch_size: int = 32,
+        history_length: int = 64,
+        state_key_suffix: str = "",
+    ):
+        super().__init__()
+        if probes is None:
+            raise ValueError(
+                "NormXLogitCallback(probes=None): pass a ProbeSet, a list of probe texts, or "
+                "a path to a YAML/JSONL probe file"
+            )
+        self.probes = ProbeSet.coerce(probes)
+        self.schedule = SnapshotSchedule(schedule, every_n_steps=every_n_steps, steps=steps,
+                                         base=log_base)
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+        if objective not in ("auto", "causal", "masked"):
+            raise ValueError(f"objective={objective!r} is not one of ('auto', 'causal', 'masked')")
+        if isinstance(layers, str) and layers != "all":
+            raise ValueError(f"layers={layers!r}: use 'all', None or a list of layer indices")
+        for name, value in (("top_k", top_k), ("media_probes", media_probes),
+                            ("probe_batch_size", probe_batch_size),
+                            ("history_length", history_length)):
+            if not isinstance(value, int) or value < (1 if name == "probe_batch_size" else 0):
+                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+        self.tokenizer = tokenizer
+        self.model_attr = model_attr
+        self.adapter = adapter
+        self.layers = list(layers) if isinstance(layers, (list, tuple)) else layers
+        self.norm = norm
+        self.objective = objective
+        self.track_tokens = list(track_tokens)
+        self.top_k = top_k
+        self.batch_key = batch_key
+        self.mask_key = mask_key
+        self.store_dir = store_dir
+        self.media_probes = media_probes
+        self.probe_batch_size = probe_batch_size
+        self.history_length = history_length
+        self.state_key_suffix = state_key_suffix
+
+        # Results of the last snapshot, as plain attributes that tests and users read.
+        self.last_metrics: dict[str, float] = {}
+        self.last_attribution: Attribution | None = None
+        self.snapshot_steps: list[int] = []
+        self.store: SnapshotStore | None = None
+        self._encoded: EncodedProbes | None = None
+        self._counter: TokenCounter | None = None
+        self._pending: Tensor | None = None
+        self._prev_norms: Tensor | None = None
+        self._prev_scores: Tensor | None = None
+        self._history: deque = deque(maxlen=history_length)
+        self._last_step: int | None = None
+        self._resumed_at: int | None = None
+        self._sink: LoggerSink | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(suffix=self.state_key_suffix)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
+            raise RuntimeError(
+                f"NormXLogitCallback does not support {strategy}: sharded parameters would "
+                "need gathering for every probe. Use strategy='ddp' (or single device), or "
+                "remove the callback"
+            )
+        self.adapter = self.adapter or self._find_adapter(pl_module)
+        tokenizer = self._find_tokenizer(trainer, pl_module)
+        objective = self.objective
+        if objective == "auto":
+            if self.adapter.kind not in ("causal", "masked"):
+                raise RuntimeError(
+                    f"NormXLogitCallback instruments language-model pre-training, but the model "
+                    f"is a {self.adapter.kind} model; use normxlogit() directly for classifiers"
+                )
+            objective = self.adapter.kind
+        vocab = self.adapter.embedding.num_embeddings
+        if len(tokenizer) > vocab:
+            raise RuntimeError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                f"{vocab} rows: pass the tokenizer the model was built for"
+            )
+        max_length = self._context_length(pl_module)
+        self._encoded = self.probes.encode(tokenizer, objective=objective, max_length=max_length)
+        self._tokens = self._encoded.tokens
+        self._track_ids = self._resolve_tracked(tokenizer)
+        self._token_strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        if self._counter is None or self._counter.vocab_size != vocab:
+            self._counter = TokenCounter(vocab)
+        self._sink = LoggerSink(trainer.loggers)
+        if trainer.is_global_zero:
+            root = Path(self.store_dir) if self.store_dir else self._default_store(trainer)
+            self.store = SnapshotStore(root, run_meta={
+                "objective": objective,
+                "norm": self.norm,
+                "layers": self.layers,
+                "model": type(self.adapter.module).__name__ if self.adapter.module else None,
+                "num_layers": self.adapter.num_layers,
+                "vocab_size": vocab,
+                "tied_embeddings": self.adapter.tied,
+                "probes": len(self.probes),
+            })
+
+    def _find_adapter(self, pl_module: pl.LightningModule) -> ModelAdapter:
+        if self.model_attr:
+            try:
+                model = _get_attr_path(pl_module, self.model_attr)
+            except AttributeError:
+                raise RuntimeError(
+                    f"NormXLogitCallback(model_attr={self.model_attr!r}): "
+                    f"{type(pl_module).__name__} has no such attribute"
+                ) from None
+        else:
+            from transformers import PreTrainedModel
+
+            found = [(name, m) for name, m in pl_module.named_modules()
+                     if isinstance(m, PreTrainedModel)]
+            # Outermost models only: a CausalLM contains its base model.
+            outer = [(n, m) for n, m in found
+                     if not any(n != o and n.startswith(o + ".") for o, _ in found if o)]
+            if len(outer) != 1:
+                names = [n or "<the module itself>" for n, _ in outer]
+                raise RuntimeError(
+                    f"NormXLogitCallback found {len(outer)} Hugging Face models in "
+                    f"{type(pl_module).__name__} ({names}); pass model_attr='name' or "
+                    "adapter=ModelAdapter(...)"
+                )
+            model = outer[0][1]
+        try:
+            return resolve_adapter(model)
+        except UnsupportedModelError as error:
+            raise RuntimeError(f"NormXLogitCallback cannot read the model: {error}") from error
+
+    def _find_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            tokenizer = getattr(pl_module, "tokenizer", None)
+        if tokenizer is None and trainer.datamodule is not None:
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise RuntimeError(
+                "NormXLogitCallback needs a tokenizer: pass tokenizer=..., or set "
+                "`self.tokenizer` on the LightningModule or the DataModule"
+            )
+        return tokenizer
+
+    def _context_length(self, pl_module) -> int | None:
+        module = self.adapter.module
+        config = getattr(module, "config", None)
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def _resolve_tracked(self, tokenizer) -> dict[str, int]:
+        tracked = {}
+        for word in self.track_tokens:
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise RuntimeError(
+                    f"track_tokens: {word!r} is not a single token for this tokenizer "
+                    f"(it splits into {len(ids)}); track single-token words"
+                )
+            tracked[word] = ids[0]
+        return tracked
+
+    @staticmethod
+    def _default_store(trainer: pl.Trainer) -> Path:
+        base = trainer.log_dir or trainer.default_root_dir
+        return Path(base) / STORE_DIRNAME
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resumed_at is not None and self.store is not None:
+            # Snapshots a killed run wrote after its last checkpoint are re-taken now.
+            self.store.truncate_after(trainer.global_step)
+            self._resumed_at = None
+        self._maybe_snapshot(trainer, force=False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        ids = self._from_batch(batch, self.batch_key)
+        if not isinstance(ids, Tensor):
+            return
+        mask = self._from_batch(batch, self.mask_key) if self.mask_key is not None else None
+        mask = mask if isinstance(mask, Tensor) and mask.shape == ids.shape else None
+        counts = _bincount(ids, mask, self._counter.vocab_size)
+        self._pending = counts if self._pending is None else self._pending + counts
+
+    @staticmethod
+    def _from_batch(batch, key):
+        try:
+            if isinstance(batch, Mapping):
+                return batch.get(key)
+            if isinstance(batch, (tuple, list)) and isinstance(key, int):
+                return batch[key]
+            if isinstance(batch, Tensor) and key in ("input_ids", 0):
+                return batch
+            return getattr(batch, key, None) if isinstance(key, str) else None
+        except (IndexError, KeyError):
+            return None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._maybe_snapshot(trainer, force=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_snapshot(trainer, force=True)
+
+    def _maybe_snapshot(self, trainer: pl.Trainer, *, force: bool) -> None:
+        if trainer.sanity_checking or self._encoded is None:
+            return
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # gradient accumulation: several batches share one step
+        if not force and step not in self.schedule:
+            return
+        self._last_step = step
+        # Every rank reaches this point at the same steps: the one collective lives here.
+        counts = self._reduce_counts(trainer)
+        if trainer.is_global_zero:
+            self._snapshot(trainer, step, counts)
+
+    def _reduce_counts(self, trainer: pl.Trainer) -> Tensor:
+        pending = self._pending
+        if pending is None:
+            device = self.adapter.embedding.weight.device
+            pending = torch.zeros(self._counter.vocab_size, dtype=torch.long, device=device)
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce(pending, reduce_op="sum")
+        self._counter.merge_(pending)
+        self._pending = None
+        return self._counter.counts
+
+    # ------------------------------------------------------------------ snapshot
+
+    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor) -> None:
+        import time
+
+        start = time.perf_counter()
+        with _preserved_rng():
+            try:
+                with trainer.precision_plugin.forward_context():
+                    attribution, embed = self._measure(counts)
+            except Exception as error:  # the training run must never die for a probe
+                log.warning("NormXLogitCallback: snapshot at step %d failed (%s: %s); "
+                            "recorded as missing", step, type(error).__name__, error)
+                if self.store is not None:
+                    self.store.mark_missing(step, f"{type(error).__name__}: {error}")
+                return
+            metrics = self._metrics(attribution, embed)
+            metrics["snapshot/seconds"] = time.perf_counter() - start
+            tables = self._tables(step, attribution, embed, counts)
+            tables["metrics"] = pd.DataFrame({"key": list(metrics), "value": list(metrics.values())})
+            self._write(step, tables)
+            self._log(step, metrics, attribution, embed, tables)
+        self.last_metrics = metrics
+        self.last_attribution = attribution
+        self.snapshot_steps.append(step)
+
+    def _measure(self, counts: Tensor):
+        adapter, enc = self.adapter, self._encoded
+        enc = enc.to(adapter.embedding.weight.device)
+        attribution = normxlogit(
+            adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
+            targets=enc.targets, foils=enc.foils if bool((enc.foils >= 0).any()) else None,
+            layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
+        ).cpu()
+        weight = adapter.embedding.weight.detach()
+        embed = snapshot_embeddings(weight, counts=counts, previous=self._prev_norms,
+                                    top_k=self.top_k, tied=adapter.tied)
+        return attribution, embed
+
+    def _metrics(self, attr: Attribution, embed) -> dict[str, float]:
+        m: dict[str, float] = {f"embedding/{k}": v for k, v in embed.stats.items()}
+        m["embedding/tied"] = float(embed.tied)
+        if embed.drift is not None:
+            m["embedding/drift"] = embed.drift
+        m["embedding/norm_logfreq_spearman"] = embed.norm_logfreq_spearman
+        for word, token_id in self._track_ids.items():
+            m[f"embedding/track/{word}"] = float(embed.norms[token_id])
+        m["probe/target_prob"] = float(attr.target_probs.mean())
+        m["probe/target_logit"] = float(attr.target_logits.mean())
+        enc = self._encoded
+        has_foil = enc.foils >= 0
+        if bool(has_foil.any()):
+            rows = torch.arange(len(enc))[has_foil]
+            contrast = attr.contrast_logat[rows, attr.positions[rows]]
+            m["probe/contrast"] = float(contrast.mean())
+            m["probe/accuracy"] = float((contrast > 0).float().mean())
+        if bool(enc.cue_mask.any()):
+            layer_scores = attr.layer_scores if attr.layer_scores is not None else \
+                attr.scores[:, None]
+            aligned = evidence_alignment(layer_scores, enc.cue_mask, attr.valid, attr.positions)
+            for key in ("ap", "ap_random", "dp", "dp_random"):
+                m[f"alignment/{key}"] = float(aligned[key][-1])
+            if attr.layers is not None:
+                for i, layer in enumerate(attr.layers):
+                    m[f"alignment/ap_layer{layer}"] = float(aligned["ap"][i])
+            logat = evidence_alignment(attr.logat[:, None], enc.cue_mask, attr.valid,
+                                       attr.positions)
+            m["alignment/ap_logat"] = float(logat["ap"][-1])
+        if self._prev_scores is not None and self._prev_scores.shape == attr.scores.shape:
+            m["stability/spearman"] = rank_stability(self._prev_scores, attr.scores)
+        m["importance/norm_logat_spearman"] = spearman(attr.norms[attr.valid],
+                                                       attr.logat[attr.valid])
+        bad_embed = int((~torch.isfinite(embed.norms)).sum())
+        bad_scores = int((~torch.isfinite(attr.scores[attr.valid])).sum())
+        m["nonfinite/embedding"] = float(bad_embed)
+        m["nonfinite/scores"] = float(bad_scores)
+        if bad_embed or bad_scores:
+            log.warning("NormXLogitCallback: %d non-finite embedding norms and %d non-finite "
+                        "scores at this snapshot (diverging run or fp16 overflow?)",
+                        bad_embed, bad_scores)
+        self._prev_norms = embed.norms
+        self._prev_scores = attr.scores
+        return m
+
+    def _tables(self, step, attr: Attribution, embed, counts) -> dict[str, pd.DataFrame]:
+        enc = self._encoded
+        layers = list(attr.layers) if attr.layers is not None else [self.adapter.num_layers]
+        tok_rows = []
+        for b, probe_id in enumerate(enc.ids):
+            n = int(enc.attention_mask[b].sum())
+            for k, layer in enumerate(layers):
+                logat = attr.layer_logat[b, k] if attr.layer_logat is not None else attr.logat[b]
+                each = attr.layer_each[b, k] if attr.layer_each is not None else None
+                contrast = (attr.layer_contrast[b, k] if attr.layer_contrast is not None
+                            else attr.contrast_logat[b] if attr.contrast_logat is not None
+                            else None)
+                for t in range(n):
+                    tok_rows.append((
+                        probe_id, layer, t, int(enc.input_ids[b, t]), self._tokens[b][t],
+                        bool(enc.cue_mask[b, t]), t == int(attr.positions[b]),
+                        float(attr.norms[b, t]), float(logat[t]), float(attr.norms[b, t] * logat[t]),
+                        float("nan") if each is None else float(each[t]),
+                        float("nan") if contrast is None else float(contrast[t]),
+                    ))
+        tokens = pd.DataFrame(tok_rows, columns=[
+            "probe_id", "layer", "position", "token_id", "token", "is_cue", "is_explained",
+            "norm", "logat", "score", "each", "contrast"])
+        probes = pd.DataFrame({
+            "probe_id": enc.ids,
+            "text": [p.text for p in enc.probes],
+            "position": attr.positions.tolist(),
+            "target_id": attr.targets.tolist(),
+            "target": [self._token_strings[i] if 0 <= i < len(self._token_strings) else str(i)
+                       for i in attr.targets.tolist()],
+            "target_given": (enc.targets >= 0).tolist(),
+            "target_logit": attr.target_logits.tolist(),
+            "target_prob": attr.target_probs.tolist(),
+            "foil_id": enc.foils.tolist(),
+            "contrast": [float(attr.contrast_logat[b, attr.positions[b]])
+                         if attr.contrast_logat is not None and enc.foils[b] >= 0
+                         else float("nan") for b in range(len(enc))],
+        })
+        embedding = pd.DataFrame({
+            "token_id": np.arange(len(embed.norms)),
+            "norm": embed.norms.numpy(),
+            "count": counts.numpy(),
+        })
+        return {"tokens": tokens, "probes": probes, "embedding": embedding}
+
+    def _write(self, step: int, tables: dict[str, pd.DataFrame]) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.write(step, tables)
+        except OSError as error:
+            log.warning("NormXLogitCallback: could not write snapshot %d to %s (%s); recorded "
+                        "as missing, training continues", step, self.store.root, error)
+            try:
+                self.store.mark_missing(step, f"write failed: {error}")
+            except OSError:
+                log.warning("NormXLogitCallback: the store at %s is not writable at all",
+                            self.store.root)
+
+    def _log(self, step, metrics, attr: Attribution, embed, tables) -> None:
+        sink = self._sink
+        sink.scalars({f"{PREFIX}/{k}": v for k, v in metrics.items()}, step)
+        sink.histogram(f"{PREFIX}/embedding/norms", embed.norms.numpy(), step)
+        top = pd.DataFrame(
+            [("top", i, self._token_strings[t], n) for i, (t, n) in enumerate(embed.top)]
+            + [("bottom", i, self._token_strings[t], n) for i, (t, n) in enumerate(embed.bottom)],
+            columns=["list", "rank", "token", "norm"])
+        sink.table(f"{PREFIX}/embedding/top", top, step)
+        enc = self._encoded
+        self._history.append((step, attr.scores[: self.media_probes].numpy()))
+        for b in range(min(self.media_probes, len(enc))):
+            probe_id = enc.ids[b]
+            n = int(enc.attention_mask[b].sum())
+            tokens = self._tokens[b][:n]
+            cues = enc.cue_mask[b, :n].tolist()
+            if attr.layer_scores is not None:
+                fig = plots.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens, attr.layers,
+                                          title=f"{probe_id} at step {step}", cues=cues)
+                sink.figure(f"{PREFIX}/heatmap/{probe_id}/layers", fig, step)
+            steps = [s for s, _ in self._history]
+            history = np.stack([scores[b, :n] for _, scores in self._history])
+            fig = plots.history_heatmap(history, tokens, steps,
+                                        title=f"{probe_id}: NormXLogit over training", cues=cues)
+            sink.figure(f"{PREFIX}/heatmap/{probe_id}/history", fig, step)
+            rows = tables["tokens"]
+            rows = rows[(rows.probe_id == probe_id) & (rows.layer == rows.layer.max())]
+            sink.table(f"{PREFIX}/tokens/{probe_id}",
+                       rows[["position", "token", "is_cue", "norm", "logat", "score"]], step)
+            sink.html(f"{PREFIX}/html/{probe_id}",
+                      token_html(tokens, attr.scores[b, :n].tolist(),
+                                 title=f"{probe_id} step {step}"), step)
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "snapshot_steps": list(self.snapshot_steps),
+            "counts": None if self._counter is None else self._counter.state_dict(),
+            "prev_norms": self._prev_norms,
+            "prev_scores": self._prev_scores,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict["last_step"]
+        self._resumed_at = state_dict["last_step"]
+        self.snapshot_steps = list(state_dict["snapshot_steps"])
+        if state_dict["counts"] is not None:
+            self._counter = TokenCounter(state_dict["counts"]["vocab_size"])
+            self._counter.load_state_dict(state_dict["counts"])
+        self._prev_norms = state_dict["prev_norms"]
+        self._prev_scores = state_dict["prev_scores"]
+
+
+def _bincount(ids: Tensor, mask: Tensor | None, vocab: int) -> Tensor:
+    """Token counts of one batch, on the batch's device, without a host sync."""
+    ids = ids.detach().reshape(-1).long()
+    weights = (ids >= 0) & (ids < vocab)
+    if mask is not None:
+        weights = weights & mask.detach().reshape(-1).bool()
+    return torch.bincount(ids.clamp(0, vocab - 1), weights=weights.to(torch.float32),
+                          minlength=vocab).round().long()
+
+

@@ -1,0 +1,154 @@
+"""The one seam between snapshots and experiment loggers.
+
+Scalars go to every attached Lightning logger through `log_metrics`. Rich media
+dispatch on the logger type here and nowhere else: TensorBoard gets histograms,
+images and Markdown tables (it strips HTML); W&B gets histograms, images, a
+long-format `wandb.Table` and `wandb.Html` token heatmaps; any other logger gets
+the scalars and one warning naming what it cannot show. A logger that raises is
+warned about once and skipped from then on for media; the store is unaffected.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+
+from . import plots
+
+log = logging.getLogger(__name__)
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    """A Markdown table; cell text is escaped so token strings render as text."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return float_format.format(value)
+        text = html.escape(str(value)).replace("|", "\\|").replace("\n", " ")
+        return text.replace("*", "\\*").replace("_", "\\_").replace("`", "\\`")
+
+    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def token_html(tokens: Sequence[str], scores: Sequence[float], *, title: str = "") -> str:
+    """Tokens coloured by a zero-centred score (red positive, blue negative), escaped."""
+    values = np.asarray(scores, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    bound = bound or 1.0
+    spans = []
+    for token, value in zip(tokens, values, strict=True):
+        if not np.isfinite(value):
+            colour, tip = "transparent", "n/a"
+        else:
+            a = min(abs(value) / bound, 1.0)
+            rgb = "214,39,40" if value >= 0 else "31,119,180"
+            colour, tip = f"rgba({rgb},{a:.2f})", f"{value:.3f}"
+        spans.append(
+            f'<span title="{tip}" style="background:{colour};padding:1px 2px;'
+            f'border-radius:2px;white-space:pre">{html.escape(token)}</span>'
+        )
+    head = f"<div><b>{html.escape(title)}</b></div>" if title else ""
+    return f'<div style="font-family:monospace;line-height:1.9">{head}{"".join(spans)}</div>'
+
+
+class LoggerSink:
+    """Routes one snapshot's outputs to the trainer's loggers (call on rank 0 only)."""
+
+    def __init__(self, loggers: Sequence[Logger]):
+        self.loggers = list(loggers)
+        self._warned: set[tuple[int, str]] = set()
+        self._broken: set[int] = set()
+
+    def _warn_once(self, logger: Logger, what: str, message: str) -> None:
+        key = (id(logger), what)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def _guard(self, logger: Logger, what: str, fn) -> None:
+        if id(logger) in self._broken:
+            return
+        try:
+            fn()
+        except Exception as error:  # a logger must never take the training run down
+            self._broken.add(id(logger))
+            log.warning(
+                "NormXLogitCallback: %s raised while logging %s (%s: %s); media for this "
+                "logger are skipped from now on, the snapshot store keeps everything",
+                type(logger).__name__, what, type(error).__name__, error,
+            )
+
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            self._guard(logger, "scalars", lambda lg=logger: lg.log_metrics(clean, step=step))
+
+    def _media(self, what: str, step: int, *, tensorboard=None, wandb=None) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and tensorboard is not None:
+                self._guard(logger, what, lambda lg=logger: tensorboard(lg.experiment))
+            elif isinstance(logger, WandbLogger) and wandb is not None:
+                self._guard(logger, what, lambda lg=logger: wandb(lg.experiment))
+            elif not isinstance(logger, (TensorBoardLogger, WandbLogger)):
+                self._warn_once(
+                    logger, "media",
+                    f"NormXLogitCallback: {type(logger).__name__} receives scalars only; "
+                    "histograms, heatmaps and token tables go to TensorBoard/W&B and the "
+                    "snapshot store (normx report reads the store)",
+                )
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        values = np.asarray(values)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return
+
+        def wb(run):
+            import wandb
+
+            run.log({tag: wandb.Histogram(values), "trainer/global_step": step})
+
+        self._media(tag, step, tensorboard=lambda w: w.add_histogram(tag, values, step), wandb=wb)
+
+    def figure(self, tag: str, fig, step: int) -> None:
+        """Log a matplotlib figure as an image, then close it."""
+        try:
+            def wb(run):
+                import wandb
+
+                run.log({tag: wandb.Image(fig), "trainer/global_step": step})
+
+            self._media(tag, step, tensorboard=lambda w: w.add_figure(tag, fig, step, close=False),
+                        wandb=wb)
+        finally:
+            plots.close(fig)
+
+    def table(self, tag: str, frame: pd.DataFrame, step: int) -> None:
+        """TensorBoard: a Markdown table. W&B: a long-format wandb.Table."""
+
+        def wb(run):
+            import wandb
+
+            run.log({tag: wandb.Table(dataframe=frame), "trainer/global_step": step})
+
+        self._media(tag, step, tensorboard=lambda w: w.add_text(tag, markdown_table(frame), step),
+                    wandb=wb)
+
+    def html(self, tag: str, page: str, step: int) -> None:
+        """W&B only: TensorBoard strips HTML, so it gets images and tables instead."""
+
+        def wb(run):
+            import wandb
+
+            run.log({tag: wandb.Html(page, inject=False), "trainer/global_step": step})
+
+        self._media(tag, step, tensorboard=lambda w: None, wandb=wb)
