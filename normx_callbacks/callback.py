@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from . import plots
-from .attribution import NORMS, Attribution, normxlogit
+from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, snapshot_embeddings
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter
 from .loggers import LoggerSink, token_html
@@ -64,7 +64,8 @@ class NormXLogitCallback(Callback):
     (`<log_dir>/normx`, see `normx_callbacks.load_run`) and logs to every logger.
 
     Args:
-        probes: a `ProbeSet`, a list of texts/dicts, or a YAML/JSON/JSONL path.
+        probes: a `ProbeSet`, a list of texts/dicts, or a YAML/JSON/JSONL path;
+            default `trainer.datamodule.probes`.
         tokenizer: a fast HF tokenizer; default `pl_module.tokenizer`, then
             `trainer.datamodule.tokenizer`.
         model_attr: dotted attribute path of the HF model inside the LightningModule
@@ -129,12 +130,8 @@ class NormXLogitCallback(Callback):
         state_key_suffix: str = "",
     ):
         super().__init__()
-        if probes is None:
-            raise ValueError(
-                "NormXLogitCallback(probes=None): pass a ProbeSet, a list of probe texts, or "
-                "a path to a YAML/JSONL probe file"
-            )
-        self.probes = ProbeSet.coerce(probes)
+        # None: taken from `trainer.datamodule.probes` at setup (train.py's data modules).
+        self.probes = None if probes is None else ProbeSet.coerce(probes)
         self.schedule = SnapshotSchedule(schedule, every_n_steps=every_n_steps, steps=steps,
                                          base=log_base)
         if norm not in NORMS:
@@ -143,14 +140,22 @@ class NormXLogitCallback(Callback):
             raise ValueError(f"objective={objective!r} is not one of ('auto', 'causal', 'masked')")
         if isinstance(layers, str) and layers != "all":
             raise ValueError(f"layers={layers!r}: use 'all', None or a list of layer indices")
+        if isinstance(layers, (list, tuple)) and (
+            not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        ):
+            raise ValueError(f"layers={layers!r}: use 'all', None or a non-empty list of layer "
+                             "indices (ints)")
         for name, value in (("top_k", top_k), ("media_probes", media_probes),
                             ("probe_batch_size", probe_batch_size),
                             ("history_length", history_length)):
-            if not isinstance(value, int) or value < (1 if name == "probe_batch_size" else 0):
-                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+            least = 1 if name == "probe_batch_size" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                kind = "positive" if least else "non-negative"
+                raise ValueError(f"{name}={value!r} must be a {kind} integer")
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.adapter = adapter
+        self._user_adapter = adapter  # else found anew at each setup: the model may change
         self.layers = list(layers) if isinstance(layers, (list, tuple)) else layers
         self.norm = norm
         self.objective = objective
@@ -195,8 +200,24 @@ class NormXLogitCallback(Callback):
                 "need gathering for every probe. Use strategy='ddp' (or single device), or "
                 "remove the callback"
             )
-        self.adapter = self.adapter or self._find_adapter(pl_module)
+        self.adapter = self._user_adapter or self._find_adapter(pl_module)
+        if self.adapter.num_layers is None:
+            raise RuntimeError("NormXLogitCallback: the ModelAdapter's num_layers is not set; "
+                               "pass ModelAdapter(..., num_layers=L)")
+        try:
+            _resolve_layers(self.layers, self.adapter.num_layers)
+        except ValueError as error:
+            # Caught here, not at the first snapshot (which would record every one as missing).
+            raise ValueError(f"NormXLogitCallback: {error}") from None
         tokenizer = self._find_tokenizer(trainer, pl_module)
+        if self.probes is None:
+            probes = getattr(trainer.datamodule, "probes", None)
+            if probes is None:
+                raise RuntimeError(
+                    "NormXLogitCallback has no probes: pass probes=[...] (texts, dicts, a "
+                    "ProbeSet or a YAML/JSONL path), or give the DataModule a `probes` attribute"
+                )
+            self.probes = ProbeSet.coerce(probes)
         objective = self.objective
         if objective == "auto":
             if self.adapter.kind not in ("causal", "masked"):
@@ -219,8 +240,9 @@ class NormXLogitCallback(Callback):
         if self._counter is None or self._counter.vocab_size != vocab:
             self._counter = TokenCounter(vocab)
         self._sink = LoggerSink(trainer.loggers)
+        # On every rank: `trainer.log_dir` broadcasts, so calling it on rank 0 alone hangs DDP.
+        root = Path(self.store_dir) if self.store_dir else self._default_store(trainer)
         if trainer.is_global_zero:
-            root = Path(self.store_dir) if self.store_dir else self._default_store(trainer)
             self.store = SnapshotStore(root, run_meta={
                 "objective": objective,
                 "norm": self.norm,
@@ -551,6 +573,18 @@ class NormXLogitCallback(Callback):
             "prev_norms": self._prev_norms,
             "prev_scores": self._prev_scores,
         }
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Batches counted since the last snapshot are still pending on each rank; fold them
+        # into the saved counts or a resumed run loses them. Every rank saves a checkpoint
+        # together (`Trainer.save_checkpoint` ends in a barrier), so the reduction is safe.
+        if self._encoded is None or self._counter is None:
+            return
+        self._reduce_counts(trainer)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            state["counts"] = self._counter.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict["last_step"]
