@@ -39,11 +39,12 @@ class NormXCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        # trainer.log_dir broadcasts under DDP: every rank must ask, not rank 0 alone.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
         stores = [cb.store.root for cb in trainer.callbacks
                   if isinstance(cb, NormXLogitCallback) and cb.store is not None]
-        log_dir = trainer.log_dir or trainer.default_root_dir
         lines = ["", "Run finished."]
         if trainer.logger is not None:
             lines.append(f"  logs:      {log_dir}")

@@ -1,0 +1,123 @@
+"""train.py and every config: 3-step runs shrunk by command-line overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from normx_callbacks import load_run
+from normx_callbacks.demo import LanguageModel, TextDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+SHRINK = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
+          "--data.num_probes", "4", "--data.batch_size", "8", "--data.num_workers", "0"]
+PROSE = ("docs.yaml", "gpt2-small.yaml", "llama-1b.yaml")  # keep their vocabulary and context
+
+
+def _args(config: str, tmp: Path, cache: Path, steps: int = 3) -> list[str]:
+    args = ["fit", "--config", str(ROOT / "configs" / config),
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp),
+            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+            "--data.cache_dir", str(cache), *SHRINK]
+    if config != "ddp-cpu.yaml":
+        args += ["--trainer.devices", "1", "--trainer.strategy", "auto"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp)]
+    if config in PROSE:
+        args += ["--data.num_train", "200"]
+    else:
+        args += ["--data.num_train", "300", "--model.context", "32",
+                 "--data.bpe_vocab_size", "512"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenizers")
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "ddp-cpu.yaml"])
+def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train.main(_args(config, tmp_path, cache))
+    if "wandb" in config:
+        import wandb
+
+        wandb.finish()
+    run = load_run(tmp_path)
+    assert run.steps == [0, 1, 2, 3]
+    assert set(run.tables) >= {"tokens", "probes", "embedding", "metrics"}
+    assert run.probes.probe_id.nunique() == 4
+    err = capsys.readouterr().err
+    assert "snapshots:" in err and "Run finished." in err
+
+
+def test_mlm_objective_trains_a_masked_model(tmp_path, cache):
+    train.main(_args("mlm-tiny.yaml", tmp_path, cache, steps=2))
+    run = load_run(tmp_path)
+    probes = run.probes
+    assert (probes.target_given).all()
+    # The explained position is the <mask> token of each probe.
+    explained = run.tokens[run.tokens.is_explained & (run.tokens.step == 0)]
+    assert set(explained.token.str.strip()) == {"<mask>"}
+
+
+def test_mismatched_objective_is_refused(tmp_path, cache):
+    args = _args("tiny.yaml", tmp_path, cache) + ["--data.objective", "masked"]
+    with pytest.raises(SystemExit, match="set --data.objective causal"):
+        train.main(args)
+
+
+def test_unknown_corpus_and_missing_path(tmp_path, cache):
+    with pytest.raises(ValueError, match="unknown corpus 'nonsense'"):
+        TextDataModule(corpus="nonsense", cache_dir=str(cache))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TextDataModule(corpus=str(tmp_path / "missing.txt"), cache_dir=str(cache))
+
+
+def test_local_text_corpus_and_tokenizer_cache(tmp_path, cache):
+    text = tmp_path / "corpus.txt"
+    sentences = [f"the {w} sat near the window number {i} and waited for a reply."
+                 for i, w in enumerate(["cat", "dog", "bird", "fox", "owl"] * 40)]
+    text.write_text("\n\n".join(sentences))
+    first = TextDataModule(corpus=str(text), bpe_vocab_size=300, num_probes=4,
+                           cache_dir=str(tmp_path / "c"))
+    files = sorted((tmp_path / "c").rglob("*"))
+    stamps = {f: f.stat().st_mtime_ns for f in files if f.is_file()}
+    second = TextDataModule(corpus=str(text), bpe_vocab_size=300, num_probes=4,
+                            cache_dir=str(tmp_path / "c"))
+    assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # reused, not retrained
+    assert len(first.probes) == 4
+
+
+def test_demo_model_shapes_match_the_tokenizer(cache):
+    dm = TextDataModule(num_train=200, num_probes=4, cache_dir=str(cache))
+    model = LanguageModel(arch="llama", d_model=32, n_layers=2, n_heads=2,
+                          vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id)
+    assert model.model.get_input_embeddings().num_embeddings == dm.vocab_size
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.isfinite(out.loss)
+
+
+def test_ddp_cpu_config_runs_two_processes(tmp_path, cache):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *_args("ddp-cpu.yaml", tmp_path, cache, steps=2)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = load_run(tmp_path)
+    assert run.steps == [0, 1, 2]
+    # Rank 0 alone writes: one store, one file per table per step.
+    assert len(list(tmp_path.rglob("_commits"))) == 1
