@@ -1,0 +1,331 @@
+"""Token-attribution methods behind one verb, for comparing NormXLogit with its baselines.
+
+    attribute(method, model, input_ids, attention_mask, positions, targets) -> [B, T]
+
+Forward-only methods read `normxlogit()`: "normxlogit" (||x_i^0|| * LogAt),
+"logat" (signed), "norm" (||x_i^0||, unsigned). "random" draws uniform scores from
+its own `torch.Generator`, i.e. a random permutation, never touching the global RNG.
+
+Gradient methods (PAPER.md section 2) use Captum: "saliency" (|gradient|),
+"input_x_gradient", "integrated_gradients" (zero baseline, `n_steps`), all taken
+with respect to the output of the model's input embedding module, i.e. the word
+embedding *before* position/type embeddings are added (what HF calls
+`inputs_embeds`; for Gemma-style scaled embeddings, before the scaling done in the
+model's forward). The token score is the L1 norm of that attribution over the
+hidden dimension. The function differentiated is the *logit* (pre-softmax) of the
+explained target at the explained position, as LogAt reads it; for a regression
+head, the single output. Captum computes gradients with `torch.autograd.grad` on
+inputs only, so no parameter `.grad` is ever written; the embedding output is
+replaced through a temporary forward hook (removed in a `finally`), dropout is off
+during the computation and every submodule's train/eval flag is restored after.
+
+Every method returns NaN where a token carries no score: padding, and for causal LMs
+the positions after the explained one (the same `valid` as `normxlogit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .attribution import _as_rows, first_positions, last_positions, normxlogit
+from .heads import ModelAdapter, resolve_adapter
+
+METHODS = (
+    "normxlogit",
+    "logat",
+    "norm",
+    "random",
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+)
+GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+INSTALL_HINT = "pip install 'normx-callbacks[baselines]'"
+
+
+def attribute(
+    method: str,
+    model: nn.Module | ModelAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    positions: Tensor | Sequence[int] | None = None,
+    targets: Tensor | Sequence[int] | None = None,
+    *,
+    seed: int = 0,
+    n_steps: int = 50,
+    batch_size: int = 16,
+) -> Tensor:
+    """Token scores of `method` for each row's prediction at `positions`.
+
+    Args:
+        method: one of `METHODS`.
+        input_ids, attention_mask: [B, T]; right or left padding.
+        positions: [B] explained positions; defaults as in `normxlogit` (required for
+            masked LMs).
+        targets: [B] token/class explained; None or -1 in a row: the model's argmax.
+        seed: seed of the "random" method's own generator.
+        n_steps: integration steps of "integrated_gradients".
+        batch_size: rows per forward pass (for integrated gradients: interpolated rows
+            per forward pass, so `batch_size` bounds memory for every method).
+
+    Returns: [B, T] float32 on the model's device, NaN at positions without a score.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
+    if method in GRADIENT_METHODS:
+        _captum_class(method)  # fail on a missing backend before any work
+    adapter = resolve_adapter(model)
+    ids, mask, positions = _prepare(adapter, input_ids, attention_mask, positions)
+    targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
+    valid = valid_positions(adapter.kind, mask, positions)
+
+    if method in ("normxlogit", "logat", "norm"):
+        attr = normxlogit(
+            adapter, ids, mask, positions=positions, targets=targets, batch_size=batch_size
+        )
+        return {"normxlogit": attr.scores, "logat": attr.logat, "norm": attr.norms}[method]
+    if method == "random":
+        generator = torch.Generator().manual_seed(seed)  # CPU: same numbers on every device
+        scores = torch.rand(ids.shape, generator=generator).to(ids.device)
+        return torch.where(valid, scores, torch.nan)
+
+    raw = gradient_attributions(
+        method, adapter, ids, mask, positions, targets, n_steps=n_steps, batch_size=batch_size
+    )
+    scores = raw.float().abs().sum(dim=-1)  # (B, T) L1 norm over the hidden dimension
+    return torch.where(valid, scores, torch.nan)
+
+
+def valid_positions(kind: str, attention_mask: Tensor, positions: Tensor) -> Tensor:
+    """[B, T] bool: real tokens, and for causal LMs only those at or before the position."""
+    valid = attention_mask.bool()
+    if kind == "causal":
+        idx = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        valid = valid & (idx[None, :] <= positions[:, None])
+    return valid
+
+
+def gradient_attributions(
+    method: str,
+    model: nn.Module | ModelAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    positions: Tensor | Sequence[int] | None = None,
+    targets: Tensor | Sequence[int] | None = None,
+    *,
+    n_steps: int = 50,
+    batch_size: int = 16,
+    return_delta: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Raw Captum attributions at the input-embedding output, [B, T, d] (before the L1 norm).
+
+    With `return_delta` (integrated gradients only) also Captum's convergence delta [B]:
+    sum of attributions minus (f(x) - f(baseline)).
+    """
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"method={method!r} is not one of {GRADIENT_METHODS}")
+    if return_delta and method != "integrated_gradients":
+        raise ValueError("return_delta=True needs method='integrated_gradients'")
+    algorithm = _captum_class(method)
+    adapter = resolve_adapter(model)
+    ids, mask, positions = _prepare(adapter, input_ids, attention_mask, positions)
+    targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
+    parts, deltas = [], []
+    with _gradient_mode(adapter.module):
+        # Inference tensors (made under inference_mode) cannot enter autograd: copy them.
+        ids, mask, positions = ids.clone(), mask.clone(), positions.clone()
+        targets = None if targets is None else targets.clone()
+        if adapter.kind == "regression":
+            targets = torch.zeros_like(positions)  # unused: the single output is explained
+        else:
+            with torch.no_grad():
+                logits = batched_logits(adapter, ids, mask, positions, batch_size)
+            targets = resolve_targets(logits, targets)
+        for start in range(0, ids.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            raw, delta = _gradient_chunk(
+                algorithm,
+                method,
+                adapter,
+                ids[sl],
+                mask[sl],
+                positions[sl],
+                targets[sl],
+                n_steps,
+                batch_size,
+                return_delta,
+            )
+            parts.append(raw)
+            deltas.append(delta)
+    raw = torch.cat(parts)
+    if return_delta:
+        return raw, torch.cat(deltas)
+    return raw
+
+
+def _gradient_chunk(
+    algorithm, method, adapter, ids, mask, positions, targets, n_steps, batch_size, return_delta
+):
+    with torch.no_grad():
+        # Detached copy: the attribution's graph starts here, not at the parameters.
+        embeds = adapter.embedding(ids).detach().clone()  # (b, T, d)
+    embeds.requires_grad_(True)
+    regression = adapter.kind == "regression"
+
+    def forward(x: Tensor, ids_: Tensor, mask_: Tensor, positions_: Tensor) -> Tensor:
+        logits = batched_logits(adapter, ids_, mask_, positions_, None, embeds=x)  # (n, C)
+        return logits[:, 0] if regression else logits
+
+    explainer = algorithm(forward)
+    kwargs = {
+        "target": None if regression else targets,
+        "additional_forward_args": (ids, mask, positions),
+    }
+    delta = None
+    if method == "integrated_gradients":
+        out = explainer.attribute(
+            embeds,
+            baselines=torch.zeros_like(embeds),
+            n_steps=n_steps,
+            internal_batch_size=batch_size,
+            return_convergence_delta=return_delta,
+            **kwargs,
+        )
+        raw, delta = out if return_delta else (out, None)
+    else:
+        raw = explainer.attribute(embeds, **kwargs)
+    return raw.detach(), None if delta is None else delta.detach()
+
+
+def batched_logits(
+    adapter: ModelAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    positions: Tensor,
+    batch_size: int | None,
+    *,
+    embeds: Tensor | None = None,
+) -> Tensor:
+    """The model's logits at each row's position, [B, C] float32 (C = 1 for regression).
+
+    With `embeds` [B, T, d], the input embedding module's output is replaced by it (a
+    temporary hook), so gradients can flow to it. The caller sets no_grad/eval.
+    """
+    step = input_ids.shape[0] if batch_size is None else batch_size
+    out = []
+    for start in range(0, input_ids.shape[0], max(step, 1)):
+        sl = slice(start, start + step)
+        ids, mask, pos = input_ids[sl], attention_mask[sl], positions[sl]
+        if embeds is None:
+            states = adapter.hidden_states(ids, mask)
+        else:
+            states = _with_embeddings(adapter, ids, mask, embeds[sl])
+        last = states[-1]  # (b, T, d)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        out.append(adapter.full_logits(last[rows, pos]))  # (b, C)
+    return torch.cat(out)
+
+
+def _with_embeddings(adapter: ModelAdapter, ids: Tensor, mask: Tensor, embeds: Tensor):
+    calls = []
+
+    def replace(module, args, output):
+        if output.shape != embeds.shape:
+            raise RuntimeError(
+                f"the input embedding returned shape {tuple(output.shape)}, expected "
+                f"{tuple(embeds.shape)}: gradient baselines need one embedding call per forward"
+            )
+        calls.append(1)
+        return embeds.to(output.dtype)
+
+    handle = adapter.embedding.register_forward_hook(replace)
+    try:
+        states = adapter.hidden_states(ids, mask)
+    finally:
+        handle.remove()
+    if len(calls) != 1:
+        raise RuntimeError(
+            f"the input embedding module ran {len(calls)} times in one forward pass; "
+            "gradient baselines need the model to embed its input_ids exactly once"
+        )
+    return states
+
+
+@contextmanager
+def _gradient_mode(module: nn.Module | None):
+    """Eval mode with autograd on (also inside no_grad/inference_mode); flags restored."""
+    flags = [(m, m.training) for m in module.modules()] if module is not None else []
+    try:
+        if module is not None:
+            module.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _captum_class(method: str):
+    try:
+        from captum import attr
+    except ImportError as err:
+        raise ImportError(
+            f"method={method!r} needs Captum, which is not installed; {INSTALL_HINT}"
+        ) from err
+    return {
+        "saliency": attr.Saliency,
+        "input_x_gradient": attr.InputXGradient,
+        "integrated_gradients": attr.IntegratedGradients,
+    }[method]
+
+
+def _prepare(adapter: ModelAdapter, input_ids, attention_mask, positions):
+    """Validated ids, mask and explained positions on the model's device."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}")
+    device = adapter.embedding.weight.device
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}"
+        )
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("attention_mask has a row with no real token")
+    batch, length = ids.shape
+    positions = _as_rows(positions, "positions", batch, device)
+    if positions is None:
+        if adapter.kind == "masked":
+            raise ValueError(
+                "positions is required for masked LMs: pass "
+                "positions=normx_callbacks.mask_positions(input_ids, tokenizer.mask_token_id)"
+            )
+        if adapter.kind in ("classifier", "regression") and adapter.pool_position == "first":
+            positions = first_positions(mask)
+        else:
+            positions = last_positions(mask)
+    if bool((positions < 0).any()) or bool((positions >= length).any()):
+        raise ValueError(f"positions must lie in 0..{length - 1}")
+    rows = torch.arange(batch, device=device)
+    if not bool(mask[rows, positions].bool().all()):
+        raise ValueError("positions point at padding: each explained position must be a real token")
+    return ids, mask, positions
+
+
+def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
+    """`targets` [B] with None / -1 rows replaced by the argmax of `logits` [B, C]."""
+    predicted = logits.argmax(dim=-1)
+    if targets is None:
+        return predicted
+    if bool((targets < -1).any()) or bool((targets >= logits.shape[-1]).any()):
+        raise ValueError(f"targets must lie in 0..{logits.shape[-1] - 1} (or -1 for the argmax)")
+    return torch.where(targets < 0, predicted, targets)
