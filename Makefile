@@ -23,5 +23,8 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+demo: $(STAMP)
+	$(BIN)/python train.py fit --config configs/tiny.yaml
+
 clean:
 	rm -rf $(VENV) .pytest_cache
