@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CMAP = "RdBu_r"  # red = supports the prediction, blue = argues against it
 
@@ -130,3 +131,279 @@ def metric_curves(
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+# --------------------------------------------------------------------- figures of a loaded run
+# The notebook API: each takes `RunData` from `load_run` and returns a Figure (close it with
+# `close`). `normx report` embeds exactly these figures.
+
+
+def display_token(token: str) -> str:
+    """A token as a matplotlib label: whitespace made visible, ``$`` not read as mathtext."""
+    text = str(token).replace("\n", "\u21b5").replace("\t", "\u2192").replace("$", r"\$")
+    return text if text.strip() else repr(str(token))
+
+
+def run_labels(runs) -> list[str]:
+    """Short distinct names for runs: the shortest path suffix (above the store) that differs."""
+    runs = _as_runs(runs)
+    if len(runs) == 1:
+        return [""]
+    parts = [run.path.resolve().parent.parts for run in runs]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"run {i}" for i in range(len(runs))]
+
+
+def _as_runs(runs) -> list:
+    return [runs] if hasattr(runs, "tables") else list(runs)
+
+
+def _labels(runs: list, labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        return run_labels(runs)
+    if len(labels) != len(runs):
+        raise ValueError(f"labels has {len(labels)} entries for {len(runs)} runs")
+    return list(labels)
+
+
+def _named(label: str, name: str) -> str:
+    return f"{label}: {name}" if label else name
+
+
+def _probe_all(run, probe_id: str):
+    """Token rows of one probe, every step and layer."""
+    if "tokens" not in run:
+        raise ValueError(f"{run.path} has no 'tokens' table; available: {sorted(run.tables)}")
+    tokens = run["tokens"]
+    rows = tokens[tokens["probe_id"] == probe_id]
+    if rows.empty:
+        known = list(dict.fromkeys(tokens["probe_id"]))
+        raise ValueError(f"probe_id={probe_id!r} is not in {run.path}; probes: {known[:12]}"
+                         + (" ..." if len(known) > 12 else ""))
+    return rows
+
+
+def _probe_rows(run, probe_id: str, layer: int | None):
+    """Token rows of one probe at one layer (default: the last recorded layer)."""
+    rows = _probe_all(run, probe_id)
+    layers = sorted(int(x) for x in rows["layer"].unique())
+    layer = layers[-1] if layer is None else layer
+    if layer not in layers:
+        raise ValueError(f"layer={layer!r} is not recorded for {probe_id!r}; layers: {layers}")
+    return rows[rows["layer"] == layer], layer
+
+
+def nearest_step(steps: Sequence[int], step: int | None) -> int:
+    """``step`` if recorded, else the last recorded step before it (or the first); None: last."""
+    steps = sorted(int(s) for s in steps)
+    if not steps:
+        raise ValueError("the run has no snapshots")
+    if step is None:
+        return steps[-1]
+    before = [s for s in steps if s <= step]
+    return before[-1] if before else steps[0]
+
+
+def _strip(rows, step: int) -> tuple[list[str], list[bool]]:
+    at = rows[rows["step"] == step].sort_values("position")
+    return [display_token(t) for t in at["token"]], [bool(c) for c in at["is_cue"]]
+
+
+def emergence_heatmap(run, probe_id: str, *, layer: int | None = None,
+                      title: str | None = None) -> Figure:
+    """Training step x token: NormXLogit of one probe at ``layer`` (default last) per snapshot."""
+    rows, layer = _probe_rows(run, probe_id, layer)
+    matrix = rows.pivot(index="step", columns="position", values="score").sort_index()
+    tokens, cues = _strip(rows, int(matrix.index[-1]))
+    if title is None:
+        title = f"{probe_id}: NormXLogit (layer {layer}) over training"
+    return history_heatmap(matrix.to_numpy(), tokens, [int(s) for s in matrix.index],
+                           title=title, cues=cues)
+
+
+def layer_view(run, probe_id: str, step: int | None = None, *, title: str | None = None) -> Figure:
+    """Layer x token: NormXLogit of one probe at every recorded layer at ``step`` (default last)."""
+    rows = _probe_all(run, probe_id)
+    step = nearest_step(rows["step"].unique(), step)
+    rows = rows[rows["step"] == step]
+    matrix = rows.pivot(index="layer", columns="position", values="score").sort_index()
+    last = rows[rows["layer"] == matrix.index[-1]]
+    labels, cues = _strip(last, step)
+    if title is None:
+        title = f"{probe_id}, step {step}: NormXLogit per layer"
+    return layer_heatmap(matrix.to_numpy(), labels, [int(x) for x in matrix.index],
+                         title=title, cues=cues)
+
+
+def _symlog_steps(ax, steps) -> None:
+    if any(s > 0 for s in steps):
+        ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("training step")
+
+
+def target_curve(runs, probe_id: str, *, labels: Sequence[str] | None = None) -> Figure:
+    """Probability of one probe's explained target over training (and target-foil contrast)."""
+    runs = _as_runs(runs)
+    labels = _labels(runs, labels)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    twin = None
+    colours = plt.cm.tab10.colors
+    all_steps: list[int] = []
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        if "probes" not in run:
+            continue
+        rows = run["probes"]
+        rows = rows[rows["probe_id"] == probe_id].sort_values("step")
+        if rows.empty:
+            continue
+        colour = colours[i % len(colours)]
+        target = display_token(str(rows["target"].iloc[-1]).replace("\u0120", " "))
+        ax.plot(rows["step"], rows["target_prob"], "-o", markersize=3, color=colour,
+                label=_named(label, f"p(target {target!r})"))
+        all_steps += rows["step"].tolist()
+        if rows["contrast"].notna().any():
+            twin = twin or ax.twinx()
+            twin.plot(rows["step"], rows["contrast"], "--", color=colour,
+                      label=_named(label, "target - foil logit"))
+    _symlog_steps(ax, all_steps)
+    ax.set_ylabel("target probability")
+    ax.set_ylim(bottom=0)
+    handles, names = ax.get_legend_handles_labels()
+    if twin is not None:
+        twin.axhline(0.0, color="grey", linewidth=0.6)
+        twin.set_ylabel("target - foil logit (dashed)")
+        more = twin.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    if handles:
+        ax.legend(handles, names, fontsize=7, loc="best")
+    ax.set_title(f"{probe_id}: the explained prediction over training", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def metric_series(run, key: str) -> tuple[list[int], list[float]] | None:
+    """(steps, values) of one key of the run's ``metrics`` table, or None when absent."""
+    if "metrics" not in run:
+        return None
+    rows = run["metrics"]
+    rows = rows[rows["key"] == key].sort_values("step")
+    if rows.empty:
+        return None
+    return rows["step"].astype(int).tolist(), rows["value"].astype(float).tolist()
+
+
+def metric_history(runs, keys: Sequence[str], *, labels: Sequence[str] | None = None,
+                   title: str = "", ylabel: str = "") -> Figure:
+    """Several metric keys of one or more runs against training step (absent keys skipped)."""
+    runs = _as_runs(runs)
+    series = {}
+    for run, label in zip(runs, _labels(runs, labels), strict=True):
+        for key in keys:
+            found = metric_series(run, key)
+            if found is not None:
+                series[_named(label, key)] = found
+    if not series:
+        raise ValueError(f"none of the metrics {list(keys)} are in the runs' metrics tables")
+    return metric_curves(series, title=title, ylabel=ylabel)
+
+
+def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
+    """Evidence alignment of the cue words, AP and DP, against their random baselines."""
+    runs = _as_runs(runs)
+    labels = _labels(runs, labels)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    colours = plt.cm.tab10.colors
+    found = False
+    all_steps: list[int] = []
+    for ax, metric, name in ((axes[0], "ap", "average precision (AP)"),
+                             (axes[1], "dp", "dot product (DP)")):
+        for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+            colour = colours[i % len(colours)]
+            for suffix, style, what in (("", "-o", "NormXLogit"), ("_random", ":", "random"),
+                                        ("_logat", "--", "LogAt")):
+                series = metric_series(run, f"alignment/{metric}{suffix}")
+                if series is None:
+                    continue
+                found = True
+                all_steps += series[0]
+                ax.plot(*series, style, color=colour, markersize=3, label=_named(label, what))
+        ax.set_ylabel(name)
+        ax.set_title(f"cue words: {name}", fontsize=9)
+        _symlog_steps(ax, all_steps)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not found:
+        plt.close(fig)
+        raise ValueError("no alignment/* metrics in the runs: the probes have no cue words")
+    fig.tight_layout()
+    return fig
+
+
+def norm_distribution(run, *, max_outlines: int = 4) -> Figure:
+    """Input-embedding row norms over training: percentile bands (left), histograms (right)."""
+    if "embedding" not in run:
+        raise ValueError(f"{run.path} has no 'embedding' table; available: {sorted(run.tables)}")
+    table = run["embedding"]
+    grouped = table.groupby("step")["norm"]
+    q = grouped.quantile([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]).unstack()
+    steps = q.index.to_numpy()
+    fig, (band, hist) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    band.fill_between(steps, q[0.05], q[0.95], alpha=0.2, color="C0", label="5-95%")
+    band.fill_between(steps, q[0.25], q[0.75], alpha=0.4, color="C0", label="25-75%")
+    band.plot(steps, q[0.5], "-o", color="C0", markersize=3, label="median")
+    band.plot(steps, q[0.0], ":", color="grey", linewidth=0.8, label="min / max")
+    band.plot(steps, q[1.0], ":", color="grey", linewidth=0.8)
+    _symlog_steps(band, steps.tolist())
+    band.set_ylabel("input-embedding row norm")
+    band.set_title("norm distribution over training", fontsize=9)
+    band.legend(fontsize=7)
+    picks = sorted({int(steps[round(i)]) for i in np.linspace(0, len(steps) - 1,
+                                                                min(max_outlines, len(steps)))})
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(picks)))
+    for step, colour in zip(picks, colours, strict=True):
+        norms = table.loc[table["step"] == step, "norm"].to_numpy(dtype=float)
+        norms = norms[np.isfinite(norms)]
+        hist.hist(norms, bins=50, histtype="step", color=colour, label=f"step {step}")
+    hist.set_xlabel("input-embedding row norm")
+    hist.xaxis.set_major_locator(MaxNLocator(6))
+    hist.set_ylabel("tokens")
+    hist.set_title("histogram at selected steps", fontsize=9)
+    hist.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def norm_frequency(run, step: int | None = None) -> Figure:
+    """Norm vs log token frequency at ``step`` (left), their Spearman correlation over time."""
+    if "embedding" not in run:
+        raise ValueError(f"{run.path} has no 'embedding' table; available: {sorted(run.tables)}")
+    table = run["embedding"]
+    step = nearest_step(table["step"].unique(), step)
+    at = table[table["step"] == step]
+    fig, (scatter, curve) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    seen = at["count"] > 0
+    scatter.scatter(np.log10(at.loc[seen, "count"]), at.loc[seen, "norm"], s=6, alpha=0.5,
+                    color="C0", label=f"seen ({int(seen.sum())})")
+    if (~seen).any():
+        scatter.scatter(np.full(int((~seen).sum()), -0.3), at.loc[~seen, "norm"], s=6,
+                        alpha=0.5, color="C3", marker="x", label=f"never seen ({int((~seen).sum())})")
+    scatter.set_xlabel("log10(times seen in training)  (x at -0.3: never seen)")
+    scatter.set_ylabel("input-embedding row norm")
+    scatter.set_title(f"norm vs frequency at step {step}", fontsize=9)
+    scatter.legend(fontsize=7)
+    series = metric_series(run, "embedding/norm_logfreq_spearman")
+    if series is not None:
+        curve.plot(*series, "-o", markersize=3)
+        curve.axhline(0.0, color="grey", linewidth=0.6)
+        curve.set_ylim(-1.05, 1.05)
+        _symlog_steps(curve, series[0])
+    else:
+        curve.text(0.5, 0.5, "no embedding/norm_logfreq_spearman metric", ha="center",
+                   transform=curve.transAxes)
+    curve.set_ylabel("Spearman(norm, log frequency)")
+    curve.set_title("norm-frequency correlation over training", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,253 @@
+"""Load a trained model and its tokenizer for post-hoc attribution.
+
+Two sources:
+
+- a Lightning ``.ckpt`` of ``normx_callbacks.demo.LanguageModel``: loaded with
+  ``torch.load(weights_only=True)`` (no pickled code runs), the model rebuilt with
+  ``build_model`` from the checkpoint's ``hyper_parameters``, the tokenizer found from its
+  ``datamodule_hyper_parameters`` (the DataModule's ``tokenizer_path`` or tokenizer cache);
+- a Hugging Face model directory (``config.json`` + weights + tokenizer files), loaded
+  offline with ``from_pretrained(local_files_only=True)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_HINT_TOKENIZER = "pass tokenizer=DIR (`--tokenizer DIR` on the command line), a directory " \
+                  "with tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, or not one this package can rebuild a model from."""
+
+
+def load_model_and_tokenizer(
+    path: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+) -> tuple[nn.Module, Any]:
+    """The HF model (eval mode, CPU) and fast tokenizer of a checkpoint or HF model directory.
+
+    Args:
+        path: a Lightning ``.ckpt`` of ``normx_callbacks.demo.LanguageModel``, or a
+            Hugging Face model directory.
+        tokenizer: a tokenizer directory; default: found from the checkpoint.
+
+    Raises:
+        FileNotFoundError: ``path`` or the tokenizer does not exist / cannot be found.
+        CheckpointError: truncated or corrupt file, unsafe contents, a checkpoint of another
+            model or architecture (names the mismatching weights).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        model = _load_hf_dir(path)
+        tok_dir = Path(tokenizer) if tokenizer is not None else _hf_tokenizer_dir(path)
+    else:
+        model, hints = _load_lightning(path)
+        tok_dir = Path(tokenizer) if tokenizer is not None else _find_tokenizer(path, hints)
+    tok = _load_tokenizer(tok_dir)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise CheckpointError(
+            f"the tokenizer at {str(tok_dir)!r} has {len(tok)} tokens but the model's embedding "
+            f"has {rows} rows: it is not the tokenizer this model was trained with; "
+            + _HINT_TOKENIZER
+        )
+    model.eval()
+    return model, tok
+
+
+# ------------------------------------------------------------------------ Lightning checkpoints
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:  # torch's long weights_only message: keep the cause
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _read_checkpoint(path: Path) -> dict:
+    # torch.save writes zip archives; a truncated one loses its central directory.
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError, KeyError) as error:
+        detail = _first_line(error)
+        if is_zip and isinstance(error, pickle.UnpicklingError) and "global" in detail.lower():
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers, so it cannot "
+                f"be loaded safely (weights_only=True): {detail}"
+            ) from error
+        if not is_zip:
+            raise CheckpointError(
+                f"{path} is truncated, corrupt or not a PyTorch checkpoint (torch.save writes a "
+                "zip archive and this is not a complete one); copy it again or use another "
+                "checkpoint"
+            ) from error
+        raise CheckpointError(
+            f"{path} is corrupt ({detail}); copy it again or use another checkpoint"
+        ) from error
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no 'state_dict' mapping); for other models "
+            "save them with save_pretrained() and pass the directory"
+        )
+    return ckpt
+
+
+def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
+    from .demo import ARCHITECTURES, LanguageModel, build_model
+
+    ckpt = _read_checkpoint(path)
+    hp = ckpt.get("hyper_parameters")
+    if not isinstance(hp, dict) or "arch" not in hp:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of normx_callbacks.demo.LanguageModel (its "
+            "hyper_parameters have no 'arch'); for other models save the HF model with "
+            "save_pretrained() and pass the directory"
+        )
+    if hp["arch"] not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: hyper_parameters arch={hp['arch']!r} is not one of {sorted(ARCHITECTURES)}"
+        )
+    defaults = {
+        name: p.default for name, p in inspect.signature(LanguageModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    shape = {k: hp.get(k, defaults[k]) for k in
+             ("d_model", "n_layers", "n_heads", "context", "dropout", "vocab_size", "pad_token_id")}
+    try:
+        model = build_model(hp["arch"], **shape)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild {hp['arch']} from its "
+                              f"hyper_parameters {shape}: {error}") from error
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    _check_state(path, model, state, hp["arch"])
+    model.load_state_dict(state, strict=True)
+    hints = ckpt.get("datamodule_hyper_parameters")
+    return model, hints if isinstance(hints, dict) else {}
+
+
+def _few(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _check_state(path: Path, model: nn.Module, state: dict, arch: str) -> None:
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        raise CheckpointError(
+            f"{path}: the weights do not fit a {arch} model built from the checkpoint's "
+            f"hyper_parameters: {'; '.join(parts)}; the checkpoint was written for another "
+            "architecture or LightningModule"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: weight {key} has shape {tuple(value.shape)} but the {arch} model "
+                f"built from the checkpoint's hyper_parameters expects {tuple(expected[key].shape)}"
+            )
+
+
+def _tokenizer_candidates(ckpt_path: Path, hints: dict) -> list[Path]:
+    """Where the DataModule of a checkpoint kept its tokenizer (see ``demo/data.py``)."""
+    if hints.get("tokenizer_path"):
+        return [Path(hints["tokenizer_path"])]
+    needed = ("corpus", "objective", "bpe_vocab_size", "seed")
+    if not all(k in hints for k in needed):
+        return []
+    # Mirrors TextDataModule's cache naming.
+    name = "".join(c if c.isalnum() else "_" for c in str(hints["corpus"]))[-40:]
+    leaf = f"tokenizer-{name}-{hints['objective']}-{hints['bpe_vocab_size']}-s{hints['seed']}"
+    cache = Path(str(hints.get("cache_dir") or ".normx_cache"))
+    if cache.is_absolute():
+        return [cache / leaf]
+    # A relative cache_dir was relative to the training job's working directory: try here,
+    # then the directories above the checkpoint.
+    bases = [Path.cwd(), *ckpt_path.resolve().parents]
+    return list(dict.fromkeys(base / cache / leaf for base in bases))
+
+
+def _find_tokenizer(ckpt_path: Path, hints: dict) -> Path:
+    candidates = _tokenizer_candidates(ckpt_path, hints)
+    for candidate in candidates:
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    if not candidates:
+        where = "the checkpoint names no DataModule tokenizer"
+    else:
+        where = f"looked in {str(candidates[0])!r}"
+        if len(candidates) > 1:
+            where += f" and {len(candidates) - 1} more places above the checkpoint"
+    raise FileNotFoundError(f"no tokenizer found for {ckpt_path} ({where}); {_HINT_TOKENIZER}")
+
+
+# ------------------------------------------------------------------------ HF model directories
+
+
+def _load_hf_dir(path: Path) -> nn.Module:
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is a directory but not a Hugging Face model directory (no config.json); "
+            "pass a Lightning .ckpt file or a directory written by save_pretrained()"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path}/config.json is unreadable: {error}") from error
+    names = " ".join(getattr(config, "architectures", None) or [])
+    if "MaskedLM" in names:
+        auto = transformers.AutoModelForMaskedLM
+    elif "SequenceClassification" in names:
+        auto = transformers.AutoModelForSequenceClassification
+    else:
+        auto = transformers.AutoModelForCausalLM
+    try:
+        return auto.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load the model in {path}: {detail}") from error
+
+
+def _hf_tokenizer_dir(path: Path) -> Path:
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return path
+    raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json); {_HINT_TOKENIZER}")
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {detail}") from error

@@ -1,0 +1,442 @@
+"""The `normx` command: report, summary, attribute and export for NormXLogit runs.
+
+    normx report RUN_DIR [RUN_DIR ...] -o report.html
+    normx summary RUN_DIR
+    normx attribute CHECKPOINT --text "the keys near the cabinet" --target are --foil is
+    normx export RUN_DIR --format parquet -o OUT_DIR
+
+Errors print one line on stderr and exit with status 1 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .heads import UnsupportedModelError
+from .probes import ProbeError
+from .store import STORE_DIRNAME, RunData, StoreError, load_run
+
+log = logging.getLogger(__name__)
+
+# Bad input or state: one line on stderr, not a traceback.
+_EXPECTED = (StoreError, FileNotFoundError, ProbeError, UnsupportedModelError, ValueError,
+             RuntimeError, OSError)
+_FORMATS = ("csv", "parquet", "jsonl")
+_POSITIVE = (214, 39, 40)  # red: evidence for the prediction (as the report's colours)
+_NEGATIVE = (31, 119, 180)  # blue: evidence against it
+
+
+# ------------------------------------------------------------------------------ loading runs
+
+
+def _walk_dirs(path: Path, depth: int):
+    yield path
+    if depth:
+        try:
+            children = sorted(p for p in path.iterdir() if p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            yield from _walk_dirs(child, depth - 1)
+
+
+def _diagnose(path: Path) -> str | None:
+    """A clearer message for a store that exists but holds no committed snapshot."""
+    if not path.is_dir():
+        return None
+    for folder in _walk_dirs(path, 3):
+        if folder.name != STORE_DIRNAME:
+            continue
+        tables = [p for p in folder.glob("*/step=*.parquet") if not p.parent.name.startswith("_")]
+        if tables:
+            return (f"{folder} is a half-written store: {len(tables)} table file(s) but no "
+                    "commit marker (_commits/step=*.json), so no snapshot is complete; the run "
+                    "crashed during its first snapshot or is still writing it")
+        if not any(folder.iterdir()):
+            return (f"{folder} is an empty store: the run has not written a snapshot yet "
+                    "(wait for the first one, or check the callback's store_dir)")
+    return None
+
+
+def _load(path: str | os.PathLike) -> RunData:
+    """load_run, with one-line explanations for empty and half-written stores."""
+    try:
+        run = load_run(path)
+    except StoreError as error:
+        message = _diagnose(Path(path))
+        if message:
+            raise StoreError(message) from error
+        raise
+    if not run.steps:
+        raise StoreError(_diagnose(run.path.parent) or
+                         f"{run.path} holds no committed snapshot yet: nothing to show")
+    return run
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _progress_printer(stream=None):
+    stream = stream or sys.stderr
+    tty = stream.isatty()
+    state = {"last": 0.0}
+
+    def show(done: int, total: int, what: str) -> None:
+        if tty:
+            stream.write(f"\rnormx report: {done}/{total} {what[:50]:<50}")
+            if done == total:
+                stream.write("\n")
+            stream.flush()
+        elif done == total or time.monotonic() - state["last"] > 2.0:
+            state["last"] = time.monotonic()
+            stream.write(f"normx report: {done}/{total} figures\n")
+            stream.flush()
+
+    return show
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if args.max_probes < 0:
+        raise ValueError(f"--max-probes {args.max_probes} must be >= 0")
+    start = time.monotonic()
+    runs = [_load(p) for p in args.run_dirs]
+    out = write_report(runs, args.output, step=args.step, max_probes=args.max_probes,
+                       probes=args.probe, progress=None if args.quiet else _progress_printer())
+    size = out.stat().st_size / 1e6
+    print(f"wrote {out} ({size:.1f} MB, {len(runs)} run(s)) in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .report import headline_table
+
+    run = _load(args.run_dir)
+    meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
+    probes = run["probes"]["probe_id"].nunique() if "probes" in run else "?"
+    print(f"store:     {run.path}")
+    print(f"model:     {meta.get('model', '?')} ({meta.get('objective', '?')}, "
+          f"{meta.get('num_layers', '?')} layers, vocabulary {meta.get('vocab_size', '?')})")
+    print(f"snapshots: {len(run.steps)} (steps {run.steps[0]}..{run.steps[-1]}), "
+          f"{probes} probes")
+    if not run.missing.empty:
+        for step, reason in zip(run.missing["step"], run.missing["reason"], strict=True):
+            print(f"missing:   step {step}: {_terminal_safe(reason)}")
+    print()
+    table = headline_table(run)
+    print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
+    print("\nap/dp: evidence alignment of the cue words (random = expected by chance); "
+          "stability: Spearman vs the previous snapshot.")
+    return 0
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    run = _load(args.run_dir)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tables = dict(run.tables)
+    if not run.missing.empty:
+        tables["missing"] = run.missing
+    written = []
+    for name, frame in sorted(tables.items()):
+        path = out / f"{name}.{args.format}"
+        if args.format == "csv":
+            frame.to_csv(path, index=False)
+        elif args.format == "parquet":
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_json(path, orient="records", lines=True, force_ascii=False)
+        written.append(f"{path.name} ({len(frame)} rows)")
+    (out / "meta.json").write_text(json.dumps(run.meta, indent=1, default=str) + "\n")
+    print(f"wrote {len(written)} tables to {out}: {', '.join(written)}, meta.json")
+    return 0
+
+
+# ------------------------------------------------------------------------------ attribute
+
+
+def _terminal_safe(text: str) -> str:
+    """No control characters (an ANSI escape in a token must not drive the terminal)."""
+    text = str(text).replace("\n", "\u21b5").replace("\t", "\u2192")
+    return "".join(c if unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
+
+
+def _background(value: float, bound: float) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(background, foreground) RGB for a zero-centred score: white at 0."""
+    a = min(abs(value) / bound, 1.0) if bound > 0 else 0.0
+    base = _POSITIVE if value >= 0 else _NEGATIVE
+    rgb = tuple(round(255 + (c - 255) * a) for c in base)
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return rgb, ((0, 0, 0) if luminance > 140 else (255, 255, 255))
+
+
+def colour_tokens(tokens: Sequence[str], scores: Sequence[float], bound: float) -> str:
+    """Tokens with ANSI 24-bit backgrounds, zero-centred on ``bound``."""
+    out = []
+    for token, value in zip(tokens, scores, strict=True):
+        text = _terminal_safe(token)
+        if not math.isfinite(value):
+            out.append(f"\x1b[2m{text}\x1b[0m")
+            continue
+        (r, g, b), (fr, fg, fb) = _background(value, bound)
+        out.append(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;{fr};{fg};{fb}m{text}\x1b[0m")
+    return "".join(out)
+
+
+def _parse_layers(text: str, num_layers: int):
+    if text == "all":
+        return "all"
+    if text == "last":
+        return None
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise ValueError(f"--layers {text!r}: use 'last', 'all' or comma-separated indices "
+                         f"in 0..{num_layers} (e.g. 0,{num_layers})")
+    return layers
+
+
+def _decode(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([int(token_id)])
+
+
+def _quietly(args: argparse.Namespace, fn, *fn_args):
+    """Call ``fn`` without transformers' loading bars and chatter (unless --debug): on stderr
+    they would bury the one line an error gets."""
+    if getattr(args, "debug", False):
+        return fn(*fn_args)
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return fn(*fn_args)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attribution import normxlogit
+    from .checkpoints import load_model_and_tokenizer
+    from .heads import resolve_adapter
+    from .probes import ProbeSet
+
+    if args.foil is not None and args.target is None:
+        raise ValueError(f"--foil {args.foil!r} needs --target: the foil is a contrast to it")
+    model, tokenizer = _quietly(args, load_model_and_tokenizer, args.checkpoint, args.tokenizer)
+    adapter = resolve_adapter(model)
+    if adapter.kind not in ("causal", "masked"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a {adapter.kind} model; `normx attribute` explains "
+            "causal and masked LM predictions (use normxlogit() in Python for classifiers)")
+    layers = _parse_layers(args.layers, adapter.num_layers)
+    probe = {"text": args.text, "target": args.target, "foil": args.foil}
+    probe = {k: v for k, v in probe.items() if v is not None}
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                          None)
+    try:
+        enc = ProbeSet([probe]).encode(tokenizer, objective=adapter.kind, max_length=context)
+    except ProbeError as error:  # its "probe 'probe-0' (index 0)" label means --text here
+        raise ProbeError(f"--text {args.text!r}: {str(error).split(': ', 1)[-1]}") from error
+    with torch.no_grad():
+        attr = normxlogit(model, enc.input_ids, enc.attention_mask, positions=enc.positions,
+                          targets=enc.targets, foils=enc.foils if args.foil else None,
+                          layers=layers, norm=args.norm)
+    n = int(enc.attention_mask[0].sum())
+    tokens = enc.tokens[0][:n]
+    if attr.layer_scores is not None:
+        rows = [(f"layer {layer}", attr.layer_scores[0, k, :n].tolist())
+                for k, layer in enumerate(attr.layers)]
+    else:
+        rows = [(f"layer {adapter.num_layers}", attr.scores[0, :n].tolist())]
+    rows = [(name + (" (last)" if name == f"layer {adapter.num_layers}" else ""), values)
+            for name, values in rows]
+    position = int(attr.positions[0])
+    facts = (f"explains the prediction at position {position} ({tokens[position]!r}): target "
+             f"{_decode(tokenizer, attr.targets[0])!r} p = {float(attr.target_probs[0]):.3f}, "
+             f"logit {float(attr.target_logits[0]):.3f}")
+    if args.target is None:
+        facts += " (the model's top prediction; pass --target WORD to choose)"
+    if attr.contrast_logat is not None and args.foil:
+        contrast = float(attr.contrast_logat[0, position])
+        facts += (f"; foil {_decode(tokenizer, attr.foils[0])!r}: target - foil logit "
+                  f"{contrast:+.3f}")
+    header = [f"checkpoint: {args.checkpoint} ({type(model).__name__}, {adapter.kind}, "
+              f"{adapter.num_layers} layers, norm={args.norm})", facts]
+
+    if args.output:
+        _attribute_html(args, header, tokens, rows, enc, attr, n)
+        print(f"wrote {args.output}")
+        return 0
+    finite = [abs(v) for _, values in rows for v in values if math.isfinite(v)]
+    bound = max(finite) if finite else 1.0
+    colour = (not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    for line in header:
+        print(_terminal_safe(line))
+    print()
+    if colour:
+        width = max(len(name) for name, _ in rows)
+        for name, values in rows:
+            print(f"{name:>{width}}  {colour_tokens(tokens, values, bound)}")
+        scale = colour_tokens([f" -{bound:.3g} ", "   ", " 0 ", "   ", f" +{bound:.3g} "],
+                              [-bound, -bound / 2, 0.0, bound / 2, bound], bound)
+        print(f"\n{'NormXLogit':>{width}}  {scale}  (blue: against the prediction, "
+              "red: for it; dim: not scored)")
+    else:
+        names = [name for name, _ in rows]
+        shown = [repr(_terminal_safe(t)) for t in tokens]
+        tw = max(5, *(len(t) for t in shown))
+        print(f"{'pos':>3}  {'token':<{tw}}  " + "  ".join(f"{n:>14}" for n in names))
+        for t, text in enumerate(shown):
+            cells = "  ".join(f"{values[t]:>14.4f}" if math.isfinite(values[t]) else f"{'-':>14}"
+                              for _, values in rows)
+            mark = "  <- explained" if t == position else ""
+            print(f"{t:>3}  {text:<{tw}}  {cells}{mark}")
+        print("\nscores: NormXLogit (zero-centred: > 0 supports the prediction, < 0 argues "
+              "against it; - = not scored)")
+    return 0
+
+
+def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
+    from . import plots
+    from .report import esc, figure_html, page, token_legend, token_strip
+
+    body = ["<h1>normx attribute</h1>"]
+    body += [f'<p class="meta">{esc(line)}</p>' for line in header]
+    body.append(f'<div class="text">{esc(args.text)}</div>')
+    body.append(token_legend())
+    for name, values in rows:
+        body.append(f'<div class="runlabel">NormXLogit, {esc(name)}</div>'
+                    + token_strip(tokens, values))
+    if attr.layer_scores is not None and len(attr.layers) > 1:
+        labels = [plots.display_token(t) for t in tokens]
+        fig = plots.layer_heatmap(attr.layer_scores[0, :, :n].numpy(), labels, attr.layers,
+                                  title="NormXLogit per layer")
+        body.append(figure_html(fig, "NormXLogit per layer"))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page("normx attribute", "\n".join(body)), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks and library warnings")
+    parser = argparse.ArgumentParser(
+        prog="normx", parents=[common],
+        description="Reports and attributions for NormXLogit snapshot stores and checkpoints.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("report", parents=[common], help="one self-contained HTML report",
+                       description="Render one self-contained HTML report (no network) from "
+                       "one or more runs; several runs are shown side by side.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a snapshot store, or a log directory with a normx/ store below")
+    p.add_argument("-o", "--output", default="report.html", help="HTML file (default: %(default)s)")
+    p.add_argument("--step", type=int, default=None,
+                   help="snapshot for the layer x token views (default: the last)")
+    p.add_argument("--max-probes", type=int, default=12,
+                   help="probes shown (default: %(default)s)")
+    p.add_argument("--probe", action="append", metavar="ID",
+                   help="show this probe (repeatable; overrides --max-probes)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("summary", parents=[common], help="snapshots and headline metrics",
+                       description="Print the snapshots of a run and their headline metrics.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("attribute", parents=[common], help="attribute one text with a checkpoint",
+                       description="NormXLogit attribution of one prediction of a checkpoint "
+                       "(Lightning .ckpt of normx_callbacks.demo.LanguageModel, or a Hugging "
+                       "Face model directory), as coloured tokens or an HTML page.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--text", required=True,
+                   help="the prefix (causal LM) or a sentence with [MASK] (masked LM)")
+    p.add_argument("--target", help="word whose prediction is explained (default: top prediction)")
+    p.add_argument("--foil", help="contrast word (needs --target)")
+    p.add_argument("--layers", default="last",
+                   help="'last' (default), 'all', or comma-separated layer indices")
+    p.add_argument("--norm", choices=("layer0", "word"), default="layer0",
+                   help="norm of the input vectors (default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory (default: found from the checkpoint)")
+    p.add_argument("--no-color", action="store_true", help="plain text with scores")
+    p.add_argument("-o", "--output", help="write an HTML page instead of printing")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
+                       description="Write each table of a run (all steps) to one file.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", choices=_FORMATS, default="csv",
+                   help="file format (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `normx` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if debug else logging.ERROR,
+                        format="normx: %(levelname)s: %(message)s")
+    logging.getLogger(__package__).setLevel(logging.INFO if debug else logging.WARNING)
+    with warnings.catch_warnings():
+        if not debug:  # library deprecation chatter would bury the one line that matters
+            warnings.simplefilter("ignore")
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("normx: interrupted", file=sys.stderr)
+            return 130
+        except _EXPECTED as error:
+            if debug:
+                raise
+            print(f"normx {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""`normx report`: one self-contained HTML page from one or more snapshot stores.
+
+The page needs no network and runs no script: figures are base64 PNGs made by the
+`plots` functions a notebook would call, styles are inline, and a Content-Security-Policy
+forbids everything else. Every string from a run (token, probe text, path) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .loggers import token_html
+from .store import RunData, load_run
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+# Headline metrics: the `summary` table and the report's overview.
+HEADLINE = {
+    "target_prob": "probe/target_prob",
+    "accuracy": "probe/accuracy",
+    "ap": "alignment/ap",
+    "ap_random": "alignment/ap_random",
+    "dp": "alignment/dp",
+    "dp_random": "alignment/dp_random",
+    "stability": "stability/spearman",
+    "norm_logfreq_spearman": "embedding/norm_logfreq_spearman",
+}
+
+SECTIONS = {
+    "runs": "Runs",
+    "loss": "Training loss",
+    "alignment": "Evidence alignment",
+    "predictions": "Probe predictions",
+    "stability": "Stability",
+    "embedding-norms": "Embedding norms",
+    "norm-frequency": "Norm vs frequency",
+    "faithfulness": "Faithfulness",
+    "probes": "Probes",
+}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;
+ max-width:1500px;padding:0 24px 48px;color:#1d1d1f;background:#fff;line-height:1.45}
+h1{margin:24px 0 4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+h3{margin:24px 0 6px;font-family:ui-monospace,Menlo,Consolas,monospace}
+nav a{margin-right:14px}.meta{color:#555;font-size:0.9em}
+.note{color:#6a4d00;background:#fff7e0;border-left:4px solid #e0b000;padding:6px 10px}
+table{border-collapse:collapse;font-size:0.88em;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}
+.grid{display:grid;gap:16px;align-items:start}
+figure{margin:6px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:0.85em;color:#555}
+.probe{border:1px solid #ddd;border-radius:6px;padding:4px 16px 12px;margin:18px 0}
+.text{font-family:ui-monospace,Menlo,Consolas,monospace;background:#f6f6f6;padding:4px 8px;
+ white-space:pre-wrap}
+.tokens{font-size:1.05em;margin:6px 0}
+.legend{display:inline-block;width:160px;height:12px;vertical-align:middle;border:1px solid #ccc;
+ background:linear-gradient(to right,rgb(31,119,180),#fff,rgb(214,39,40))}
+.runlabel{font-weight:600;margin:8px 0 2px}
+"""
+
+
+# ------------------------------------------------------------------------- HTML building blocks
+
+
+def esc(value: object) -> str:
+    """Text for HTML content or attributes."""
+    return html.escape(str(value), quote=True)
+
+
+def figure_html(fig, alt: str, caption: str = "") -> str:
+    """A matplotlib figure as an embedded PNG (the figure is closed)."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=100, facecolor="white")
+    finally:
+        plots.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def page(title: str, body: str) -> str:
+    """A complete, self-contained HTML document (no network, no script)."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "img-src data:; style-src 'unsafe-inline'\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def token_legend() -> str:
+    return ('<p class="meta">Token colours: <span class="legend"></span> blue = evidence '
+            "against the prediction, white = 0, red = evidence for it; each strip is scaled to "
+            "its own largest |score| (shown after it). Hover a token for its score.</p>")
+
+
+def token_strip(tokens: Sequence[str], scores: Sequence[float]) -> str:
+    """Escaped tokens coloured by a zero-centred score, with the scale printed after them."""
+    finite = [abs(s) for s in scores if s is not None and math.isfinite(s)]
+    bound = max(finite) if finite else float("nan")
+    return (f'<div class="tokens">{token_html(list(tokens), list(scores))}'
+            f'<span class="meta">scale: \u00b1{bound:.3g}</span></div>')
+
+
+def _table(frame: pd.DataFrame, left: Sequence[str] = ()) -> str:
+    def cell(tag: str, col: str, value: object) -> str:
+        cls = ' class="l"' if col in left else ""
+        if isinstance(value, float):
+            text = "-" if math.isnan(value) else f"{value:.3f}"
+        else:
+            text = str(value)
+        return f"<{tag}{cls}>{esc(text)}</{tag}>"
+
+    head = "".join(cell("th", c, c) for c in frame.columns)
+    rows = "".join("<tr>" + "".join(cell("td", c, v) for c, v in zip(frame.columns, row,
+                                                                       strict=True)) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _grid(cells: Sequence[str]) -> str:
+    n = max(1, len(cells))
+    return (f'<div class="grid" style="grid-template-columns:repeat({n},minmax(0,1fr))">'
+            + "".join(f"<div>{c}</div>" for c in cells) + "</div>")
+
+
+# ------------------------------------------------------------------------- data from a run
+
+
+def headline_table(run: RunData) -> pd.DataFrame:
+    """One row per snapshot: step and the headline metrics (NaN where not recorded)."""
+    columns = ["step", *HEADLINE]
+    if "metrics" not in run:
+        return pd.DataFrame({"step": run.steps}, columns=columns)
+    wide = run["metrics"].pivot_table(index="step", columns="key", values="value",
+                                      aggfunc="last")
+    frame = pd.DataFrame({"step": wide.index.astype(int)})
+    for name, key in HEADLINE.items():
+        frame[name] = wide[key].to_numpy(dtype=float) if key in wide else float("nan")
+    return frame
+
+
+def read_losses(run: RunData) -> tuple[dict[str, tuple[list[int], list[float]]], str | None]:
+    """Loss curves from TensorBoard event files next to the store: (series, note-if-none)."""
+    folder = run.path.parent
+    if not any(p.name.startswith("events.out.tfevents") for p in folder.iterdir()):
+        return {}, f"no TensorBoard event files next to the store (in {folder}): loss not shown"
+    try:
+        from tensorboard.backend.event_processing import event_accumulator as ea
+    except ImportError:
+        return {}, "tensorboard is not installed (pip install tensorboard): loss not shown"
+    guidance = {ea.SCALARS: 0, ea.IMAGES: 1, ea.HISTOGRAMS: 1, ea.TENSORS: 1, ea.AUDIO: 1,
+                ea.COMPRESSED_HISTOGRAMS: 1}
+    try:
+        acc = ea.EventAccumulator(str(folder), size_guidance=guidance)
+        acc.Reload()
+        tags = [t for t in acc.Tags().get("scalars", []) if "loss" in t.lower()
+                and not t.startswith("normx/")]
+        series = {}
+        for tag in tags:
+            events = acc.Scalars(tag)
+            series[tag] = ([e.step for e in events], [e.value for e in events])
+    except Exception as error:  # a damaged event file must not cost the whole report
+        return {}, f"could not read the TensorBoard event files in {folder} ({error})"
+    if not series:
+        return {}, f"the TensorBoard event files in {folder} hold no scalar tag with 'loss'"
+    return series, None
+
+
+def select_probes(runs: Sequence[RunData], max_probes: int,
+                  wanted: Sequence[str] | None = None) -> list[str]:
+    """Probe ids to show: ``wanted``, else probes common to all runs first, in run order."""
+    per_run = []
+    for run in runs:
+        ids = run["probes"]["probe_id"] if "probes" in run else (
+            run["tokens"]["probe_id"] if "tokens" in run else [])
+        per_run.append(list(dict.fromkeys(ids)))
+    known = list(dict.fromkeys(p for ids in per_run for p in ids))
+    if wanted:
+        unknown = [p for p in wanted if p not in known]
+        if unknown:
+            raise ValueError(f"probe {unknown[0]!r} is in none of the runs; probes: "
+                             f"{known[:12]}{' ...' if len(known) > 12 else ''}")
+        return list(dict.fromkeys(wanted))
+    common = [p for p in known if all(p in ids for ids in per_run)]
+    rest = [p for p in known if p not in common]
+    return (common + rest)[:max_probes]
+
+
+# ------------------------------------------------------------------------- the report
+
+
+class _Counter:
+    def __init__(self, total: int, progress: Progress | None):
+        self.done, self.total, self.progress = 0, total, progress
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total, what)
+
+
+def _try_figure(make: Callable, alt: str, caption: str = "") -> str:
+    try:
+        fig = make()
+    except ValueError as error:  # data absent for this figure: say so, keep the report
+        return note(str(error))
+    return figure_html(fig, alt, caption)
+
+
+def render_report(
+    runs: Sequence[RunData],
+    *,
+    labels: Sequence[str] | None = None,
+    step: int | None = None,
+    max_probes: int = 12,
+    probes: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """The report as an HTML string. ``step``: the snapshot for the layer view (default last)."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("render_report needs at least one run")
+    if max_probes < 0:
+        raise ValueError(f"max_probes={max_probes!r} must be >= 0")
+    labels = list(labels) if labels is not None else plots.run_labels(runs)
+    names = [label or run.path.parent.name for run, label in zip(runs, labels, strict=True)]
+    chosen = select_probes(runs, max_probes, probes)
+    r = len(runs)
+    count = _Counter(3 + 2 * r + len(chosen) * (2 * r + 1), progress)
+
+    parts = [f"<h1>normx report</h1><p class=\"meta\">{len(runs)} run(s), generated "
+             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>",
+             "<nav>" + "".join(f'<a href="#{k}">{esc(v)}</a>' for k, v in SECTIONS.items())
+             + "</nav>"]
+    parts.append(_runs_section(runs, names, step))
+    parts.append(_grid([_loss_section(runs, labels), _section("predictions", _try_figure(
+        lambda: plots.metric_history(runs, ["probe/target_prob", "probe/accuracy"],
+                                     labels=labels, title="mean over probes",
+                                     ylabel="probability / accuracy"), "probe predictions"))]))
+    count("loss and predictions")
+    parts.append(_section("alignment", "<p class=\"meta\">Do the cue words get the highest "
+                          "scores? AP/DP of the cue positions under NormXLogit (last layer) and "
+                          "LogAt, against the expected value for a random ranking.</p>"
+                          + _try_figure(lambda: plots.alignment_curves(runs, labels=labels),
+                                        "evidence alignment")))
+    count("alignment")
+    parts.append(_grid([_section("stability", "<p class=\"meta\">Spearman rank correlation of "
+                                 "the NormXLogit scores with the previous snapshot.</p>"
+                                 + _try_figure(lambda: plots.metric_history(
+                                     runs, ["stability/spearman"], labels=labels,
+                                     ylabel="Spearman"), "stability")),
+                        _faithfulness_section(runs, labels)]))
+    count("stability and faithfulness")
+
+    for key, make, alt in (("embedding-norms", plots.norm_distribution, "embedding norms"),
+                           ("norm-frequency", lambda run: plots.norm_frequency(run, step),
+                            "norm vs frequency")):
+        cells = []
+        for run, name in zip(runs, names, strict=True):
+            cells.append(_label_html(name, r) + _try_figure(lambda run=run, make=make: make(run), alt))
+            count(f"{alt} of {name}")
+        parts.append(_section(key, _grid(cells)))
+
+    probe_parts = [token_legend()]
+    total = len(set().union(*(set(run["probes"]["probe_id"]) for run in runs if "probes" in run)))
+    if total > len(chosen):
+        probe_parts.append(f'<p class="meta">Showing {len(chosen)} of {total} probes '
+                           "(--max-probes / --probe to change).</p>")
+    for i, probe_id in enumerate(chosen):
+        probe_parts.append(_probe_html(i, probe_id, runs, labels, names, step, count))
+    parts.append(_section("probes", "".join(probe_parts)))
+    return page("normx report", "\n".join(parts))
+
+
+def _loss_section(runs: Sequence[RunData], labels: Sequence[str]) -> str:
+    losses = [read_losses(run) for run in runs]
+    body = [note(n) for (_, n) in losses if n]
+    series = {(f"{label}: {tag}" if label else tag): s
+              for label, (found, _) in zip(labels, losses, strict=True)
+              for tag, s in found.items()}
+    if series:
+        body.append(figure_html(plots.metric_curves(series, title="training loss (TensorBoard)",
+                                                    ylabel="loss"), "training loss"))
+    return _section("loss", "".join(body))
+
+
+def _faithfulness_section(runs: Sequence[RunData], labels: Sequence[str]) -> str:
+    keys = sorted({k for run in runs if "metrics" in run for k in run["metrics"]["key"].unique()
+                   if str(k).startswith("faithfulness/")})
+    if not keys:
+        return _section("faithfulness", note("no faithfulness/* metrics in the store(s): the "
+                                             "faithfulness evaluation was not run"))
+    return _section("faithfulness", _try_figure(
+        lambda: plots.metric_history(runs, keys, labels=labels, title="faithfulness"),
+        "faithfulness"))
+
+
+def _section(key: str, body: str) -> str:
+    return f'<section id="{key}"><h2>{esc(SECTIONS[key])}</h2>{body}</section>\n'
+
+
+def _label_html(name: str, runs: int) -> str:
+    return f'<div class="runlabel">{esc(name)}</div>' if runs > 1 else ""
+
+
+def _runs_section(runs: Sequence[RunData], names: Sequence[str], step: int | None) -> str:
+    rows = []
+    body = []
+    for run, name in zip(runs, names, strict=True):
+        meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
+        missing = ", ".join(f"{s} ({reason})" for s, reason in
+                            zip(run.missing["step"], run.missing["reason"], strict=True))
+        rows.append({"run": name, "store": str(run.path), "snapshots": len(run.steps),
+                     "steps": f"{run.steps[0]}..{run.steps[-1]}" if run.steps else "-",
+                     "model": str(meta.get("model", "-")),
+                     "objective": str(meta.get("objective", "-")),
+                     "missing snapshots": missing or "none"})
+    body.append(_table(pd.DataFrame(rows), left=("run", "store", "model", "objective",
+                                                 "missing snapshots")))
+    for run, name in zip(runs, names, strict=True):
+        table = headline_table(run)
+        at = plots.nearest_step(run.steps, step) if run.steps else None
+        if step is not None and at != step:
+            body.append(note(f"{name}: step {step} was not recorded; showing step {at}"))
+        body.append(f"<p class=\"meta\">Headline metrics of {esc(name)} per snapshot (the "
+                    f"layer views below use step {at}):</p>" + _table(table))
+    return _section("runs", "".join(body))
+
+
+def _probe_html(index, probe_id, runs, labels, names, step, count) -> str:
+    head = f'<article class="probe" id="probe-{index}"><h3>{esc(probe_id)}</h3>'
+    text = next((run["probes"].loc[run["probes"]["probe_id"] == probe_id, "text"].iloc[-1]
+                 for run in runs if "probes" in run
+                 and (run["probes"]["probe_id"] == probe_id).any()), None)
+    if text is not None:
+        head += f'<div class="text">{esc(text)}</div>'
+    cells = []
+    for run, name in zip(runs, names, strict=True):
+        cells.append(_label_html(name, len(runs)) + _probe_run_html(run, probe_id, step, count))
+    curve = _try_figure(lambda: plots.target_curve(runs, probe_id, labels=labels),
+                        f"{probe_id}: target probability over training")
+    count(f"probe {probe_id}")
+    return head + _grid(cells) + curve + "</article>\n"
+
+
+def _probe_run_html(run: RunData, probe_id: str, step: int | None, count) -> str:
+    tokens = run["tokens"] if "tokens" in run else None
+    if tokens is None or not (tokens["probe_id"] == probe_id).any():
+        count(probe_id)
+        count(probe_id)
+        return note(f"probe {probe_id!r} is not in this run")
+    rows = tokens[tokens["probe_id"] == probe_id]
+    at = plots.nearest_step(rows["step"].unique(), step)
+    last = rows[(rows["step"] == at) & (rows["layer"] == rows["layer"].max())]
+    last = last.sort_values("position")
+    out = [f'<p class="meta">Step {at}, last layer (NormXLogit):</p>',
+           token_strip(last["token"].tolist(), last["score"].astype(float).tolist())]
+    if "probes" in run:
+        info = run["probes"]
+        info = info[(info["probe_id"] == probe_id) & (info["step"] == at)]
+        if not info.empty:
+            row = info.iloc[-1]
+            target = str(row["target"]).replace("\u0120", " ")
+            facts = f"explained target {target!r}: p = {float(row['target_prob']):.3f}"
+            if pd.notna(row.get("contrast")):
+                facts += f", target - foil logit = {float(row['contrast']):+.3f}"
+            out.append(f'<p class="meta">{esc(facts)} at step {at}</p>')
+    figures = [_try_figure(lambda: plots.emergence_heatmap(run, probe_id),
+                           f"{probe_id}: NormXLogit per token over training",
+                           "Emergence: each row is a snapshot, each column a token.")]
+    count(probe_id)
+    figures.append(_try_figure(lambda: plots.layer_view(run, probe_id, at),
+                               f"{probe_id}: NormXLogit per layer at step {at}",
+                               f"Layer x token at step {at}."))
+    count(probe_id)
+    out.extend(figures)  # full width: token labels stay at their drawn size
+    return "".join(out)
+
+
+def write_report(
+    paths: Sequence[str | os.PathLike | RunData],
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    max_probes: int = 12,
+    probes: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Load the runs (store dirs or run dirs), render the report and write it to ``out``."""
+    runs = [p if isinstance(p, RunData) else load_run(p) for p in paths]
+    for run in runs:
+        if not run.steps:
+            raise ValueError(f"{run.path} has no committed snapshots to report on")
+    text = render_report(runs, step=step, max_probes=max_probes, probes=probes,
+                         progress=progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

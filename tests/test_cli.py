@@ -1,0 +1,328 @@
+"""The `normx` command on a real tiny run: every subcommand, and every error as one line.
+
+The run (20 steps of a 2-layer, 32-wide GPT-2 on the agreement corpus, with a probe whose
+text holds HTML markup) is trained once per session by `tiny_run_dir` and shared with
+test_report_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from normx_callbacks import load_run
+from normx_callbacks.checkpoints import CheckpointError, load_model_and_tokenizer
+from normx_callbacks.cli import colour_tokens, main
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKUP_PROBE = {"id": "markup", "text": "the <b>bold</b> key near the cabinets",
+                "target": "is", "foil": "are", "cues": ["key"]}
+SECTIONS = ("runs", "loss", "alignment", "predictions", "stability", "embedding-norms",
+            "norm-frequency", "faithfulness", "probes")
+
+
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A finished 20-step run with TensorBoard logs, a store and `tiny.ckpt` (built once)."""
+    root = tmp_path_factory.getbasetemp() / "normx-tiny-run"
+    if (root / "DONE").exists():
+        return root
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from normx_callbacks import NormXLogitCallback
+    from normx_callbacks.demo import LanguageModel, TextDataModule
+
+    shutil.rmtree(root, ignore_errors=True)
+    pl.seed_everything(0, verbose=False)
+    dm = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=320, num_probes=4,
+                        batch_size=16, context=32, cache_dir=str(root / "tokenizer_cache"))
+    model = LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, context=32,
+                          dropout=0.0, vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
+                          tokenizer=dm.tokenizer)
+    callback = NormXLogitCallback(probes=[MARKUP_PROBE, *dm.probes], every_n_steps=8,
+                                  media_probes=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=20, logger=TensorBoardLogger(str(root)),
+        callbacks=[callback], default_root_dir=str(root), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+        num_sanity_val_steps=0, log_every_n_steps=2)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(str(root / "tiny.ckpt"))
+    (root / "DONE").write_text("ok\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return tiny_run_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_dir) -> Path:
+    return run_dir / "tiny.ckpt"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+@pytest.mark.parametrize("command", ["report", "summary", "attribute", "export"])
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: normx {command}") and "--debug" in out
+
+
+def test_no_subcommand_prints_help(capsys):
+    code, _, err = run_cli(capsys)
+    assert code == 2 and "report" in err and "attribute" in err
+
+
+def test_summary_lists_every_snapshot_and_headline_metrics(run_dir, capsys):
+    code, out, err = run_cli(capsys, "summary", run_dir)
+    assert code == 0, err
+    steps = load_run(run_dir).steps
+    assert steps == [0, 1, 2, 4, 8, 16, 20]
+    header = next(line for line in out.splitlines() if line.strip().startswith("step"))
+    for column in ("target_prob", "accuracy", "ap", "ap_random", "dp", "stability",
+                   "norm_logfreq_spearman"):
+        assert column in header.split()
+    rows = [line.split()[0] for line in out.splitlines()[out.splitlines().index(header) + 1:]
+            if line.strip() and line.split()[0].isdigit()]
+    assert [int(s) for s in rows] == steps
+    assert "GPT2LMHeadModel" in out and "5 probes" in out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_export_writes_one_readable_file_per_table(fmt, run_dir, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "export", run_dir, "--format", fmt, "-o", tmp_path / "out")
+    assert code == 0, err
+    run = load_run(run_dir)
+    for name, table in run.tables.items():
+        path = tmp_path / "out" / f"{name}.{fmt}"
+        assert path.is_file(), out
+        if fmt == "csv":
+            back = pd.read_csv(path)
+        elif fmt == "parquet":
+            back = pd.read_parquet(path)
+        else:
+            back = pd.read_json(path, lines=True)
+        assert len(back) == len(table)
+        assert list(back.columns) == list(table.columns)
+        assert back["step"].tolist() == table["step"].tolist()
+    tokens = pd.read_parquet(tmp_path / "out" / f"tokens.{fmt}") if fmt == "parquet" else None
+    if tokens is not None:
+        assert "<" in set(tokens["token"])  # markup survives as data
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["run_meta"]["model"] == "GPT2LMHeadModel"
+
+
+def test_report_of_two_runs_side_by_side(run_dir, tmp_path, capsys):
+    other = tmp_path / "other" / "version_1"
+    shutil.copytree(load_run(run_dir).path, other / "normx")
+    out_file = tmp_path / "both.html"
+    code, out, err = run_cli(capsys, "report", run_dir, other, "-o", out_file,
+                             "--max-probes", "2", "--step", "8")
+    assert code == 0, err
+    assert "normx report:" in err  # progress goes to stderr
+    text = out_file.read_text()
+    for section in SECTIONS:
+        assert f'id="{section}"' in text
+    assert "repeat(2,minmax(0,1fr))" in text  # one column per run
+    assert "other/version_1" in text
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert text.count('id="probe-') == 2
+    assert "the layer views below use step 8" in text
+
+
+def test_attribute_prints_plain_scores_when_not_a_tty(ckpt, capsys):
+    code, out, err = run_cli(capsys, "attribute", ckpt, "--text", "the keys near the cabinet",
+                             "--target", "are", "--foil", "is", "--layers", "all")
+    assert code == 0, err
+    assert "\x1b[" not in out  # captured output is not a terminal
+    assert "' keys'" in out and "' cabinet'" in out and "<- explained" in out
+    assert "target ' are'" in out and "foil ' is'" in out
+    assert "layer 0" in out and "layer 2 (last)" in out
+
+
+def test_colour_tokens_are_zero_centred_and_escape_control_characters():
+    line = colour_tokens(["up", "zero", "down", "\x1b[31mevil"], [1.0, 0.0, -1.0, 0.5], 1.0)
+    assert "\x1b[48;2;214;39;40m" in line  # +bound: full red
+    assert "\x1b[48;2;255;255;255m" in line  # 0: white
+    assert "\x1b[48;2;31;119;180m" in line  # -bound: full blue
+    assert "\x1b[31m" not in line and "\\x1b[31mevil" in line
+
+
+def test_attribute_writes_escaped_html(ckpt, tmp_path, capsys):
+    out_file = tmp_path / "attr.html"
+    code, out, err = run_cli(capsys, "attribute", ckpt, "--text", "the <b>bold</b> key near the",
+                             "--layers", "all", "-o", out_file)
+    assert code == 0, err
+    text = out_file.read_text()
+    assert "the &lt;b&gt;bold&lt;/b&gt; key near the" in text
+    assert "<b>bold</b>" not in text
+    assert "data:image/png;base64," in text
+
+
+def test_attribute_reads_a_hugging_face_directory(ckpt, tmp_path, capsys):
+    model, tokenizer = load_model_and_tokenizer(ckpt)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    code, out, err = run_cli(capsys, "attribute", tmp_path / "hf", "--text", "the keys near",
+                             "--no-color")
+    assert code == 0, err
+    assert "GPT2LMHeadModel" in out and "' near'" in out
+    code, _, err = run_cli(capsys, "attribute", tmp_path / "hf", "--text", "the", "--layers", "9")
+    assert_one_line_error(code, err, "valid indices are 0..2")  # no loading bars around it
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "summary", tmp_path)
+    assert_one_line_error(code, err, "not a normx run directory")
+
+
+def test_empty_store_directory(tmp_path, capsys):
+    (tmp_path / "normx").mkdir()
+    code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "r.html")
+    assert_one_line_error(code, err, "empty store")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_half_written_store(run_dir, tmp_path, capsys):
+    source = load_run(run_dir).path / "tokens" / "step=000000000.parquet"
+    (tmp_path / "normx" / "tokens").mkdir(parents=True)
+    shutil.copy(source, tmp_path / "normx" / "tokens")
+    for command in (["summary", tmp_path], ["export", tmp_path, "-o", tmp_path / "x"]):
+        code, _, err = run_cli(capsys, *command)
+        assert_one_line_error(code, err, "half-written store", "commit marker")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "attribute", tmp_path / "nope.ckpt", "--text", "the")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_truncated_checkpoint(ckpt, tmp_path, capsys):
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "attribute", bad, "--text", "the")
+    assert_one_line_error(code, err, "truncated")
+
+
+def test_checkpoint_of_another_architecture_names_the_weights(ckpt, tmp_path, capsys):
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["arch"] = "llama"
+    torch.save(state, tmp_path / "llama.ckpt")
+    code, _, err = run_cli(capsys, "attribute", tmp_path / "llama.ckpt", "--text", "the")
+    assert_one_line_error(code, err, "another architecture", "missing", "unexpected",
+                          "transformer.h.0.")
+
+
+def test_checkpoint_with_resized_weights(ckpt, tmp_path, capsys):
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["d_model"] = 64
+    torch.save(state, tmp_path / "wide.ckpt")
+    code, _, err = run_cli(capsys, "attribute", tmp_path / "wide.ckpt", "--text", "the")
+    assert_one_line_error(code, err, "transformer.wte.weight", "(499, 32)")
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path, capsys):
+    import argparse
+
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "unsafe.ckpt")
+    code, _, err = run_cli(capsys, "attribute", tmp_path / "unsafe.ckpt", "--text", "the")
+    assert_one_line_error(code, err, "weights_only=True", "argparse.Namespace")
+
+
+def test_tokenizer_not_found_says_to_pass_one(ckpt, tmp_path, capsys):
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["datamodule_hyper_parameters"]["cache_dir"] = str(tmp_path / "gone")
+    torch.save(state, tmp_path / "orphan.ckpt")
+    code, _, err = run_cli(capsys, "attribute", tmp_path / "orphan.ckpt", "--text", "the")
+    assert_one_line_error(code, err, "no tokenizer found", "--tokenizer DIR")
+    with pytest.raises(FileNotFoundError):
+        load_model_and_tokenizer(tmp_path / "orphan.ckpt")
+    tokenizer = ckpt.parent / "tokenizer_cache" / "tokenizer-agreement-causal-512-s0"
+    model, _ = load_model_and_tokenizer(tmp_path / "orphan.ckpt", tokenizer=tokenizer)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_bad_arguments_are_one_line(ckpt, run_dir, tmp_path, capsys):
+    cases = [
+        (["attribute", ckpt, "--text", "the", "--foil", "is"], "needs --target"),
+        (["attribute", ckpt, "--text", "the", "--layers", "9"], "valid indices are 0..2"),
+        (["report", run_dir, "--probe", "nope", "-o", tmp_path / "r.html"], "'nope'"),
+        (["report", run_dir, "--max-probes", "-1", "-o", tmp_path / "r.html"], "--max-probes"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, needle)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from normx_callbacks import StoreError
+
+    with pytest.raises(StoreError):
+        main(["--debug", "summary", str(tmp_path)])
+    with pytest.raises(StoreError):
+        main(["summary", "--debug", str(tmp_path)])
+
+
+def test_real_process_exit_code_and_stderr(ckpt, tmp_path):
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(ckpt.read_bytes()[:1000])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "normx_callbacks.cli", "attribute", str(bad),
+                           "--text", "the"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert_one_line_error(proc.returncode, proc.stderr, "truncated")
+
+
+def test_checkpoint_errors_are_value_errors(tmp_path):
+    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a PyTorch checkpoint"):
+        load_model_and_tokenizer(tmp_path / "x.ckpt")
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_report_of_a_store_without_probe_tables(tmp_path, capsys):
+    from normx_callbacks import SnapshotStore
+
+    store = SnapshotStore(tmp_path / "normx")
+    for step in (0, 10):
+        store.write(step, {"metrics": pd.DataFrame({"key": ["probe/target_prob"],
+                                                    "value": [0.1 + step / 100]})})
+    code, out, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "r.html", "-q")
+    assert code == 0, err
+    text = (tmp_path / "r.html").read_text()
+    assert "no &#x27;embedding&#x27; table" in text and "no TensorBoard event files" in text
+    code, out, err = run_cli(capsys, "summary", tmp_path)
+    assert code == 0 and "0.200" in out
