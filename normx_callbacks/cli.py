@@ -4,6 +4,7 @@
     normx summary RUN_DIR
     normx attribute CHECKPOINT --text "the keys near the cabinet" --target are --foil is
     normx export RUN_DIR --format parquet -o OUT_DIR
+    normx faithfulness CHECKPOINT [--probes FILE | --suite agreement] [-o table.md]
 
 Errors print one line on stderr and exit with status 1 (`--debug` shows the traceback).
 """
@@ -346,6 +347,65 @@ def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
     out.write_text(page("normx attribute", "\n".join(body)), encoding="utf-8")
 
 
+def cmd_faithfulness(args) -> int:
+    """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
+    from .checkpoints import load_model_and_tokenizer
+    from .faithfulness import faithfulness_table, replacement_for, special_token_mask
+    from .heads import resolve_adapter
+    from .methods import METHODS
+    from .probes import ProbeSet
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods {args.methods!r}: unknown {unknown}; valid names are "
+                         f"{', '.join(METHODS)}")
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, tokenizer=args.tokenizer)
+    adapter = resolve_adapter(model)
+    if args.probes:
+        probes = ProbeSet.from_file(args.probes) if Path(args.probes).suffix != ".txt" else \
+            ProbeSet([line.strip() for line in Path(args.probes).read_text("utf-8").splitlines()
+                      if line.strip()])
+    else:
+        from .demo.corpora import load_corpus
+
+        corpus = load_corpus(args.suite, seed=args.seed, num_probes=args.num_probes)
+        probes = ProbeSet(corpus.probes if adapter.kind == "causal" else corpus.masked_probes())
+    config = getattr(model, "config", None)
+    max_length = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    encoded = probes.encode(tokenizer, objective=adapter.kind, max_length=max_length)
+    print(f"faithfulness of {args.checkpoint} on {len(encoded)} probes: {', '.join(methods)}",
+          file=sys.stderr)
+    table = faithfulness_table(
+        model, encoded, methods, replacement_id=replacement_for(tokenizer),
+        protect=special_token_mask(encoded.input_ids, tokenizer), n_steps=args.n_steps,
+        batch_size=args.batch_size)
+    shown = table.drop(columns=["n_instances"]).round(4)
+    print(shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False))
+    for out in args.output or []:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".csv":
+            table.to_csv(path, index=False)
+        elif path.suffix == ".md":
+            from .loggers import markdown_table
+
+            path.write_text(markdown_table(table.round(4), "{:.4f}") + "\n", encoding="utf-8")
+        else:
+            raise ValueError(f"--output {out!r}: use a .csv or .md file name")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -396,6 +456,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-color", action="store_true", help="plain text with scores")
     p.add_argument("-o", "--output", help="write an HTML page instead of printing")
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("faithfulness", parents=[common], help="AOPC table for a checkpoint",
+                       description="Comprehensiveness and sufficiency (AOPC, PAPER.md section 2) "
+                       "of each attribution method on a checkpoint and a probe set, with time "
+                       "per instance and peak memory, as in the paper's tables.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="Lightning .ckpt of normx_callbacks.demo.LanguageModel or an HF model dir")
+    p.add_argument("--probes", metavar="FILE",
+                   help="probe file (.yaml/.jsonl/.json) or a .txt file with one text per line")
+    p.add_argument("--suite", default="agreement",
+                   help="built-in held-out probe suite when --probes is not given: agreement "
+                   "or docs (default: %(default)s)")
+    p.add_argument("--num-probes", type=int, default=64, help="probes from --suite")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in suite")
+    p.add_argument("--methods", default="normxlogit,logat,norm,random,saliency,"
+                   "input_x_gradient,integrated_gradients",
+                   help="comma-separated methods (default: all; gradient ones need captum)")
+    p.add_argument("--n-steps", type=int, default=50, help="Integrated Gradients steps")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per attribution pass")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: found)")
+    p.add_argument("-o", "--output", action="append", metavar="FILE",
+                   help="also write the table as .csv or .md (repeatable)")
+    p.set_defaults(func=cmd_faithfulness)
 
     p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
                        description="Write each table of a run (all steps) to one file.")

@@ -326,3 +326,25 @@ def test_report_of_a_store_without_probe_tables(tmp_path, capsys):
     assert "no &#x27;embedding&#x27; table" in text and "no TensorBoard event files" in text
     code, out, err = run_cli(capsys, "summary", tmp_path)
     assert code == 0 and "0.200" in out
+
+
+def test_faithfulness_table_for_a_checkpoint(ckpt, tmp_path, capsys):
+    csv, md = tmp_path / "t.csv", tmp_path / "t.md"
+    code, out, err = run_cli(capsys, "faithfulness", ckpt, "--num-probes", "6", "--methods",
+                             "normxlogit,random,integrated_gradients", "--n-steps", "4",
+                             "-o", csv, "-o", md)
+    assert code == 0, err
+    table = pd.read_csv(csv)
+    assert list(table.method) == ["normxlogit", "random", "integrated_gradients"]
+    for column in ("comprehensiveness", "sufficiency"):
+        assert table[column].between(-1, 1).all()
+    assert (table.seconds_per_instance > 0).all()
+    assert (table.n_instances == 6).all()
+    assert md.read_text().startswith("| method | comprehensiveness |")
+    assert "integrated_gradients" in out
+
+
+def test_faithfulness_rejects_an_unknown_method(ckpt, capsys):
+    code, _, err = run_cli(capsys, "faithfulness", ckpt, "--num-probes", "2", "--methods",
+                           "normxlogit,lime")
+    assert_one_line_error(code, err, "lime", "valid names")
