@@ -289,6 +289,10 @@ def faithfulness_table(
     cuda = device.type == "cuda"
     rows = []
     for method in methods:
+        # Untimed warm-up on one row: imports (captum), lazy initialisation and allocator
+        # growth would otherwise be charged to whichever method runs first.
+        attribute(method, adapter, ids[:1], mask[:1], positions[:1], None, seed=seed,
+                  n_steps=n_steps, batch_size=batch_size)
         if cuda:
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
