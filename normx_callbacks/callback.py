@@ -8,6 +8,7 @@ import random
 from collections import deque
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -397,18 +398,21 @@ class NormXLogitCallback(Callback):
             try:
                 with trainer.precision_plugin.forward_context():
                     attribution, embed = self._measure(counts)
+                metrics = self._metrics(attribution, embed)
+                metrics["snapshot/seconds"] = time.perf_counter() - start
+                tables = self._tables(step, attribution, embed, counts)
             except Exception as error:  # the training run must never die for a probe
                 log.warning("NormXLogitCallback: snapshot at step %d failed (%s: %s); "
                             "recorded as missing", step, type(error).__name__, error)
-                if self.store is not None:
-                    self.store.mark_missing(step, f"{type(error).__name__}: {error}")
+                self._mark_missing(step, f"{type(error).__name__}: {error}")
                 return
-            metrics = self._metrics(attribution, embed)
-            metrics["snapshot/seconds"] = time.perf_counter() - start
-            tables = self._tables(step, attribution, embed, counts)
             tables["metrics"] = pd.DataFrame({"key": list(metrics), "value": list(metrics.values())})
             self._write(step, tables)
-            self._log(step, metrics, attribution, embed, tables)
+            try:
+                self._log(step, metrics, attribution, embed, tables)
+            except Exception as error:  # e.g. a figure that cannot be drawn: the store has it
+                log.warning("NormXLogitCallback: logging the snapshot at step %d failed (%s: %s); "
+                            "it is in the snapshot store", step, type(error).__name__, error)
         self.last_metrics = metrics
         self.last_attribution = attribution
         self.snapshot_steps.append(step)
@@ -524,11 +528,16 @@ class NormXLogitCallback(Callback):
         except OSError as error:
             log.warning("NormXLogitCallback: could not write snapshot %d to %s (%s); recorded "
                         "as missing, training continues", step, self.store.root, error)
-            try:
-                self.store.mark_missing(step, f"write failed: {error}")
-            except OSError:
-                log.warning("NormXLogitCallback: the store at %s is not writable at all",
-                            self.store.root)
+            self._mark_missing(step, f"write failed: {error}")
+
+    def _mark_missing(self, step: int, reason: str) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.mark_missing(step, reason)
+        except OSError:
+            log.warning("NormXLogitCallback: the store at %s is not writable at all",
+                        self.store.root)
 
     def _log(self, step, metrics, attr: Attribution, embed, tables) -> None:
         sink = self._sink
@@ -546,14 +555,15 @@ class NormXLogitCallback(Callback):
             n = int(enc.attention_mask[b].sum())
             tokens = self._tokens[b][:n]
             cues = enc.cue_mask[b, :n].tolist()
+            # Figures are built lazily: only when some logger shows images.
             if attr.layer_scores is not None:
-                fig = plots.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens, attr.layers,
-                                          title=f"{probe_id} at step {step}", cues=cues)
+                fig = partial(plots.layer_heatmap, attr.layer_scores[b, :, :n].numpy(), tokens,
+                              attr.layers, title=f"{probe_id} at step {step}", cues=cues)
                 sink.figure(f"{PREFIX}/heatmap/{probe_id}/layers", fig, step)
             steps = [s for s, _ in self._history]
             history = np.stack([scores[b, :n] for _, scores in self._history])
-            fig = plots.history_heatmap(history, tokens, steps,
-                                        title=f"{probe_id}: NormXLogit over training", cues=cues)
+            fig = partial(plots.history_heatmap, history, tokens, steps,
+                          title=f"{probe_id}: NormXLogit over training", cues=cues)
             sink.figure(f"{PREFIX}/heatmap/{probe_id}/history", fig, step)
             rows = tables["tokens"]
             rows = rows[(rows.probe_id == probe_id) & (rows.layer == rows.layer.max())]
@@ -593,6 +603,7 @@ class NormXLogitCallback(Callback):
         if state_dict["counts"] is not None:
             self._counter = TokenCounter(state_dict["counts"]["vocab_size"])
             self._counter.load_state_dict(state_dict["counts"])
+        self._pending = None  # the checkpoint's counts already hold what was pending then
         self._prev_norms = state_dict["prev_norms"]
         self._prev_scores = state_dict["prev_scores"]
 

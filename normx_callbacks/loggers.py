@@ -119,8 +119,23 @@ class LoggerSink:
 
         self._media(tag, step, tensorboard=lambda w: w.add_histogram(tag, values, step), wandb=wb)
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether any logger (not yet given up on) shows images."""
+        return any(isinstance(lg, (TensorBoardLogger, WandbLogger)) and id(lg) not in self._broken
+                   for lg in self.loggers)
+
     def figure(self, tag: str, fig, step: int) -> None:
-        """Log a matplotlib figure as an image, then close it."""
+        """Log a matplotlib figure as an image, then close it.
+
+        `fig` may be a zero-argument callable that builds the figure: rendering costs far
+        more than the snapshot itself, so it is called only when some logger shows images.
+        """
+        if callable(fig):
+            if not self.takes_images:
+                self._media(tag, step)  # the one warning for loggers without media
+                return
+            fig = fig()
         try:
             def wb(run):
                 import wandb

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable
 
 SCHEDULES = ("log", "interval", "steps")
 
@@ -23,19 +24,20 @@ class SnapshotSchedule:
         kind: str = "log",
         *,
         every_n_steps: int = 100,
-        steps: Sequence[int] | None = None,
+        steps: Iterable[int] | None = None,
         base: int = 2,
     ):
+        steps = None if steps is None else list(steps)  # a range, generator or array too
         if kind not in SCHEDULES:
             raise ValueError(f"schedule={kind!r} is not one of {SCHEDULES}")
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if not _is_int(every_n_steps) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer")
-        if not isinstance(base, int) or base < 2:
+        if not _is_int(base) or base < 2:
             raise ValueError(f"log_base={base!r} must be an integer >= 2")
         if kind == "steps":
             if not steps:
                 raise ValueError("schedule='steps' needs a non-empty steps=[...] list")
-            bad = [s for s in steps if not isinstance(s, int) or s < 0]
+            bad = [s for s in steps if not _is_int(s) or s < 0]
             if bad:
                 raise ValueError(f"steps contains {bad}: steps must be non-negative integers")
         elif steps:
@@ -43,7 +45,7 @@ class SnapshotSchedule:
         self.kind = kind
         self.every_n_steps = every_n_steps
         self.base = base
-        self.steps = frozenset(steps or ())
+        self.steps = frozenset(int(s) for s in steps or ())
 
     def __contains__(self, step: int) -> bool:
         if step == 0:
@@ -62,3 +64,8 @@ class SnapshotSchedule:
     def upto(self, last: int) -> list[int]:
         """Every scheduled step in 0..last (for docs, tests and planning)."""
         return [s for s in range(last + 1) if s in self]
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass, but `every_n_steps=True` is a mistake, not 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

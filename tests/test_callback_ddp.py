@@ -1,0 +1,166 @@
+"""NormXLogitCallback under real DDP: two CPU processes (gloo), launched from a subprocess.
+
+Checks that only rank 0 writes the store, that snapshots happen at the same steps and
+give the same attributions as a single-process run, and that token frequencies add up
+the batches of both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from normx_callbacks import NormXLogitCallback, SnapshotSchedule, load_run
+from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.store import find_store
+
+MAX_STEPS = 4
+EXPECTED_STEPS = [0, 1, 2, 4]  # every_n_steps=4: the log schedule, the last one final
+# 128 documents, 2 ranks, batches of 16: 4 steps are exactly one epoch of each rank's half.
+DATA = dict(corpus="agreement", bpe_vocab_size=512, num_train=128, num_probes=4, batch_size=16)
+MODEL = dict(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+
+SCRIPT = """
+import json, sys
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from normx_callbacks import NormXLogitCallback
+from normx_callbacks.demo import LanguageModel, TextDataModule
+
+root, cache = sys.argv[1], sys.argv[2]
+DATA, MODEL = {data!r}, {model!r}
+
+
+def main():
+    pl.seed_everything(0, verbose=False)
+    dm = TextDataModule(cache_dir=cache, **DATA)
+    lm = LanguageModel(vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
+                       tokenizer=dm.tokenizer, **MODEL)
+    # No store_dir: the default <log_dir>/normx needs `trainer.log_dir` on every rank.
+    callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps={max_steps},
+        logger=TensorBoardLogger(root, name="ddp"), callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(lm, dm)
+    with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
+        json.dump({{"steps": callback.snapshot_steps, "global_step": trainer.global_step,
+                   "store": None if callback.store is None else str(callback.store.root),
+                   "world_size": trainer.world_size}}, f)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    # Same path as test_callback.py's fixture: the tokenizer is trained once per session.
+    return str(tmp_path_factory.getbasetemp() / "tokenizer_cache")
+
+
+def single_process_run(cache_dir: str, root: Path):
+    pl.seed_everything(0, verbose=False)
+    dm = TextDataModule(cache_dir=cache_dir, **DATA)
+    lm = LanguageModel(vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
+                       tokenizer=dm.tokenizer, **MODEL)
+    callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=0,
+                                  store_dir=root / "store")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=MAX_STEPS, logger=False, callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(root),
+    )
+    trainer.fit(lm, dm)
+    return dm, callback
+
+
+def ddp_counts(dm: TextDataModule, step: int) -> torch.Tensor:
+    """Real tokens in the first `step` batches of both ranks (Lightning's DistributedSampler,
+    shuffled with the seed seed_everything set)."""
+    data = dm._train
+    counts = torch.zeros(dm.vocab_size, dtype=torch.long)
+    for rank in range(2):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        index = torch.tensor(list(sampler))[: step * DATA["batch_size"]]
+        ids, mask = data.input_ids[index], data.attention_mask[index].bool()
+        counts += torch.bincount(ids[mask], minlength=dm.vocab_size)
+    return counts
+
+
+def test_ddp_two_cpu_processes(cache_dir, tmp_path):
+    root = tmp_path / "ddp"
+    root.mkdir()
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT.format(data=DATA, model=MODEL, max_steps=MAX_STEPS))
+    # The tokenizer is cached before the ranks start, so they never train it concurrently.
+    dm, single = single_process_run(cache_dir, tmp_path / "single")
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                        "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    # Own session: a hung run is killed with both ranks (Lightning launches rank 1 itself).
+    proc = subprocess.Popen([sys.executable, str(script), str(root), cache_dir], env=env,
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the DDP run hung (a collective reached by one rank only?)")
+    assert proc.returncode == 0, stderr[-4000:]
+
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_step"] for r in ranks] == [MAX_STEPS, MAX_STEPS]
+    assert EXPECTED_STEPS == SnapshotSchedule("log", every_n_steps=4).upto(MAX_STEPS)
+    # Only rank 0 takes snapshots and holds a store; exactly one store on disk.
+    assert ranks[0]["steps"] == single.snapshot_steps == EXPECTED_STEPS
+    assert ranks[1]["steps"] == [] and ranks[1]["store"] is None
+    store = find_store(root)  # raises if two stores were written
+    assert store == Path(ranks[0]["store"])
+    assert sorted(p.name for p in root.rglob("meta.json")) == ["meta.json"]
+    run, reference = load_run(store), load_run(tmp_path / "single" / "store")
+    assert run.steps == reference.steps == EXPECTED_STEPS
+    for name in ("embedding", "metrics", "probes", "tokens"):
+        # One file per table per step: nobody else wrote files under other names.
+        assert len(list((store / name).glob("*.parquet"))) == len(EXPECTED_STEPS), name
+
+    # Same seed, same initial weights: the step-0 attributions equal the single process's
+    # (DDP pins one thread per rank, so allow for float reduction order).
+    key = ["probe_id", "layer", "position"]
+    ddp0 = run["tokens"][run["tokens"].step == 0].sort_values(key).reset_index(drop=True)
+    one0 = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
+    one0 = one0.reset_index(drop=True)
+    assert ddp0[key + ["token", "is_cue"]].equals(one0[key + ["token", "is_cue"]])
+    for column in ("norm", "logat", "score"):
+        np.testing.assert_allclose(ddp0[column], one0[column], rtol=1e-5, atol=1e-6)
+
+    # Token frequencies are the sum over both ranks' batches, at every snapshot.
+    embedding = run["embedding"]
+    for step in EXPECTED_STEPS:
+        rows = embedding[embedding.step == step].sort_values("token_id")
+        counts = torch.tensor(rows["count"].to_numpy(), dtype=torch.long)
+        assert torch.equal(counts, ddp_counts(dm, step)), step
+    # After one epoch per rank, every document was counted exactly once.
+    data = dm._train
+    every_document = torch.bincount(data.input_ids[data.attention_mask.bool()],
+                                     minlength=dm.vocab_size)
+    assert torch.equal(ddp_counts(dm, MAX_STEPS), every_document)
+
