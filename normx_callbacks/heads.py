@@ -453,7 +453,10 @@ def _resolve_hf(model: nn.Module) -> ModelAdapter:
     reader = _BodyReader(body, layers, causal=kind == "causal")
     device = embedding.weight.device
     vocab = embedding.num_embeddings
-    dummy = (torch.arange(1, 9, device=device) * 7919 % max(vocab - 1, 1)).view(1, 8)
+    context = next((v for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(v := getattr(config, k, None), int) and v > 0), 8)
+    length = max(2, min(8, context - 2))  # RoBERTa offsets positions by padding_idx + 1
+    dummy = (torch.arange(1, length + 1, device=device) * 7919 % max(vocab - 1, 1)).view(1, -1)
     mask = torch.ones_like(dummy)
 
     with probe_mode(model):
