@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -22,8 +23,10 @@ from torch import Tensor
 from . import plots
 from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, snapshot_embeddings
+from .faithfulness import faithfulness_table, replacement_for, special_token_mask
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter
 from .loggers import LoggerSink, token_html
+from .methods import GRADIENT_METHODS, METHODS, require_captum
 from .metrics import evidence_alignment, rank_stability, spearman
 from .probes import EncodedProbes, ProbeSet
 from .schedule import SnapshotSchedule
@@ -32,6 +35,9 @@ from .store import STORE_DIRNAME, SnapshotStore
 log = logging.getLogger(__name__)
 
 PREFIX = "normx"
+# Forward-only methods are cheap enough to evaluate during training by default; gradient
+# methods (a backward pass per probe, x n_steps for IG) are opt-in.
+FORWARD_METHODS = ("normxlogit", "logat", "norm", "random")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
@@ -83,6 +89,11 @@ class NormXLogitCallback(Callback):
         store_dir: where the snapshot store goes (default `<log_dir>/normx`).
         media_probes: how many probes get heatmap images / HTML (cost control).
         probe_batch_size: probes per forward pass (bounds memory).
+        faithfulness_every: evaluate AOPC faithfulness at every n-th snapshot (and the
+            final one); None turns it off.
+        faithfulness_methods: methods compared (`normx_callbacks.METHODS`); default the
+            forward-only ones; gradient methods need `pip install 'normx-callbacks[baselines]'`.
+        faithfulness_probes: how many probes (the first n) the faithfulness evaluation uses.
         state_key_suffix: distinguishes two instances in one Trainer.
 
     Logged metrics (prefix `normx/`; `<l>` is a layer index):
@@ -100,6 +111,8 @@ class NormXLogitCallback(Callback):
         - `stability/spearman`: rank stability of NormXLogit vs the previous snapshot
         - `importance/norm_logat_spearman`: Spearman(norm, LogAt) over probe tokens
         - `nonfinite/{embedding,scores}`: count of NaN/Inf values seen (warns when > 0)
+        - `faithfulness/<method>/{comprehensiveness,sufficiency}`: AOPC (PAPER.md section 2)
+          every `faithfulness_every` snapshots; `.../seconds_per_instance` its cost
         - `snapshot/seconds`: wall time of the snapshot
     Media: `normx/embedding/norms` histogram, `normx/embedding/top` table,
     `normx/heatmap/<probe>/layers` and `/history` images, `normx/tokens/<probe>`
@@ -128,6 +141,9 @@ class NormXLogitCallback(Callback):
         media_probes: int = 2,
         probe_batch_size: int = 32,
         history_length: int = 64,
+        faithfulness_every: int | None = 4,
+        faithfulness_methods: Sequence[str] = FORWARD_METHODS,
+        faithfulness_probes: int = 16,
         state_key_suffix: str = "",
     ):
         super().__init__()
@@ -148,11 +164,21 @@ class NormXLogitCallback(Callback):
                              "indices (ints)")
         for name, value in (("top_k", top_k), ("media_probes", media_probes),
                             ("probe_batch_size", probe_batch_size),
-                            ("history_length", history_length)):
-            least = 1 if name == "probe_batch_size" else 0
+                            ("history_length", history_length),
+                            ("faithfulness_probes", faithfulness_probes),
+                            ("faithfulness_every", faithfulness_every or 1)):
+            least = 1 if name in ("probe_batch_size", "faithfulness_probes",
+                                  "faithfulness_every") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 kind = "positive" if least else "non-negative"
                 raise ValueError(f"{name}={value!r} must be a {kind} integer")
+        unknown = [m for m in faithfulness_methods if m not in METHODS]
+        if unknown or not faithfulness_methods:
+            raise ValueError(f"faithfulness_methods={list(faithfulness_methods)!r}: unknown "
+                             f"{unknown}; valid names are {METHODS}")
+        self.faithfulness_every = faithfulness_every
+        self.faithfulness_methods = tuple(faithfulness_methods)
+        self.faithfulness_probes = faithfulness_probes
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.adapter = adapter
@@ -238,6 +264,11 @@ class NormXLogitCallback(Callback):
         self._tokens = self._encoded.tokens
         self._track_ids = self._resolve_tracked(tokenizer)
         self._token_strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        if self.faithfulness_every:
+            if any(m in GRADIENT_METHODS for m in self.faithfulness_methods):
+                require_captum()  # a missing optional backend fails here, not mid-run
+            self._replacement_id = replacement_for(tokenizer)
+            self._protect = special_token_mask(self._encoded.input_ids, tokenizer)
         if self._counter is None or self._counter.vocab_size != vocab:
             self._counter = TokenCounter(vocab)
         self._sink = LoggerSink(trainer.loggers)
@@ -375,7 +406,7 @@ class NormXLogitCallback(Callback):
         # Every rank reaches this point at the same steps: the one collective lives here.
         counts = self._reduce_counts(trainer)
         if trainer.is_global_zero:
-            self._snapshot(trainer, step, counts)
+            self._snapshot(trainer, step, counts, final=force)
 
     def _reduce_counts(self, trainer: pl.Trainer) -> Tensor:
         pending = self._pending
@@ -390,7 +421,7 @@ class NormXLogitCallback(Callback):
 
     # ------------------------------------------------------------------ snapshot
 
-    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor) -> None:
+    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor, final: bool = False) -> None:
         import time
 
         start = time.perf_counter()
@@ -399,6 +430,8 @@ class NormXLogitCallback(Callback):
                 with trainer.precision_plugin.forward_context():
                     attribution, embed = self._measure(counts)
                 metrics = self._metrics(attribution, embed)
+                if self._faithfulness_due(final):
+                    metrics.update(self._faithfulness(trainer))
                 metrics["snapshot/seconds"] = time.perf_counter() - start
                 tables = self._tables(step, attribution, embed, counts)
             except Exception as error:  # the training run must never die for a probe
@@ -416,6 +449,32 @@ class NormXLogitCallback(Callback):
         self.last_metrics = metrics
         self.last_attribution = attribution
         self.snapshot_steps.append(step)
+
+    def _faithfulness_due(self, final: bool) -> bool:
+        every = self.faithfulness_every
+        return bool(every) and (final or len(self.snapshot_steps) % every == 0)
+
+    def _faithfulness(self, trainer: pl.Trainer) -> dict[str, float]:
+        """AOPC of each configured method on the first `faithfulness_probes` probes."""
+        n = self.faithfulness_probes
+        enc = self._encoded
+        subset = dataclasses.replace(
+            enc, ids=enc.ids[:n], input_ids=enc.input_ids[:n],
+            attention_mask=enc.attention_mask[:n], tokens=enc.tokens[:n],
+            cue_mask=enc.cue_mask[:n], positions=enc.positions[:n], targets=enc.targets[:n],
+            foils=enc.foils[:n], probes=enc.probes[:n])
+        protect = self._protect[:n].to(self.adapter.embedding.weight.device)
+        with trainer.precision_plugin.forward_context():
+            table = faithfulness_table(self.adapter, subset, self.faithfulness_methods,
+                                       replacement_id=self._replacement_id, protect=protect,
+                                       batch_size=self.probe_batch_size)
+        out = {}
+        for row in table.itertuples(index=False):
+            out[f"faithfulness/{row.method}/comprehensiveness"] = float(row.comprehensiveness)
+            out[f"faithfulness/{row.method}/sufficiency"] = float(row.sufficiency)
+            out[f"faithfulness/{row.method}/seconds_per_instance"] = float(
+                row.seconds_per_instance)
+        return out
 
     def _measure(self, counts: Tensor):
         adapter, enc = self.adapter, self._encoded

@@ -273,6 +273,11 @@ def _gradient_mode(module: nn.Module | None):
             m.training = flag
 
 
+def require_captum(method: str = "a gradient method") -> None:
+    """Raise the install hint now if Captum is missing (the callback checks at setup)."""
+    _captum_class(method if method in GRADIENT_METHODS else "saliency")
+
+
 def _captum_class(method: str):
     try:
         from captum import attr

@@ -692,3 +692,32 @@ def test_a_reused_callback_watches_the_model_it_is_given(dm, tmp_path):
     assert callback.adapter.module is first.model
     fit(second, dm, tmp_path, [callback], max_steps=1)
     assert callback.adapter.module is second.model
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+
+def test_faithfulness_is_logged_at_its_cadence_and_the_final_step(dm, tmp_path):
+    callback = NormXLogitCallback(every_n_steps=4, store_dir=tmp_path / "store",
+                                  faithfulness_every=2, faithfulness_probes=3,
+                                  faithfulness_methods=["normxlogit", "random", "saliency"])
+    fit(make_model(dm), dm, tmp_path, [callback], max_steps=10)
+    assert callback.snapshot_steps == [0, 1, 2, 4, 8, 10]
+    metrics = load_run(tmp_path / "store").metrics
+    keys = set(metrics.key)
+    for method in ("normxlogit", "random", "saliency"):
+        for part in ("comprehensiveness", "sufficiency", "seconds_per_instance"):
+            assert f"faithfulness/{method}/{part}" in keys
+    rows = metrics[metrics.key == "faithfulness/normxlogit/comprehensiveness"]
+    # Every 2nd snapshot (0, 2, 8) and the final one (10).
+    assert sorted(rows.step) == [0, 2, 8, 10]
+    assert rows.value.between(-1, 1).all()
+
+
+def test_faithfulness_can_be_switched_off_and_rejects_unknown_methods(dm, tmp_path):
+    with pytest.raises(ValueError, match="faithfulness_methods=.*'lime'.*valid names"):
+        NormXLogitCallback(faithfulness_methods=["normxlogit", "lime"])
+    callback = NormXLogitCallback(store_dir=tmp_path / "store", faithfulness_every=None)
+    fit(make_model(dm), dm, tmp_path, [callback], max_steps=2)
+    keys = set(load_run(tmp_path / "store").metrics.key)
+    assert not any(k.startswith("faithfulness/") for k in keys)
