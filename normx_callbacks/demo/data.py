@@ -42,6 +42,7 @@ class TextDataModule(pl.LightningDataModule):
         bpe_vocab_size: int = 512,  # size of the BPE vocabulary trained on the corpus
         tokenizer_path: str | None = None,  # a local HF tokenizer dir instead of training
         context: int = 64,  # tokens per training example
+        pack: bool = False,  # causal: join documents and cut full blocks (for long prose)
         batch_size: int = 32,
         num_train: int | None = None,  # documents to use (None: corpus default)
         num_probes: int = 64,
@@ -77,6 +78,8 @@ class TextDataModule(pl.LightningDataModule):
         return self.tokenizer.pad_token_id
 
     def _encode(self, texts: list[str]) -> _Blocks:
+        if self.hparams.pack and self.hparams.objective == "causal":
+            return self._pack(texts)
         tok = self.tokenizer
         suffix = tok.eos_token if self.hparams.objective == "causal" and tok.eos_token else ""
         enc = tok(
@@ -89,6 +92,20 @@ class TextDataModule(pl.LightningDataModule):
         ids, mask = enc["input_ids"], enc["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
         return _Blocks(ids, mask, labels)
+
+    def _pack(self, texts: list[str]) -> _Blocks:
+        """GPT-style packing: documents joined by EOS, cut into full `context` blocks, so
+        long prose is trained on whole instead of truncated to its first block."""
+        tok, context = self.tokenizer, self.hparams.context
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        stream = [i for ids in tok(list(texts), add_special_tokens=False)["input_ids"]
+                  for i in ids + eos]
+        blocks = len(stream) // context
+        if blocks == 0:
+            raise ValueError(f"the corpus holds {len(stream)} tokens, fewer than one block of "
+                             f"context={context}; use more text or set pack: false")
+        ids = torch.tensor(stream[: blocks * context]).view(blocks, context)  # (N, context)
+        return _Blocks(ids, torch.ones_like(ids), ids.clone())
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:
