@@ -122,6 +122,55 @@ def _as_rows(value, name: str, batch: int, device) -> Tensor | None:
     return t
 
 
+def prepare_inputs(
+    adapter: ModelAdapter,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    positions: Tensor | Sequence[int] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated ids, mask and explained positions [B] on the model's device.
+
+    Default positions: the last real token (causal LMs), the pooled token (classifiers);
+    masked LMs must name theirs.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}")
+    device = adapter.embedding.weight.device
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}"
+        )
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("attention_mask has a row with no real token")
+    vocab = adapter.embedding.num_embeddings
+    if bool((ids >= vocab).any()) or bool((ids < 0).any()):
+        raise ValueError(
+            f"input_ids contain ids outside the model's vocabulary of {vocab}: is the "
+            "tokenizer the one this model was built for?"
+        )
+    batch, length = ids.shape
+    positions = _as_rows(positions, "positions", batch, device)
+    if positions is None:
+        if adapter.kind == "masked":
+            raise ValueError(
+                "positions is required for masked LMs: pass "
+                "positions=normx_callbacks.mask_positions(input_ids, tokenizer.mask_token_id)"
+            )
+        if adapter.kind in ("classifier", "regression") and adapter.pool_position == "first":
+            positions = first_positions(mask)
+        else:
+            positions = last_positions(mask)
+    if bool((positions < 0).any()) or bool((positions >= length).any()):
+        raise ValueError(f"positions must lie in 0..{length - 1}")
+    rows = torch.arange(batch, device=device)
+    if not bool(mask[rows, positions].bool().all()):
+        raise ValueError("positions point at padding: each explained position must be a real token")
+    return ids, mask, positions
+
+
 def normxlogit(
     model: nn.Module | ModelAdapter,
     input_ids: Tensor,
@@ -157,48 +206,15 @@ def normxlogit(
         raise ValueError(f"norm={norm!r} is not one of {NORMS}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer or None")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
     adapter = resolve_adapter(model)
-    device = adapter.embedding.weight.device
-    input_ids = input_ids.to(device)
+    input_ids, attention_mask, positions = prepare_inputs(adapter, input_ids, attention_mask,
+                                                          positions)
+    device = input_ids.device
     batch = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-            f"{tuple(input_ids.shape)}"
-        )
-    if bool((attention_mask.sum(dim=1) == 0).any()):
-        raise ValueError("attention_mask has a row with no real token")
-    vocab = adapter.embedding.num_embeddings
-    if bool((input_ids >= vocab).any()) or bool((input_ids < 0).any()):
-        raise ValueError(
-            f"input_ids contain ids outside the model's vocabulary of {vocab}: is the "
-            "tokenizer the one this model was built for?"
-        )
     num_layers = adapter.num_layers
     if num_layers is None:
         raise ValueError("ModelAdapter.num_layers must be set (the number of layers L)")
     layer_ids = _resolve_layers(layers, num_layers)
-    positions = _as_rows(positions, "positions", batch, device)
-    if positions is None:
-        if adapter.kind == "masked":
-            raise ValueError(
-                "positions is required for masked LMs: pass "
-                "positions=normx_callbacks.mask_positions(input_ids, tokenizer.mask_token_id)"
-            )
-        if adapter.kind in ("classifier", "regression") and adapter.pool_position == "first":
-            positions = first_positions(attention_mask)
-        else:
-            positions = last_positions(attention_mask)
-    rows = torch.arange(batch, device=device)
-    if bool((positions < 0).any()) or bool((positions >= input_ids.shape[1]).any()):
-        raise ValueError(f"positions must lie in 0..{input_ids.shape[1] - 1}")
-    if not bool(attention_mask[rows, positions].bool().all()):
-        raise ValueError("positions point at padding: each explained position must be a real token")
     targets = _as_rows(targets, "targets", batch, device)
     foils = _as_rows(foils, "foils", batch, device)
     for name, ids in (("targets", targets), ("foils", foils)):

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .attribution import prepare_inputs
 from .heads import ModelAdapter, probe_mode, resolve_adapter
-from .methods import METHODS, _prepare, attribute, batched_logits, resolve_targets
+from .methods import METHODS, attribute, batched_logits, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def aopc(
             "aopc measures the drop in softmax probability of a prediction; a regression "
             "head has no probabilities"
         )
-    ids, mask, positions = _prepare(adapter, input_ids, attention_mask, positions)
+    ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
     batch, length = ids.shape
     device = ids.device
     if not isinstance(scores, Tensor) or tuple(scores.shape) != (batch, length):

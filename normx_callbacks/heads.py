@@ -25,6 +25,7 @@ Any other `nn.Module` works through a `ModelAdapter` the user builds.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
 from collections.abc import Callable, Sequence
@@ -136,13 +137,20 @@ class ModelAdapter:
 
 
 @contextmanager
-def probe_mode(module: nn.Module | None):
-    """Eval mode and no grad for a probe; each submodule's own flag restored after."""
+def probe_mode(module: nn.Module | None, *, grad: bool = False):
+    """Eval mode for a probe; each submodule's own flag restored after.
+
+    grad=False: no autograd (NormXLogit). grad=True: autograd on, also inside a caller's
+    `no_grad`/`inference_mode` (gradient baselines differentiate w.r.t. inputs only).
+    """
     flags = [(m, m.training) for m in module.modules()] if module is not None else []
+    autograd = (torch.inference_mode(False), torch.enable_grad()) if grad else (torch.no_grad(),)
     try:
         if module is not None:
             module.eval()
-        with torch.no_grad():
+        with contextlib.ExitStack() as stack:
+            for context in autograd:
+                stack.enter_context(context)
             yield
     finally:
         for m, flag in flags:

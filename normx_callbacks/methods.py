@@ -26,13 +26,12 @@ the positions after the explained one (the same `valid` as `normxlogit`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from .attribution import _as_rows, first_positions, last_positions, normxlogit
-from .heads import ModelAdapter, resolve_adapter
+from .attribution import _as_rows, normxlogit, prepare_inputs
+from .heads import ModelAdapter, probe_mode, resolve_adapter
 
 METHODS = (
     "normxlogit",
@@ -83,7 +82,7 @@ def attribute(
     if method in GRADIENT_METHODS:
         _captum_class(method)  # fail on a missing backend before any work
     adapter = resolve_adapter(model)
-    ids, mask, positions = _prepare(adapter, input_ids, attention_mask, positions)
+    ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
     targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
     valid = valid_positions(adapter.kind, mask, positions)
 
@@ -136,10 +135,10 @@ def gradient_attributions(
         raise ValueError("return_delta=True needs method='integrated_gradients'")
     algorithm = _captum_class(method)
     adapter = resolve_adapter(model)
-    ids, mask, positions = _prepare(adapter, input_ids, attention_mask, positions)
+    ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
     targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
     parts, deltas = [], []
-    with _gradient_mode(adapter.module):
+    with probe_mode(adapter.module, grad=True):
         # Inference tensors (made under inference_mode) cannot enter autograd: copy them.
         ids, mask, positions = ids.clone(), mask.clone(), positions.clone()
         targets = None if targets is None else targets.clone()
@@ -259,20 +258,6 @@ def _with_embeddings(adapter: ModelAdapter, ids: Tensor, mask: Tensor, embeds: T
     return states
 
 
-@contextmanager
-def _gradient_mode(module: nn.Module | None):
-    """Eval mode with autograd on (also inside no_grad/inference_mode); flags restored."""
-    flags = [(m, m.training) for m in module.modules()] if module is not None else []
-    try:
-        if module is not None:
-            module.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def require_captum(method: str = "a gradient method") -> None:
     """Raise the install hint now if Captum is missing (the callback checks at setup)."""
     _captum_class(method if method in GRADIENT_METHODS else "saliency")
@@ -290,40 +275,6 @@ def _captum_class(method: str):
         "input_x_gradient": attr.InputXGradient,
         "integrated_gradients": attr.IntegratedGradients,
     }[method]
-
-
-def _prepare(adapter: ModelAdapter, input_ids, attention_mask, positions):
-    """Validated ids, mask and explained positions on the model's device."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
-        raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}")
-    device = adapter.embedding.weight.device
-    ids = input_ids.to(device)
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
-    if mask.shape != ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}"
-        )
-    if bool((mask.sum(dim=1) == 0).any()):
-        raise ValueError("attention_mask has a row with no real token")
-    batch, length = ids.shape
-    positions = _as_rows(positions, "positions", batch, device)
-    if positions is None:
-        if adapter.kind == "masked":
-            raise ValueError(
-                "positions is required for masked LMs: pass "
-                "positions=normx_callbacks.mask_positions(input_ids, tokenizer.mask_token_id)"
-            )
-        if adapter.kind in ("classifier", "regression") and adapter.pool_position == "first":
-            positions = first_positions(mask)
-        else:
-            positions = last_positions(mask)
-    if bool((positions < 0).any()) or bool((positions >= length).any()):
-        raise ValueError(f"positions must lie in 0..{length - 1}")
-    rows = torch.arange(batch, device=device)
-    if not bool(mask[rows, positions].bool().all()):
-        raise ValueError("positions point at padding: each explained position must be a real token")
-    return ids, mask, positions
 
 
 def resolve_targets(logits: Tensor, targets: Tensor | None) -> Tensor:
