@@ -182,6 +182,7 @@ def normxlogit(
     layers: str | Sequence[int] | None = None,
     norm: str = "layer0",
     batch_size: int | None = 64,
+    probabilities: bool = True,
 ) -> Attribution:
     """NormXLogit attribution of each row's prediction at `positions`.
 
@@ -199,6 +200,9 @@ def normxlogit(
         layers: None (last layer), "all", or indices 0..L for the layer-wise variants.
         norm: "layer0" (`hidden_states[0]`, the paper's choice) or "word" (raw row).
         batch_size: rows per forward pass, bounding memory; None = all at once.
+        probabilities: compute `target_probs` (a softmax over the whole vocabulary at the
+            B explained positions). With False and every target given, only target rows
+            of the unembedding are read and `target_probs` is NaN.
 
     No gradients are computed; the model's flags, hooks and grads are unchanged.
     """
@@ -240,6 +244,7 @@ def normxlogit(
                     None if foils is None else foils[sl],
                     layer_ids,
                     norm,
+                    probabilities,
                 )
             )
     return _concat(parts, layer_ids, norm, adapter.kind)
@@ -251,7 +256,9 @@ def _num_outputs(adapter: ModelAdapter) -> int | None:
     return None
 
 
-def _attribute_chunk(adapter, ids, mask, positions, targets, foils, layer_ids, norm) -> dict:
+def _attribute_chunk(
+    adapter, ids, mask, positions, targets, foils, layer_ids, norm, probabilities
+) -> dict:
     states = adapter.hidden_states(ids, mask)  # L+1 x (B, T, d)
     last = states[-1]
     b = ids.shape[0]
@@ -273,6 +280,12 @@ def _attribute_chunk(adapter, ids, mask, positions, targets, foils, layer_ids, n
         target_logits = pooled
         target_probs = torch.full_like(pooled, float("nan"))
         targets = torch.zeros(b, dtype=torch.long, device=ids.device)
+    elif not probabilities and targets is not None and bool((targets >= 0).all()):
+        # Targets given and no probabilities asked for: the target rows suffice, so the
+        # cost stays flat in the vocabulary size.
+        explained = last[rows, positions].view(1, b, 1, -1)  # (1, B, 1, d)
+        target_logits = adapter.target_logits(explained, targets).view(b)
+        target_probs = torch.full_like(target_logits, float("nan"))
     else:
         full = adapter.full_logits(last[rows, positions])  # (B, C)
         predicted = full.argmax(dim=-1)

@@ -126,9 +126,9 @@ class ModelAdapter:
         """All logits for a few vectors: [N, d] -> [N, C] float32."""
         if self.unembedding is not None:
             pre, weight, bias, post = self.unembedding
-            logits = pre(x).float() @ weight.float().T
-            if bias is not None:
-                logits = logits + bias.float()
+            # The model's own dtype, as its head computes them: a float32 copy of a large
+            # bf16 unembedding would cost more than the whole probe.
+            logits = torch.nn.functional.linear(pre(x), weight, bias).float()
             return post(logits) if post is not None else logits
         return self.head(x).float()
 

@@ -311,3 +311,28 @@ def test_padding_position_error():
     ids = models.random_ids(1, 4)
     with pytest.raises(ValueError, match="positions point at padding"):
         normxlogit(model, ids, torch.tensor([[1, 1, 0, 0]]), positions=[3])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma2", "roberta"])
+def test_without_probabilities_only_target_rows_are_read(name):
+    model = models.build(name)
+    ids, mask, positions = _batch(name)
+    targets = torch.tensor([5, 9, 11])
+    full = normxlogit(model, ids, mask, positions=positions, targets=targets, layers="all")
+    rows_only = normxlogit(model, ids, mask, positions=positions, targets=targets, layers="all",
+                           probabilities=False)
+    torch.testing.assert_close(rows_only.layer_scores, full.layer_scores, equal_nan=True)
+    torch.testing.assert_close(rows_only.target_logits, full.target_logits)
+    assert torch.isnan(rows_only.target_probs).all()
+
+
+def test_bfloat16_model_keeps_the_logit_invariant_within_bf16_precision():
+    model = models.build("llama").to(torch.bfloat16)
+    ids = models.random_ids(2, 6)
+    attr = normxlogit(model, ids, layers="all")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    expected = logits[torch.arange(2)[:, None], torch.arange(6)[None], attr.targets[:, None]]
+    # bf16 has 8 bits of mantissa: the head's dot products agree to ~1e-2 relative.
+    torch.testing.assert_close(attr.logat, expected, atol=2e-2, rtol=2e-2)
+    assert attr.scores.dtype == torch.float32
