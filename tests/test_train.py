@@ -39,6 +39,12 @@ def _args(config: str, tmp: Path, cache: Path, steps: int = 3) -> list[str]:
     return args
 
 
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    # LightningCLI(args=...) warns when pytest's own flags sit in sys.argv.
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("tokenizers")
