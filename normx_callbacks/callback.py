@@ -39,6 +39,9 @@ PREFIX = "normx"
 # methods (a backward pass per probe, x n_steps for IG) are opt-in.
 FORWARD_METHODS = ("normxlogit", "logat", "norm", "random")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+# Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
+# before the next one; a few at most, so a disk that stays full cannot grow memory.
+MAX_UNWRITTEN = 3
 
 
 @contextmanager
@@ -110,7 +113,8 @@ class NormXLogitCallback(Callback):
         - `alignment/ap_layer<l>`: AP per requested layer
         - `stability/spearman`: rank stability of NormXLogit vs the previous snapshot
         - `importance/norm_logat_spearman`: Spearman(norm, LogAt) over probe tokens
-        - `nonfinite/{embedding,scores}`: count of NaN/Inf values seen (warns when > 0)
+        - `nonfinite/{embedding,scores,logits}`: count of NaN/Inf embedding norms, scores
+          and target logits (warns when > 0; the store's `nonfinite` table says where)
         - `faithfulness/<method>/{comprehensiveness,sufficiency}`: AOPC (PAPER.md section 2)
           every `faithfulness_every` snapshots; `.../seconds_per_instance` its cost
         - `snapshot/seconds`: wall time of the snapshot
@@ -210,6 +214,7 @@ class NormXLogitCallback(Callback):
         self._last_step: int | None = None
         self._resumed_at: int | None = None
         self._sink: LoggerSink | None = None
+        self._unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
 
     @property
     def state_key(self) -> str:
@@ -265,8 +270,9 @@ class NormXLogitCallback(Callback):
         self._track_ids = self._resolve_tracked(tokenizer)
         self._token_strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         if self.faithfulness_every:
-            if any(m in GRADIENT_METHODS for m in self.faithfulness_methods):
-                require_captum()  # a missing optional backend fails here, not mid-run
+            gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
+            if gradient:
+                require_captum(gradient[0])  # a missing optional backend fails here, not mid-run
             self._replacement_id = replacement_for(tokenizer)
             self._protect = special_token_mask(self._encoded.input_ids, tokenizer)
         if self._counter is None or self._counter.vocab_size != vocab:
@@ -393,6 +399,7 @@ class NormXLogitCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_snapshot(trainer, force=True)
+        self._retry_unwritten(last_chance=True)
 
     def _maybe_snapshot(self, trainer: pl.Trainer, *, force: bool) -> None:
         if trainer.sanity_checking or self._encoded is None:
@@ -522,14 +529,18 @@ class NormXLogitCallback(Callback):
             m["stability/spearman"] = rank_stability(self._prev_scores, attr.scores)
         m["importance/norm_logat_spearman"] = spearman(attr.norms[attr.valid],
                                                        attr.logat[attr.valid])
-        bad_embed = int((~torch.isfinite(embed.norms)).sum())
+        bad_rows = torch.nonzero(~torch.isfinite(embed.norms)).flatten().tolist()
         bad_scores = int((~torch.isfinite(attr.scores[attr.valid])).sum())
-        m["nonfinite/embedding"] = float(bad_embed)
+        bad_logits = int((~torch.isfinite(attr.target_logits)).sum())
+        m["nonfinite/embedding"] = float(len(bad_rows))
         m["nonfinite/scores"] = float(bad_scores)
-        if bad_embed or bad_scores:
-            log.warning("NormXLogitCallback: %d non-finite embedding norms and %d non-finite "
-                        "scores at this snapshot (diverging run or fp16 overflow?)",
-                        bad_embed, bad_scores)
+        m["nonfinite/logits"] = float(bad_logits)
+        if bad_rows or bad_scores or bad_logits:
+            log.warning("NormXLogitCallback: non-finite values at this snapshot: %d embedding "
+                        "norms (token ids %s%s), %d scores, %d target logits (diverging run or "
+                        "fp16 overflow?); the store's `nonfinite` table lists them",
+                        len(bad_rows), bad_rows[:10], " ..." if len(bad_rows) > 10 else "",
+                        bad_scores, bad_logits)
         self._prev_norms = embed.norms
         self._prev_scores = attr.scores
         return m
@@ -577,17 +588,68 @@ class NormXLogitCallback(Callback):
             "norm": embed.norms.numpy(),
             "count": counts.numpy(),
         })
-        return {"tokens": tokens, "probes": probes, "embedding": embedding}
+        tables = {"tokens": tokens, "probes": probes, "embedding": embedding}
+        nonfinite = self._nonfinite_table(attr, embed)
+        if len(nonfinite):
+            tables["nonfinite"] = nonfinite
+        return tables
+
+    def _nonfinite_table(self, attr: Attribution, embed) -> pd.DataFrame:
+        """Where NaN/Inf appeared: embedding rows, last-layer scores and target logits."""
+        enc = self._encoded
+        rows = [("embedding", None, -1, i, float(embed.norms[i]))
+                for i in torch.nonzero(~torch.isfinite(embed.norms)).flatten().tolist()]
+        rows += [("score", enc.ids[b], t, int(enc.input_ids[b, t]), float(attr.scores[b, t]))
+                 for b, t in torch.nonzero(attr.valid & ~torch.isfinite(attr.scores)).tolist()]
+        rows += [("target_logit", enc.ids[b], int(attr.positions[b]), int(attr.targets[b]),
+                  float(attr.target_logits[b]))
+                 for b in torch.nonzero(~torch.isfinite(attr.target_logits)).flatten().tolist()]
+        frame = pd.DataFrame(rows, columns=["source", "probe_id", "position", "token_id", "value"])
+        frame.insert(4, "token", [self._token_strings[i] if 0 <= i < len(self._token_strings)
+                                  else str(i) for i in frame["token_id"]])
+        return frame
 
     def _write(self, step: int, tables: dict[str, pd.DataFrame]) -> None:
         if self.store is None:
             return
+        self._retry_unwritten()
         try:
             self.store.write(step, tables)
+        except ValueError as error:  # a table Parquet cannot hold: a retry would fail alike
+            log.warning("NormXLogitCallback: snapshot %d cannot be stored (%s); recorded as "
+                        "missing", step, error)
+            self._mark_missing(step, f"cannot be stored: {error}")
         except OSError as error:
-            log.warning("NormXLogitCallback: could not write snapshot %d to %s (%s); recorded "
-                        "as missing, training continues", step, self.store.root, error)
-            self._mark_missing(step, f"write failed: {error}")
+            log.warning("NormXLogitCallback: could not write snapshot %d to %s (%s); kept in "
+                        "memory and retried at the next snapshot, training continues", step,
+                        self.store.root, error)
+            self._unwritten[step] = tables
+            # Recorded now, so a run killed before the retry still says what it lacks.
+            self._mark_missing(step, f"write failed: {error} (will retry)")
+            while len(self._unwritten) > MAX_UNWRITTEN:
+                oldest = next(iter(self._unwritten))
+                del self._unwritten[oldest]
+                self._give_up(oldest, error)
+
+    def _retry_unwritten(self, *, last_chance: bool = False) -> None:
+        """Write the snapshots whose write failed; on the last chance, give up on the rest."""
+        if self.store is None:
+            return
+        for step in list(self._unwritten):
+            try:
+                self.store.write(step, self._unwritten[step])  # clears its missing record
+            except OSError as error:
+                if last_chance:
+                    del self._unwritten[step]
+                    self._give_up(step, error)
+                continue
+            del self._unwritten[step]
+            log.info("NormXLogitCallback: snapshot %d written on retry", step)
+
+    def _give_up(self, step: int, error: OSError) -> None:
+        log.warning("NormXLogitCallback: snapshot %d could not be written after retries (%s); "
+                    "recorded as missing", step, error)
+        self._mark_missing(step, f"write failed after retries: {error}")
 
     def _mark_missing(self, step: int, reason: str) -> None:
         if self.store is None:

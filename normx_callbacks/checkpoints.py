@@ -76,6 +76,9 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     if "WeightsUnpickler error:" in text:  # torch's long weights_only message: keep the cause
         text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    elif "Weights only load failed" in text:
+        # A global from a blocked module (os, subprocess, ...): torch names it on its own line.
+        text = next((line for line in text.splitlines() if "GLOBAL" in line), text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 

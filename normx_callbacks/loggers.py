@@ -5,7 +5,8 @@ dispatch on the logger type here and nowhere else: TensorBoard gets histograms,
 images and Markdown tables (it strips HTML); W&B gets histograms, images, a
 long-format `wandb.Table` and `wandb.Html` token heatmaps; any other logger gets
 the scalars and one warning naming what it cannot show. A logger that raises is
-warned about once and skipped from then on for media; the store is unaffected.
+warned about once and skipped from then on for what raised (scalars or media, separately:
+a broken image writer does not cost the scalar curves); the store is unaffected.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class LoggerSink:
     def __init__(self, loggers: Sequence[Logger]):
         self.loggers = list(loggers)
         self._warned: set[tuple[int, str]] = set()
-        self._broken: set[int] = set()
+        self._broken: set[tuple[int, str]] = set()  # (id(logger), "scalars" | "media")
 
     def _warn_once(self, logger: Logger, what: str, message: str) -> None:
         key = (id(logger), what)
@@ -74,23 +75,25 @@ class LoggerSink:
             self._warned.add(key)
             log.warning(message)
 
-    def _guard(self, logger: Logger, what: str, fn) -> None:
-        if id(logger) in self._broken:
+    def _guard(self, logger: Logger, what: str, fn, kind: str = "media") -> None:
+        key = (id(logger), kind)
+        if key in self._broken:
             return
         try:
             fn()
         except Exception as error:  # a logger must never take the training run down
-            self._broken.add(id(logger))
+            self._broken.add(key)
             log.warning(
-                "NormXLogitCallback: %s raised while logging %s (%s: %s); media for this "
+                "NormXLogitCallback: %s raised while logging %s (%s: %s); %s for this "
                 "logger are skipped from now on, the snapshot store keeps everything",
-                type(logger).__name__, what, type(error).__name__, error,
+                type(logger).__name__, what, type(error).__name__, error, kind,
             )
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
         for logger in self.loggers:
-            self._guard(logger, "scalars", lambda lg=logger: lg.log_metrics(clean, step=step))
+            self._guard(logger, "scalars", lambda lg=logger: lg.log_metrics(clean, step=step),
+                        kind="scalars")
 
     def _media(self, what: str, step: int, *, tensorboard=None, wandb=None) -> None:
         for logger in self.loggers:
@@ -122,8 +125,8 @@ class LoggerSink:
     @property
     def takes_images(self) -> bool:
         """Whether any logger (not yet given up on) shows images."""
-        return any(isinstance(lg, (TensorBoardLogger, WandbLogger)) and id(lg) not in self._broken
-                   for lg in self.loggers)
+        return any(isinstance(lg, (TensorBoardLogger, WandbLogger))
+                   and (id(lg), "media") not in self._broken for lg in self.loggers)
 
     def figure(self, tag: str, fig, step: int) -> None:
         """Log a matplotlib figure as an image, then close it.

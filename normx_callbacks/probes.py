@@ -317,6 +317,12 @@ def _parse_yaml(text: str, name: str) -> tuple[list[Any], list[str]]:
         mark = getattr(err, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
+        if isinstance(err, yaml.constructor.ConstructorError):
+            # safe_load builds plain data only: a tag such as !!python/object is refused, never run.
+            raise ProbeError(
+                f"probes file '{name}'{at}: YAML tag not allowed ({problem}); probes are read "
+                "with a safe loader that builds only lists, mappings and strings: remove the tag"
+            ) from None
         raise ProbeError(
             f"probes file '{name}'{at}: malformed YAML ({problem}); fix the syntax, e.g. "
             "'- {text: ..., target: ...}' per probe"

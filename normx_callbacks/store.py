@@ -181,6 +181,11 @@ class SnapshotStore:
         self._meta_written = False
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"store root {str(self.root)!r} exists and is not a directory")
+        # A path under a file can never be created: say so now, not at the first snapshot.
+        existing = next((p for p in self.root.parents if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"store root {str(self.root)!r} lies under {str(existing)!r}, which "
+                             "is a file, not a directory: choose another store_dir")
         # Fail at construction, not hours later: a resumed run must be able to append.
         if (self.root / _META).exists():
             _read_meta(self.root)
