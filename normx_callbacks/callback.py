@@ -412,8 +412,10 @@ class NormXLogitCallback(Callback):
         self._last_step = step
         # Every rank reaches this point at the same steps: the one collective lives here.
         counts = self._reduce_counts(trainer)
+        # The last step is final whether on_train_end or the schedule reaches it first.
+        final = force or (trainer.max_steps is not None and 0 < trainer.max_steps <= step)
         if trainer.is_global_zero:
-            self._snapshot(trainer, step, counts, final=force)
+            self._snapshot(trainer, step, counts, final=final)
 
     def _reduce_counts(self, trainer: pl.Trainer) -> Tensor:
         pending = self._pending

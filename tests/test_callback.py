@@ -701,16 +701,17 @@ def test_faithfulness_is_logged_at_its_cadence_and_the_final_step(dm, tmp_path):
     callback = NormXLogitCallback(every_n_steps=4, store_dir=tmp_path / "store",
                                   faithfulness_every=2, faithfulness_probes=3,
                                   faithfulness_methods=["normxlogit", "random", "saliency"])
-    fit(make_model(dm), dm, tmp_path, [callback], max_steps=10)
-    assert callback.snapshot_steps == [0, 1, 2, 4, 8, 10]
+    fit(make_model(dm), dm, tmp_path, [callback], max_steps=12)
+    # 12 is on the schedule: it is both a scheduled and the final snapshot.
+    assert callback.snapshot_steps == [0, 1, 2, 4, 8, 12]
     metrics = load_run(tmp_path / "store").metrics
     keys = set(metrics.key)
     for method in ("normxlogit", "random", "saliency"):
         for part in ("comprehensiveness", "sufficiency", "seconds_per_instance"):
             assert f"faithfulness/{method}/{part}" in keys
     rows = metrics[metrics.key == "faithfulness/normxlogit/comprehensiveness"]
-    # Every 2nd snapshot (0, 2, 8) and the final one (10).
-    assert sorted(rows.step) == [0, 2, 8, 10]
+    # Every 2nd snapshot (0, 2, 8) and the final one (12).
+    assert sorted(rows.step) == [0, 2, 8, 12]
     assert rows.value.between(-1, 1).all()
 
 
