@@ -183,10 +183,12 @@ def _tokenizer_candidates(ckpt_path: Path, hints: dict) -> list[Path]:
     needed = ("corpus", "objective", "bpe_vocab_size", "seed")
     if not all(k in hints for k in needed):
         return []
-    # Mirrors TextDataModule's cache naming.
-    name = "".join(c if c.isalnum() else "_" for c in str(hints["corpus"]))[-40:]
-    leaf = f"tokenizer-{name}-{hints['objective']}-{hints['bpe_vocab_size']}-s{hints['seed']}"
+    from .demo.data import tokenizer_cache_dir
+
     cache = Path(str(hints.get("cache_dir") or ".normx_cache"))
+    leaf = tokenizer_cache_dir(".", corpus=hints["corpus"], objective=hints["objective"],
+                               bpe_vocab_size=hints["bpe_vocab_size"], seed=hints["seed"],
+                               num_train=hints.get("num_train")).name
     if cache.is_absolute():
         return [cache / leaf]
     # A relative cache_dir was relative to the training job's working directory: try here,

@@ -13,6 +13,15 @@ from .corpora import load_corpus
 from .tokenizer import load_tokenizer, train_tokenizer
 
 
+def tokenizer_cache_dir(cache_dir, *, corpus, objective, bpe_vocab_size, seed, num_train=None):
+    """Where a DataModule keeps the tokenizer it trained (checkpoints.py finds it here):
+    one directory per corpus setting, so runs on different data never overwrite each
+    other's tokenizer."""
+    name = "".join(c if c.isalnum() else "_" for c in str(corpus))[-40:]
+    size = "all" if num_train is None else str(num_train)
+    return Path(str(cache_dir)) / f"tokenizer-{name}-{objective}-{bpe_vocab_size}-s{seed}-n{size}"
+
+
 class _Blocks(Dataset):
     """One training example per document, truncated/padded to `context` tokens."""
 
@@ -59,8 +68,9 @@ class TextDataModule(pl.LightningDataModule):
         if tokenizer_path:
             self.tokenizer = load_tokenizer(tokenizer_path)
         else:
-            name = "".join(c if c.isalnum() else "_" for c in corpus)[-40:]
-            cache = Path(cache_dir) / f"tokenizer-{name}-{objective}-{bpe_vocab_size}-s{seed}"
+            cache = tokenizer_cache_dir(cache_dir, corpus=corpus, objective=objective,
+                                        bpe_vocab_size=bpe_vocab_size, seed=seed,
+                                        num_train=num_train)
             self.tokenizer = train_tokenizer(
                 self.corpus.train, vocab_size=bpe_vocab_size, objective=objective, cache_dir=cache
             )
