@@ -32,7 +32,8 @@ def _args(config: str, tmp: Path, cache: Path, steps: int = 3) -> list[str]:
         args += ["--trainer.devices", "1", "--trainer.strategy", "auto"]
     args += ["--trainer.logger.init_args.save_dir", str(tmp)]
     if config in PROSE:
-        args += ["--data.num_train", "200"]
+        # One shared docs tokenizer (same corpus slice and vocabulary) trains once.
+        args += ["--data.num_train", "200", "--data.bpe_vocab_size", "2048"]
     else:
         args += ["--data.num_train", "300", "--model.context", "32",
                  "--data.bpe_vocab_size", "512"]
