@@ -62,6 +62,9 @@ import transformers as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 from normx_callbacks import normxlogit, resolve_adapter  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed  # noqa: E402
+
 T.logging.set_verbosity_error()
 
 GOAL = 1.15  # nx-all / floor, from the issue
@@ -235,19 +238,6 @@ def make_methods(model, ids, mask, naive: bool) -> dict[str, Callable[[], object
     if naive:
         methods["naive"] = naive_lens
     return methods
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def measure(name: str, vocab_label: str, length: int, cfg: Settings, device: str,
