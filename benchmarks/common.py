@@ -145,18 +145,19 @@ def paired_rounds(methods: dict[str, Callable[[], object]], baseline: str, repea
 # --------------------------------------------------------------------------- memory
 
 
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
+    """A numeric field of /proc/self/status (Vm* sizes in bytes, counts as they are)."""
     text = Path("/proc/self/status").read_text()
     value = int(re.search(rf"^{field}:\s+(\d+)", text, re.M).group(1))
-    return value * 1024  # kB -> bytes
+    return value * 1024 if field.startswith("Vm") else value
 
 
 def rss() -> int:
-    return _status("VmRSS")
+    return proc_status("VmRSS")
 
 
 def hwm() -> int:
-    return _status("VmHWM")
+    return proc_status("VmHWM")
 
 
 def live_rss() -> int:

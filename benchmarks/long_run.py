@@ -23,12 +23,8 @@ tests/test_long_run.py runs shortened versions of both.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -38,46 +34,13 @@ import time
 from pathlib import Path
 
 MB = 1024 * 1024
-try:  # glibc only; elsewhere RSS also holds freed heap pages
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError, TypeError):
-    _LIBC = None
 
-
-def _status(field: str) -> int:
-    """A numeric field of /proc/self/status (kB values in bytes)."""
-    text = Path("/proc/self/status").read_text()
-    value = int(re.search(rf"^{field}:\s+(\d+)", text, re.M).group(1))
-    return value * 1024 if field.startswith("Vm") else value
-
-
-def rss() -> int:
-    return _status("VmRSS")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import live_rss, proc_status, reset_peak, rss  # noqa: E402
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def live_rss() -> int:
-    """RSS once garbage is collected and freed heap is returned to the system."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    return rss()
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-# ----------------------------------------------------------------------------- part 1
 
 
 def long_run(snapshots: int, root: str | os.PathLike, *, cache_dir: str | None = None,
@@ -126,7 +89,7 @@ def long_run(snapshots: int, root: str | os.PathLike, *, cache_dir: str | None =
             self.samples.append({"snapshot": index,
                                  "step": trainer.global_step, "rss": live_rss(),
                                  "fds": open_fds(), "threads": threading.active_count(),
-                                 "os_threads": _status("Threads"),
+                                 "os_threads": proc_status("Threads"),
                                  "seconds": now - self.start})
 
         def on_train_start(self, trainer, pl_module):
@@ -208,7 +171,7 @@ def large_vocab_peak(vocab: int = 256_000, d_model: int = 64, n_layers: int = 2,
     start = time.perf_counter()
     attr = normxlogit(model, ids, mask, layers="all", batch_size=batch_size)
     seconds = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     return {
         "vocab": vocab, "d_model": d_model, "n_layers": n_layers, "probes": probes,
         "length": length, "batch_size": batch_size,
