@@ -7,7 +7,7 @@ import logging
 import os
 import random
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -88,7 +88,11 @@ class NormXLogitCallback(Callback):
         track_tokens: words whose embedding norms are logged at every snapshot.
         top_k: how many tokens to list with the largest/smallest norms.
         batch_key, mask_key: where the token ids / attention mask sit in a
-            training batch (dict key, or index for tuples) for frequency counting.
+            training batch (dict key, or index for tuples) for frequency counting; a
+            tuple/list batch with a string `batch_key` is read at its first 2-D integer
+            tensor. Masked-LM batches count `labels` where they are not -100 (the
+            uncorrupted text), never the mask token (see `TokenCounter`).
+        count_fn: `batch -> token ids` for batch formats the above cannot read.
         store_dir: where the snapshot store goes (default `<log_dir>/normx`).
         media_probes: how many probes get heatmap images / HTML (cost control).
         probe_batch_size: probes per forward pass (bounds memory).
@@ -141,6 +145,7 @@ class NormXLogitCallback(Callback):
         top_k: int = 20,
         batch_key: str | int = "input_ids",
         mask_key: str | int | None = "attention_mask",
+        count_fn: Callable[[Any], Tensor] | None = None,
         store_dir: str | os.PathLike | None = None,
         media_probes: int = 2,
         probe_batch_size: int = 32,
@@ -194,6 +199,9 @@ class NormXLogitCallback(Callback):
         self.top_k = top_k
         self.batch_key = batch_key
         self.mask_key = mask_key
+        if count_fn is not None and not callable(count_fn):
+            raise ValueError(f"count_fn={count_fn!r} must be a callable batch -> token ids")
+        self.count_fn = count_fn
         self.store_dir = store_dir
         self.media_probes = media_probes
         self.probe_batch_size = probe_batch_size
@@ -208,6 +216,7 @@ class NormXLogitCallback(Callback):
         self._encoded: EncodedProbes | None = None
         self._counter: TokenCounter | None = None
         self._pending: Tensor | None = None
+        self._count_checked = False
         self._prev_norms: Tensor | None = None
         self._prev_scores: Tensor | None = None
         self._history: deque = deque(maxlen=history_length)
@@ -275,8 +284,14 @@ class NormXLogitCallback(Callback):
                 require_captum(gradient[0])  # a missing optional backend fails here, not mid-run
             self._replacement_id = replacement_for(tokenizer)
             self._protect = special_token_mask(self._encoded.input_ids, tokenizer)
-        if self._counter is None or self._counter.vocab_size != vocab:
-            self._counter = TokenCounter(vocab)
+        counter = TokenCounter(vocab, batch_key=self.batch_key, mask_key=self.mask_key,
+                               masked=objective == "masked",
+                               mask_token_id=getattr(tokenizer, "mask_token_id", None),
+                               count_fn=self.count_fn)
+        if self._counter is not None and self._counter.vocab_size == vocab:
+            counter.counts = self._counter.counts  # loaded from a checkpoint
+        self._counter = counter
+        self._count_checked = False
         self._sink = LoggerSink(trainer.loggers)
         # On every rank: `trainer.log_dir` broadcasts, so calling it on rank 0 alone hangs DDP.
         root = Path(self.store_dir) if self.store_dir else self._default_store(trainer)
@@ -373,28 +388,17 @@ class NormXLogitCallback(Callback):
         self._maybe_snapshot(trainer, force=False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        ids = self._from_batch(batch, self.batch_key)
-        if not isinstance(ids, Tensor):
-            return
-        mask = self._from_batch(batch, self.mask_key) if self.mask_key is not None else None
-        mask = mask if isinstance(mask, Tensor) and mask.shape == ids.shape else None
-        counts = _bincount(ids, mask, self._counter.vocab_size)
-        self._pending = counts if self._pending is None else self._pending + counts
-
-    @staticmethod
-    def _from_batch(batch, key):
-        try:
-            if isinstance(batch, Mapping):
-                return batch.get(key)
-            if isinstance(batch, (tuple, list)) and isinstance(key, int):
-                return batch[key]
-            if isinstance(batch, Tensor) and key in ("input_ids", 0):
-                return batch
-            return getattr(batch, key, None) if isinstance(key, str) else None
-        except (IndexError, KeyError):
-            return None
+        counts = self._counter.batch_counts(batch)  # on the batch's device, no host sync
+        if counts is not None:
+            self._pending = counts if self._pending is None else self._pending + counts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._count_checked:
+            # One host sync, once per fit: a batch format the counter cannot read must not
+            # leave every count 0 (and the norm/frequency correlation NaN) without a word.
+            self._count_checked = True
+            if self._pending is None or int(self._pending.sum()) == 0:
+                log.warning("NormXLogitCallback: %s", self._counter.not_counted_message(batch))
         self._maybe_snapshot(trainer, force=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -724,20 +728,11 @@ class NormXLogitCallback(Callback):
         self._resumed_at = state_dict["last_step"]
         self.snapshot_steps = list(state_dict["snapshot_steps"])
         if state_dict["counts"] is not None:
-            self._counter = TokenCounter(state_dict["counts"]["vocab_size"])
+            # Restored after setup: keep the counter setup configured for this batch format.
+            if self._counter is None or self._counter.vocab_size != state_dict["counts"][
+                    "vocab_size"]:
+                self._counter = TokenCounter(state_dict["counts"]["vocab_size"])
             self._counter.load_state_dict(state_dict["counts"])
         self._pending = None  # the checkpoint's counts already hold what was pending then
         self._prev_norms = state_dict["prev_norms"]
         self._prev_scores = state_dict["prev_scores"]
-
-
-def _bincount(ids: Tensor, mask: Tensor | None, vocab: int) -> Tensor:
-    """Token counts of one batch, on the batch's device, without a host sync."""
-    ids = ids.detach().reshape(-1).long()
-    weights = (ids >= 0) & (ids < vocab)
-    if mask is not None:
-        weights = weights & mask.detach().reshape(-1).bool()
-    return torch.bincount(ids.clamp(0, vocab - 1), weights=weights.to(torch.float32),
-                          minlength=vocab).round().long()
-
-

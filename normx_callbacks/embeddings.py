@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,16 +179,101 @@ def snapshot_embeddings(
 class TokenCounter:
     """Token frequencies of the training batches seen so far.
 
-    ``counts`` is a ``(V,)`` int64 CPU tensor. Counting runs on the batch's
-    device; only the ``(V,)`` histogram is moved to CPU.
+    ``counts`` is a ``(V,)`` int64 CPU tensor. :meth:`batch_counts` reads one training
+    batch and returns its ``(V,)`` histogram on the batch's device without a host sync
+    (the callback adds these up and reduces them across ranks at each snapshot).
+
+    Which tokens a batch holds (:meth:`batch_tokens`):
+
+    - ``count_fn(batch)`` when given: a tensor of token ids (any shape; ids < 0 skipped);
+    - a mapping (``dict``, ``BatchEncoding``): ``batch[batch_key]``, with
+      ``batch[mask_key]`` as the attention mask when present;
+    - a tuple or list: ``batch[batch_key]`` when ``batch_key`` is an int, else the first
+      2-D integer tensor (nanoGPT's ``(x, y)``, ``TensorDataset``); ``batch[mask_key]``
+      when ``mask_key`` is an int;
+    - a bare tensor: the batch itself; any other object: its ``batch_key`` attribute.
+
+    ``masked=True`` (masked-LM pre-training) counts the uncorrupted text: ``labels`` where
+    they are not -100, the input ids elsewhere; the mask token and padding are never counted.
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        batch_key: str | int = "input_ids",
+        mask_key: str | int | None = "attention_mask",
+        labels_key: str | int = "labels",
+        masked: bool = False,
+        mask_token_id: int | None = None,
+        count_fn: Callable[[Any], Tensor] | None = None,
+    ) -> None:
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if count_fn is not None and not callable(count_fn):
+            raise ValueError(f"count_fn must be a callable batch -> token ids, got {count_fn!r}")
         self.vocab_size = vocab_size
+        self.batch_key = batch_key
+        self.mask_key = mask_key
+        self.labels_key = labels_key
+        self.masked = masked
+        self.mask_token_id = mask_token_id
+        self.count_fn = count_fn
         self.counts = torch.zeros(vocab_size, dtype=torch.int64)
         self._warned = False
+
+    # ------------------------------------------------------------ reading a batch
+
+    def batch_tokens(self, batch: Any) -> tuple[Tensor, Tensor | None] | None:
+        """``(ids, keep)`` of one training batch, or None when no token ids were found.
+
+        ``keep`` is a bool tensor of ``ids``' shape (positions to count) or None (all).
+        """
+        if self.count_fn is not None:
+            ids = self.count_fn(batch)
+            if not isinstance(ids, Tensor) or not _is_int(ids):
+                raise TypeError(
+                    f"count_fn returned {_describe(ids)}; it must return a tensor of token ids"
+                )
+            return ids, None
+        ids = _get(batch, self.batch_key)
+        if ids is None and isinstance(batch, (tuple, list)) and not isinstance(self.batch_key, int):
+            ids = next((x for x in batch if isinstance(x, Tensor) and x.ndim == 2 and _is_int(x)),
+                       None)
+        if not isinstance(ids, Tensor) or not _is_int(ids):
+            return None
+        keep = None
+        if self.mask_key is not None:
+            mask = _get(batch, self.mask_key)
+            if isinstance(mask, Tensor) and mask.shape == ids.shape:
+                keep = mask.detach().bool()
+        if self.masked:
+            labels = _get(batch, self.labels_key)
+            if isinstance(labels, Tensor) and labels.shape == ids.shape and _is_int(labels):
+                # Corrupted positions carry the original token in labels; the rest are intact.
+                ids = torch.where(labels >= 0, labels, ids)
+            if self.mask_token_id is not None:
+                unmasked = ids != self.mask_token_id
+                keep = unmasked if keep is None else keep & unmasked
+        return ids, keep
+
+    @torch.no_grad()
+    def batch_counts(self, batch: Any) -> Tensor | None:
+        """The ``(V,)`` int64 histogram of one batch on its device, no host sync; None when
+        the batch holds no token ids this counter can find."""
+        found = self.batch_tokens(batch)
+        if found is None:
+            return None
+        ids, keep = found
+        ids = ids.detach().reshape(-1).long()
+        weights = (ids >= 0) & (ids < self.vocab_size)
+        if keep is not None:
+            weights = weights & keep.reshape(-1).to(ids.device)
+        # Weighted bincount: out-of-range ids get weight 0 instead of a data-dependent
+        # boolean index, which would need a host sync on GPU.
+        return torch.bincount(ids.clamp(0, self.vocab_size - 1),
+                              weights=weights.to(torch.float32),
+                              minlength=self.vocab_size).round().long()
 
     @torch.no_grad()
     def update(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
@@ -216,6 +303,14 @@ class TokenCounter:
             ids = ids[in_range]
         self.counts += torch.bincount(ids, minlength=self.vocab_size).to("cpu", torch.int64)
 
+    def not_counted_message(self, batch: Any) -> str:
+        """Why a batch gave no counts, with its structure, for the one warning."""
+        how = ("pass batch_key=<the key or index of the token ids> (mask_key= for the "
+               "attention mask), or count_fn=<batch -> token ids> for other batch formats")
+        return (f"no tokens were counted in the first training batch (batch_key="
+                f"{self.batch_key!r}); the batch is {_describe(batch)}. Token counts stay 0 "
+                f"and embedding/norm_logfreq_spearman NaN: {how}")
+
     def merge_(self, other_counts: Tensor) -> None:
         """Add ``other_counts`` ``(V,)`` in place, e.g. the other ranks' counts."""
         if tuple(other_counts.shape) != (self.vocab_size,):
@@ -238,3 +333,38 @@ class TokenCounter:
                 f"state counts must have shape ({self.vocab_size},), got {tuple(counts.shape)}"
             )
         self.counts = counts.detach().to("cpu", torch.int64).clone()
+
+
+def _is_int(t: Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _get(batch: Any, key: str | int | None) -> Any:
+    """``batch[key]`` for mappings and sequences, the tensor itself, or an attribute."""
+    if key is None:
+        return None
+    try:
+        if isinstance(batch, Mapping):
+            return batch.get(key)
+        if isinstance(batch, (tuple, list)):
+            return batch[key] if isinstance(key, int) else None
+        if isinstance(batch, Tensor):
+            return batch if key in ("input_ids", 0) else None
+        return getattr(batch, key, None) if isinstance(key, str) else None
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+    """Types, keys and shapes of a batch, e.g. ``tuple(Tensor[16, 32] int64, ...)``."""
+    if isinstance(obj, Tensor):
+        return f"Tensor{list(obj.shape)} {str(obj.dtype).removeprefix('torch.')}"
+    if depth >= 2:
+        return type(obj).__name__
+    if isinstance(obj, Mapping):
+        items = ", ".join(f"{k!r}: {_describe(v, depth + 1)}" for k, v in list(obj.items())[:8])
+        return f"{type(obj).__name__}{{{items}{', ...' if len(obj) > 8 else ''}}}"
+    if isinstance(obj, (tuple, list)):
+        items = ", ".join(_describe(v, depth + 1) for v in obj[:8])
+        return f"{type(obj).__name__}({items}{', ...' if len(obj) > 8 else ''})"
+    return type(obj).__name__

@@ -19,3 +19,9 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    # Shared by every test that builds a TextDataModule: the tokenizer is trained once per session.
+    return str(tmp_path_factory.getbasetemp() / "tokenizer_cache")

@@ -49,12 +49,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    # Shared with test_callback_ddp.py: the tokenizer is trained once per session.
-    return str(tmp_path_factory.getbasetemp() / "tokenizer_cache")
-
-
 @pytest.fixture(scope="module")
 def dm(cache_dir) -> TextDataModule:
     data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
