@@ -3,7 +3,7 @@
 from .attribution import Attribution, mask_positions, normxlogit
 from .callback import NormXLogitCallback
 from .faithfulness import aopc, faithfulness_table, replacement_for, special_token_mask
-from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter
+from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .methods import METHODS, attribute
 from .probes import Probe, ProbeError, ProbeSet
 from .schedule import SnapshotSchedule
@@ -31,5 +31,6 @@ __all__ = [
     "replacement_for",
     "resolve_adapter",
     "special_token_mask",
+    "verify_adapter",
 ]
 __version__ = "0.1.0"

@@ -232,6 +232,9 @@ def normxlogit(
     step = batch if batch_size is None else batch_size
     parts = []
     with probe_mode(adapter.module):
+        if not adapter.accepts_mask:
+            return _by_length(adapter, input_ids, attention_mask, positions, targets, foils,
+                              layer_ids, norm, probabilities, step)
         for start in range(0, batch, step):
             sl = slice(start, start + step)
             parts.append(
@@ -248,6 +251,53 @@ def normxlogit(
                 )
             )
     return _concat(parts, layer_ids, norm, adapter.kind)
+
+
+def _by_length(adapter, ids, mask, positions, targets, foils, layer_ids, norm, probabilities,
+               step) -> Attribution:
+    """For models that take no attention mask: run rows of equal length together, each
+    trimmed to its real tokens, so no row ever sees padding; results go back in place."""
+    batch, width = ids.shape
+    lengths = mask.sum(dim=1)
+    starts = first_positions(mask)
+    arange = torch.arange(width, device=ids.device)
+    contiguous = (mask.bool() == ((arange >= starts[:, None])
+                                  & (arange < (starts + lengths)[:, None])))
+    if not bool(contiguous.all()):
+        raise ValueError("attention_mask has gaps inside a row: a model that takes no mask "
+                         "(ModelAdapter(accepts_mask=False)) needs each row's tokens contiguous")
+    parts, order = [], []
+    for length in torch.unique(lengths).tolist():
+        rows_all = torch.nonzero(lengths == length).flatten()
+        for rows in rows_all.split(step):
+            cols = starts[rows, None] + torch.arange(length, device=ids.device)  # (n, length)
+            out = _attribute_chunk(
+                adapter, ids[rows].gather(1, cols), torch.ones_like(cols),
+                positions[rows] - starts[rows],
+                None if targets is None else targets[rows],
+                None if foils is None else foils[rows],
+                layer_ids, norm, probabilities,
+            )
+            parts.append(_place(out, cols, width, starts[rows]))
+            order.append(rows)
+    inverse = torch.argsort(torch.cat(order))
+    merged = {key: None if parts[0][key] is None else torch.cat([p[key] for p in parts])[inverse]
+              for key in parts[0]}
+    return _concat([merged], layer_ids, norm, adapter.kind)
+
+
+def _place(out: dict, cols: Tensor, width: int, starts: Tensor) -> dict:
+    """Put a trimmed chunk's per-token results back at their columns of a [n, width] batch."""
+    placed = {}
+    for key, value in out.items():
+        if value is None or value.dim() == 1:
+            placed[key] = value
+            continue
+        index = cols if value.dim() == 2 else cols[:, None, :].expand_as(value)
+        full = value.new_zeros(*value.shape[:-1], width)  # bool `valid` stays False there
+        placed[key] = full.scatter(-1, index, value)
+    placed["positions"] = out["positions"] + starts
+    return placed
 
 
 def _num_outputs(adapter: ModelAdapter) -> int | None:

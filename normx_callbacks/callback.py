@@ -24,7 +24,7 @@ from . import plots
 from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, snapshot_embeddings
 from .faithfulness import faithfulness_table, replacement_for, special_token_mask
-from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter
+from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .loggers import LoggerSink, token_html
 from .methods import GRADIENT_METHODS, METHODS, require_captum
 from .metrics import evidence_alignment, rank_stability, spearman
@@ -242,6 +242,12 @@ class NormXLogitCallback(Callback):
                 "remove the callback"
             )
         self.adapter = self._user_adapter or self._find_adapter(pl_module)
+        if self._user_adapter is not None:
+            try:  # the weights may have changed since the last fit: checked at every setup
+                verify_adapter(self.adapter)
+            except UnsupportedModelError as error:
+                raise RuntimeError(f"NormXLogitCallback: the adapter disagrees with its model: "
+                                   f"{error}") from error
         if self.adapter.num_layers is None:
             raise RuntimeError("NormXLogitCallback: the ModelAdapter's num_layers is not set; "
                                "pass ModelAdapter(..., num_layers=L)")
@@ -273,7 +279,7 @@ class NormXLogitCallback(Callback):
                 f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
                 f"{vocab} rows: pass the tokenizer the model was built for"
             )
-        max_length = self._context_length(pl_module)
+        max_length = self.adapter.context_length
         self._encoded = self.probes.encode(tokenizer, objective=objective, max_length=max_length)
         self._tokens = self._encoded.tokens
         self._track_ids = self._resolve_tracked(tokenizer)
@@ -324,6 +330,13 @@ class NormXLogitCallback(Callback):
             # Outermost models only: a CausalLM contains its base model.
             outer = [(n, m) for n, m in found
                      if not any(n != o and n.startswith(o + ".") for o, _ in found if o)]
+            # A frozen model (a teacher, a reference) is not the one being trained.
+            trainable = [(n, m) for n, m in outer if _trainable(m)]
+            if len(outer) > 1 and len(trainable) == 1:
+                log.info("NormXLogitCallback: watching %r, the only Hugging Face model with "
+                         "trainable parameters (frozen: %s)", trainable[0][0],
+                         [n for n, m in outer if m is not trainable[0][1]])
+                outer = trainable
             if len(outer) != 1:
                 names = [n or "<the module itself>" for n, _ in outer]
                 raise RuntimeError(
@@ -331,7 +344,7 @@ class NormXLogitCallback(Callback):
                     f"{type(pl_module).__name__} ({names}); pass model_attr='name' or "
                     "adapter=ModelAdapter(...)"
                 )
-            model = outer[0][1]
+            model = _choose_model(pl_module, outer)
         try:
             return resolve_adapter(model)
         except UnsupportedModelError as error:
@@ -349,15 +362,6 @@ class NormXLogitCallback(Callback):
                 "`self.tokenizer` on the LightningModule or the DataModule"
             )
         return tokenizer
-
-    def _context_length(self, pl_module) -> int | None:
-        module = self.adapter.module
-        config = getattr(module, "config", None)
-        for key in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, key, None)
-            if isinstance(value, int):
-                return value
-        return None
 
     def _resolve_tracked(self, tokenizer) -> dict[str, int]:
         tracked = {}
@@ -736,3 +740,27 @@ class NormXLogitCallback(Callback):
         self._pending = None  # the checkpoint's counts already hold what was pending then
         self._prev_norms = state_dict["prev_norms"]
         self._prev_scores = state_dict["prev_scores"]
+
+
+def _trainable(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _choose_model(pl_module: pl.LightningModule, outer: list) -> Any:
+    """The one Hugging Face model found, unless it is frozen while another module trains."""
+    name, model = outer[0]
+    if _trainable(model):
+        return model
+    inside = {id(p) for p in model.parameters()}
+    training = [n for n, child in pl_module.named_children()
+                if any(p.requires_grad and id(p) not in inside for p in child.parameters())]
+    if training:
+        raise RuntimeError(
+            f"NormXLogitCallback: the only Hugging Face model, {name!r} "
+            f"({type(model).__name__}), has no trainable parameters, while "
+            f"{training[0]!r} ({type(getattr(pl_module, training[0])).__name__}) trains; its "
+            "embeddings would never move. Watch the trained model with "
+            f"adapter=ModelAdapter(module=pl_module.{training[0]}, ...), or pass "
+            f"model_attr={name!r} to watch the frozen model on purpose"
+        )
+    return model

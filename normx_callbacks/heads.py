@@ -75,6 +75,15 @@ class ModelAdapter:
         pool_position: for classifiers, the token whose vector the model classifies:
             "first" (BERT-style [CLS]) or "last" (decoder-style).
         num_layers: L.
+        forward: `input_ids -> logits [B, T, C]` (or a tuple / output with `.logits`
+            whose first element is the logits): the model's own forward, which
+            `verify_adapter` checks the adapter against. Default: `module(input_ids)`.
+        context_length: the longest input the model takes; None reads `block_size`,
+            `max_position_embeddings`, `n_positions` or `n_ctx` from the module or its
+            config (see `context_length_of`).
+        accepts_mask: False for models that take no attention mask / position ids (they
+            see padding as text): `normxlogit` then batches rows of equal length only, so
+            padding never changes a number.
     """
 
     module: nn.Module | None
@@ -87,8 +96,21 @@ class ModelAdapter:
     pool_position: str = "last"
     num_layers: int | None = None
     output_embedding: nn.Module | None = field(default=None, repr=False)
+    forward: Callable[[Tensor], object] | None = field(default=None, repr=False)
+    context_length: int | None = None
+    accepts_mask: bool = True
 
     def __post_init__(self) -> None:
+        if self.context_length is not None and (
+            isinstance(self.context_length, bool) or not isinstance(self.context_length, int)
+            or self.context_length < 1
+        ):
+            raise ValueError(
+                f"ModelAdapter(context_length={self.context_length!r}) must be a positive int "
+                "or None (read from the module)"
+            )
+        if self.context_length is None:
+            self.context_length = context_length_of(self.module)
         if self.kind not in KINDS:
             raise ValueError(f"ModelAdapter(kind={self.kind!r}) is not one of {KINDS}")
         if self.pool_position not in ("first", "last"):
@@ -165,6 +187,23 @@ def _first_tensor(output) -> Tensor:
     if hasattr(output, "to_tuple"):
         return output.to_tuple()[0]
     raise UnsupportedModelError(f"cannot read a hidden state from a {type(output).__name__}")
+
+
+CONTEXT_KEYS = ("block_size", "max_position_embeddings", "n_positions", "n_ctx")
+
+
+def context_length_of(module: nn.Module | None) -> int | None:
+    """The longest input `module` takes: the first of `CONTEXT_KEYS` found on the module,
+    then on its (text) config; None when neither says."""
+    if module is None:
+        return None
+    config = _text_config(module)
+    for source in (module, config):
+        for key in CONTEXT_KEYS:
+            value = getattr(source, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def _text_config(model: nn.Module):
@@ -433,6 +472,12 @@ def _resolve_hf(model: nn.Module) -> ModelAdapter:
     )
     body = getattr(model, "base_model", None)
     get_in = getattr(model, "get_input_embeddings", None)
+    if body is model and get_in is not None:
+        raise UnsupportedModelError(
+            f"{name} is a bare transformer body without a head: it returns hidden states, "
+            f"not logits, and NormXLogit explains a logit. Watch the model with its head "
+            f"(e.g. {name.removesuffix('Model')}ForCausalLM or ...ForMaskedLM), or {how}"
+        )
     if body is None or get_in is None or body is model:
         raise UnsupportedModelError(
             f"{name} is not a Hugging Face model with a head (no base_model / "
@@ -459,13 +504,7 @@ def _resolve_hf(model: nn.Module) -> ModelAdapter:
         kind = "regression" if num_labels == 1 else "classifier"
 
     reader = _BodyReader(body, layers, causal=kind == "causal")
-    device = embedding.weight.device
-    vocab = embedding.num_embeddings
-    context = next((v for k in ("max_position_embeddings", "n_positions")
-                    if isinstance(v := getattr(config, k, None), int) and v > 0), 8)
-    length = max(2, min(8, context - 2))  # RoBERTa offsets positions by padding_idx + 1
-    dummy = (torch.arange(1, length + 1, device=device) * 7919 % max(vocab - 1, 1)).view(1, -1)
-    mask = torch.ones_like(dummy)
+    dummy, mask = _dummy_tokens(embedding, context_length_of(model))
 
     with probe_mode(model):
         chain = _discover_final_chain(body, layers, reader, dummy, mask)
@@ -504,7 +543,8 @@ def _resolve_hf(model: nn.Module) -> ModelAdapter:
                 kind=kind,
                 num_layers=len(layers),
             )
-        _verify(model, adapter, dummy, mask)
+        expected = model(input_ids=dummy, attention_mask=mask).logits
+        _verify(expected, adapter, dummy, mask, type(model).__name__)
     return adapter
 
 
@@ -513,29 +553,93 @@ def _can_generate(model: nn.Module) -> bool:
     return bool(can()) if callable(can) else bool(getattr(model.config, "is_decoder", False))
 
 
-def _verify(model: nn.Module, adapter: ModelAdapter, dummy: Tensor, mask: Tensor) -> None:
+def _dummy_tokens(embedding: nn.Embedding, context: int | None) -> tuple[Tensor, Tensor]:
+    """A few fixed, varied token ids [1, T] (and an all-ones mask) to check a model on."""
+    length = max(2, min(8, (context or 8) - 2))  # RoBERTa offsets positions by padding_idx + 1
+    vocab = embedding.num_embeddings
+    dummy = torch.arange(1, length + 1, device=embedding.weight.device) * 7919 % max(vocab - 1, 1)
+    dummy = dummy.view(1, -1)
+    return dummy, torch.ones_like(dummy)
+
+
+def _logits_of(output, name: str) -> Tensor:
+    """The logits in a model output: a tensor, `.logits`, or a tuple's first element."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise UnsupportedModelError(
+        f"the forward of {name} returned {type(output).__name__}, not logits (a tensor, a "
+        "tuple starting with one, or an output with .logits); pass "
+        "ModelAdapter(forward=lambda ids: <logits [B, T, C]>)"
+    )
+
+
+def verify_adapter(adapter: ModelAdapter) -> None:
+    """Check a hand-built adapter as discovered heads are checked: its last-layer logits on a
+    few dummy tokens must equal the model's own forward (`adapter.forward`, else
+    `adapter.module(input_ids)`). Raises `UnsupportedModelError` with the largest difference."""
+    module = adapter.module
+    name = type(module).__name__ if module is not None else "the adapter's model"
+    forward = adapter.forward if adapter.forward is not None else module
+    if forward is None:
+        raise UnsupportedModelError(
+            "ModelAdapter(module=None) without forward=...: the adapter cannot be checked "
+            "against the model; pass module=<the model> or forward=<input_ids -> logits>"
+        )
+    dummy, mask = _dummy_tokens(adapter.embedding, adapter.context_length)
+    with probe_mode(module):
+        try:
+            output = forward(dummy)
+        except Exception as error:  # noqa: BLE001 - reported with the way out
+            raise UnsupportedModelError(
+                f"calling the forward of {name} on input_ids of shape {tuple(dummy.shape)} "
+                f"failed ({type(error).__name__}: {error}); pass ModelAdapter(forward=lambda "
+                "ids: <logits [B, T, C]>)"
+            ) from error
+        _verify(_logits_of(output, name), adapter, dummy, mask, name)
+
+
+def _verify(expected: Tensor, adapter: ModelAdapter, dummy: Tensor, mask: Tensor,
+            name: str) -> None:
     """The adapter's head on last_hidden_state must reproduce the model's own logits."""
-    expected = model(input_ids=dummy, attention_mask=mask).logits.float()
+    expected = expected.float()
     last = adapter.hidden_states(dummy, mask)[-1]
     got = adapter.full_logits(last[0]) if adapter.kind in ("causal", "masked") else None
     tol = 1e-4 if last.dtype == torch.float32 else 3e-2
     scale = expected.abs().max().clamp(min=1.0)
     if got is not None:
-        err = (got - expected[0]).abs().max() / scale
-        if err > tol:
+        if got.shape != expected[0].shape:
             raise UnsupportedModelError(
-                f"the head of {type(model).__name__} could not be reproduced (relative "
-                f"error {float(err):.2e}); build a normx_callbacks.ModelAdapter with head=..."
+                f"the adapter's logits for {name} have shape {tuple(got.shape)}, the model's "
+                f"own {tuple(expected[0].shape)}; the head or hidden_states is wrong"
+            )
+        diff = (got - expected[0]).abs()
+        err = diff.max() / scale
+        if err > tol:
+            t, c = divmod(int(diff.argmax()), diff.shape[-1])
+            raise UnsupportedModelError(
+                f"the head of {name} could not be reproduced: largest difference "
+                f"{float(diff.max()):.4g} (relative error {float(err):.2e}) at position {t}, "
+                f"logit {c}: adapter {float(got[t, c]):.4g}, model {float(expected[0, t, c]):.4g}; "
+                "check the adapter's final_norm (applied to the last layer?) and head, or build "
+                "a normx_callbacks.ModelAdapter with head=..."
             )
         return
     per_token = adapter.head(last[0]).float()  # (T, C)
+    errors = []
     for position, index in (("first", 0), ("last", -1)):
-        err = (per_token[index] - expected[0]).abs().max() / scale
-        if err <= tol:
+        diff = (per_token[index] - expected[0]).abs().max()
+        if diff / scale <= tol:
             adapter.pool_position = position
             return
+        errors.append(float(diff))
     raise UnsupportedModelError(
-        f"the classifier of {type(model).__name__} applied to single tokens reproduces "
-        "neither its first- nor last-token logits; build a normx_callbacks.ModelAdapter "
-        "with head=... and pool_position=..."
+        f"the classifier of {name} applied to single tokens reproduces "
+        f"neither its first- nor last-token logits (largest differences {errors[0]:.4g}, "
+        f"{errors[1]:.4g}); build a normx_callbacks.ModelAdapter with head=... and "
+        "pool_position=..."
     )
