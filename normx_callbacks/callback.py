@@ -589,6 +589,9 @@ class NormXLogitCallback(Callback):
             "target_logit": attr.target_logits.tolist(),
             "target_prob": attr.target_probs.tolist(),
             "foil_id": enc.foils.tolist(),
+            # Every piece of the target / foil word; the explained ids are the first that differ.
+            "target_tokens": enc.target_tokens,
+            "foil_tokens": enc.foil_tokens,
             "contrast": [float(attr.contrast_logat[b, attr.positions[b]])
                          if attr.contrast_logat is not None and enc.foils[b] >= 0
                          else float("nan") for b in range(len(enc))],

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ class EncodedProbes:
     targets: torch.Tensor  # (N,) long token id, -1 when the probe has no target
     foils: torch.Tensor  # (N,) long token id, -1 when the probe has no foil
     probes: list[Probe]
+    # Every piece the target / foil word tokenises to (readable); [] when not given.
+    target_tokens: list[list[str]] = field(default_factory=list)
+    foil_tokens: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -156,6 +160,12 @@ class ProbeSet:
         target id is the first token the word gets after a space in context.
         Masked: ``[MASK]`` is replaced by ``tokenizer.mask_token``; the target id is the first
         token of the word, tokenised with a leading space when the placeholder follows one.
+
+        A target or foil of several tokens: the explained token is the first one where target
+        and foil differ, and the pieces they share are appended to the prefix (causal) or put
+        before the mask token (masked); without a foil, the target's first token. The pieces
+        are kept in ``target_tokens`` / ``foil_tokens`` and one warning lists the probes.
+        A target and foil that never differ (one is the other's leading pieces) are refused.
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -189,6 +199,17 @@ class ProbeSet:
                     "shorten the probe or use a model with a longer context"
                 )
             rows.append(row)
+        split = [f"{probe.id} ({' | '.join(_split_words(tokenizer, probe, row))})"
+                 for probe, row in zip(self.probes, rows, strict=True)
+                 if len(row.target_pieces) > 1 or len(row.foil_pieces) > 1]
+        if split:
+            warnings.warn(
+                f"{len(split)} probe(s) have a target or foil of several tokens: {'; '.join(split)}."
+                " Each explains the first token where target and foil differ (shared leading "
+                "tokens join the prefix), or the target's first token when there is no foil; "
+                "the store's probes table lists the pieces (target_tokens, foil_tokens)",
+                stacklevel=2,
+            )
         return _collate(tokenizer, rows, self.probes)
 
 
@@ -388,6 +409,8 @@ class _Row:
     position: int
     target: int
     foil: int
+    target_pieces: list[int] = field(default_factory=list)
+    foil_pieces: list[int] = field(default_factory=list)
 
 
 def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
@@ -425,35 +448,55 @@ def _cue_mask(
     return mask
 
 
-def _first_token(tokenizer: Any, word: str, label: str, name: str) -> int:
+def _word_pieces(tokenizer: Any, word: str, label: str, name: str) -> list[int]:
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ProbeError(
             f"{label}: {name} {word.strip()!r} tokenises to nothing; pick another word"
         )
-    return ids[0]
+    return list(ids)
 
 
-def _causal_word_id(
+def _causal_word_pieces(
     tokenizer: Any, text: str, text_ids: list[int], word: str, label: str, name: str
-) -> int:
+) -> list[int]:
     # In context, so byte-level BPE gives the word its leading-space form ("Ġare").
     ids, _, special = _tokenize(tokenizer, text + " " + word)
     ids = ids[: _strip_trailing_special(ids, special)]
     n = len(text_ids)
     if len(ids) > n and ids[:n] == text_ids:
-        return ids[n]
-    return _first_token(tokenizer, " " + word, label, name)
+        return ids[n:]
+    return _word_pieces(tokenizer, " " + word, label, name)
 
 
-def _check_contrast(tokenizer: Any, probe: Probe, label: str, target: int, foil: int) -> None:
-    if foil != -1 and foil == target:
-        token = tokenizer.convert_ids_to_tokens([target])[0]
+def _explained(
+    tokenizer: Any, probe: Probe, label: str, target: list[int], foil: list[int]
+) -> tuple[list[int], int, int]:
+    """(shared leading pieces, explained target id, explained foil id); -1 for absent words."""
+    if not target:
+        return [], -1, -1
+    if not foil:
+        return [], target[0], -1
+    k = 0
+    while k < min(len(target), len(foil)) and target[k] == foil[k]:
+        k += 1
+    if k == min(len(target), len(foil)):
+        pieces = tokenizer.convert_ids_to_tokens(target[:k])
         raise ProbeError(
-            f"{label}: target {probe.target!r} and foil {probe.foil!r} both start with token "
-            f"{token!r} (id {target}), so the contrast between them would be meaningless; "
-            "pick a foil whose first token differs"
+            f"{label}: target {probe.target!r} and foil {probe.foil!r} never differ token by "
+            f"token (shared pieces {pieces}, then one of them ends), so the contrast between "
+            "them would be meaningless; pick a foil that differs from the target in some token"
         )
+    return target[:k], target[k], foil[k]
+
+
+def _split_words(tokenizer: Any, probe: Probe, row: _Row) -> list[str]:
+    out = []
+    for name, word, pieces in (("target", probe.target, row.target_pieces),
+                               ("foil", probe.foil, row.foil_pieces)):
+        if word is not None:
+            out.append(f"{name} {word!r} -> {_readable(tokenizer, pieces)}")
+    return out
 
 
 def _encode_causal(tokenizer: Any, probe: Probe, label: str) -> _Row:
@@ -466,13 +509,15 @@ def _encode_causal(tokenizer: Any, probe: Probe, label: str) -> _Row:
     ids, offsets, special = ids[:end], offsets[:end], special[:end]
     spans = {cue: _cue_spans(text, cue) for cue in probe.cues}
     cue_mask = _cue_mask(label, offsets, special, spans)
-    target = foil = -1
+    target_pieces = foil_pieces = []
     if probe.target is not None:
-        target = _causal_word_id(tokenizer, text, ids, probe.target, label, "target")
+        target_pieces = _causal_word_pieces(tokenizer, text, ids, probe.target, label, "target")
     if probe.foil is not None:
-        foil = _causal_word_id(tokenizer, text, ids, probe.foil, label, "foil")
-    _check_contrast(tokenizer, probe, label, target, foil)
-    return _Row(ids, cue_mask, end - 1, target, foil)
+        foil_pieces = _causal_word_pieces(tokenizer, text, ids, probe.foil, label, "foil")
+    shared, target, foil = _explained(tokenizer, probe, label, target_pieces, foil_pieces)
+    ids = ids + shared
+    cue_mask = cue_mask + [False] * len(shared)
+    return _Row(ids, cue_mask, len(ids) - 1, target, foil, target_pieces, foil_pieces)
 
 
 def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
@@ -507,13 +552,19 @@ def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
     cue_mask = _cue_mask(label, offsets, special, spans)
     # The word form depends on whether a space precedes it (byte-level BPE: "Ġare" vs "are").
     spaced = start > 0 and probe.text[start - 1].isspace()
-    target = foil = -1
+    target_pieces = foil_pieces = []
     if probe.target is not None:
-        target = _first_token(tokenizer, " " * spaced + probe.target, label, "target")
+        target_pieces = _word_pieces(tokenizer, " " * spaced + probe.target, label, "target")
     if probe.foil is not None:
-        foil = _first_token(tokenizer, " " * spaced + probe.foil, label, "foil")
-    _check_contrast(tokenizer, probe, label, target, foil)
-    return _Row(ids, cue_mask, hits[0], target, foil)
+        foil_pieces = _word_pieces(tokenizer, " " * spaced + probe.foil, label, "foil")
+    shared, target, foil = _explained(tokenizer, probe, label, target_pieces, foil_pieces)
+    # Shared leading pieces go before the mask token, which then stands for the first
+    # piece where target and foil differ.
+    position = hits[0]
+    ids = ids[:position] + shared + ids[position:]
+    cue_mask = cue_mask[:position] + [False] * len(shared) + cue_mask[position:]
+    return _Row(ids, cue_mask, position + len(shared), target, foil, target_pieces,
+                foil_pieces)
 
 
 def _readable(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -546,4 +597,6 @@ def _collate(tokenizer: Any, rows: list[_Row], probes: list[Probe]) -> EncodedPr
         targets=torch.tensor([row.target for row in rows], dtype=torch.long),
         foils=torch.tensor([row.foil for row in rows], dtype=torch.long),
         probes=list(probes),
+        target_tokens=[_readable(tokenizer, row.target_pieces) for row in rows],
+        foil_tokens=[_readable(tokenizer, row.foil_pieces) for row in rows],
     )

@@ -400,10 +400,35 @@ def test_too_long_probe_names_count_and_limit(bpe) -> None:
         probes.encode(bpe, max_length=n - 1)
 
 
-def test_same_first_token_for_target_and_foil_is_rejected(bpe) -> None:
+def test_multi_token_target_and_foil_explain_their_first_differing_token(bpe) -> None:
     # Unseen Cyrillic words start with the same bare-space byte token in this vocabulary.
-    probes = ProbeSet([{"text": "The cat", "target": "жук", "foil": "жаба"}])
-    with pytest.raises(ProbeError, match=r"both start with token .* contrast .* meaningless"):
+    probes = ProbeSet([{"id": "bug", "text": "The cat", "target": "жук", "foil": "жаба"},
+                       {"id": "solo", "text": "The cat", "target": "жук"},
+                       {"id": "one", "text": "The cat", "target": "sat", "foil": "is"}])
+    with pytest.warns(UserWarning, match=r"2 probe\(s\) have a target or foil of several "
+                                         r"tokens: bug \(target 'жук' -> \[.*\]\); solo"):
+        enc = probes.encode(bpe)
+    prefix = bpe("The cat")["input_ids"]
+    target = bpe(" жук", add_special_tokens=False)["input_ids"]
+    foil = bpe(" жаба", add_special_tokens=False)["input_ids"]
+    k = next(i for i, (a, b) in enumerate(zip(target, foil, strict=False)) if a != b)
+    assert k >= 1
+    # Shared pieces join the prefix; the explained token is the first that differs.
+    n = len(prefix) + k
+    assert enc.input_ids[0, :n].tolist() == prefix + target[:k]
+    assert enc.attention_mask[0].sum() == n and enc.positions[0] == n - 1
+    assert (enc.targets[0], enc.foils[0]) == (target[k], foil[k])
+    assert not enc.cue_mask[0, len(prefix):].any()
+    assert len(enc.target_tokens[0]) == len(target) and len(enc.foil_tokens[0]) == len(foil)
+    # No foil: the target's first piece, prefix unchanged.
+    assert enc.positions[1] == len(prefix) - 1 and enc.targets[1] == target[0]
+    assert enc.foil_tokens[1] == [] and enc.target_tokens[2] == [" sat"]
+
+
+def test_indistinguishable_target_and_foil_are_rejected(bpe) -> None:
+    probes = ProbeSet([{"text": "The cat", "target": "жук", "foil": "жук"}])
+    with pytest.raises(ProbeError, match=r"never differ token by token .* contrast .* "
+                                         r"meaningless"):
         probes.encode(bpe)
 
 
@@ -499,8 +524,23 @@ def test_masked_needs_a_mask_token(bpe) -> None:
         ProbeSet(["The [MASK] sat"]).encode(bpe, objective="masked")
 
 
-def test_masked_same_first_token_is_rejected(wordpiece) -> None:
+def test_masked_indistinguishable_pair_is_rejected(wordpiece) -> None:
     # Both words are out of vocabulary, so both become [UNK].
     probes = ProbeSet([{"text": "The [MASK] sat", "target": "жук", "foil": "жаба"}])
-    with pytest.raises(ProbeError, match=r"both start with token '\[UNK\]'"):
+    with pytest.raises(ProbeError, match=r"never differ token by token \(shared pieces "
+                                         r"\['\[UNK\]'\]"):
         probes.encode(wordpiece, objective="masked")
+
+
+def test_masked_multi_token_pieces_go_before_the_mask(wordpiece) -> None:
+    target = wordpiece("cabinetry", add_special_tokens=False)["input_ids"]
+    foil = wordpiece("cabineta", add_special_tokens=False)["input_ids"]
+    k = next(i for i, (a, b) in enumerate(zip(target, foil, strict=False)) if a != b)
+    assert k >= 1, (target, foil)
+    probes = ProbeSet([{"text": "The [MASK] sat", "target": "cabinetry", "foil": "cabineta"}])
+    with pytest.warns(UserWarning, match="several tokens"):
+        enc = probes.encode(wordpiece, objective="masked")
+    position = int(enc.positions[0])
+    assert enc.input_ids[0, position] == wordpiece.mask_token_id
+    assert enc.input_ids[0, position - k : position].tolist() == target[:k]
+    assert (enc.targets[0], enc.foils[0]) == (target[k], foil[k])

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from normx_callbacks import ModelAdapter, NormXLogitCallback, ProbeError, load_run, normxlogit
 from normx_callbacks.demo import LanguageModel, TextDataModule, build_model
 from normx_callbacks.embeddings import TokenCounter
+from normx_callbacks.probes import _readable
 
 
 def trainer_for(root, callback, **kwargs) -> pl.Trainer:
@@ -173,6 +174,43 @@ def test_counter_reads_every_batch_format():
     # Position (1, 0) is a mask token with no label: never counted.
     got = masked.batch_counts({"input_ids": corrupt, "attention_mask": mask, "labels": labels})
     assert torch.equal(got, torch.tensor([0, 1, 1, 1, 1, 0]))
+
+
+# --------------------------------------------------------------------------- multi-token words
+
+
+def test_a_multi_token_target_is_never_cut_silently(causal_dm, tmp_path):
+    tok = causal_dm.tokenizer
+    house = tok(" farmhouse", add_special_tokens=False)["input_ids"]
+    land = tok(" farmland", add_special_tokens=False)["input_ids"]
+    k = next(i for i, (a, b) in enumerate(zip(house, land, strict=False)) if a != b)
+    assert len(tok(" cabinetry", add_special_tokens=False)["input_ids"]) > 1 and k >= 1
+    probes = [*causal_dm.probes[:2],
+              {"id": "cabinetry", "text": "the key near the", "target": "cabinetry"},
+              {"id": "farm", "text": "the key near the", "target": "farmhouse", "foil": "farmland"}]
+    model = TupleLM(tok, causal_dm.vocab_size)
+    callback = NormXLogitCallback(probes, media_probes=0, faithfulness_every=None,
+                                  store_dir=tmp_path / "store")
+    loader = DataLoader(TensorDataset(causal_dm._train.input_ids[:48, :-1],
+                                      causal_dm._train.input_ids[:48, 1:]), batch_size=16)
+    with pytest.warns(UserWarning, match=r"2 probe\(s\) have a target or foil of several tokens: "
+                                         r"cabinetry \(target 'cabinetry' -> .*; farm "):
+        trainer_for(tmp_path, callback, max_steps=2).fit(model, loader)
+
+    run = load_run(tmp_path / "store")
+    rows = run["probes"][run["probes"].step == 2].set_index("probe_id")
+    cab = tok(" cabinetry", add_special_tokens=False)["input_ids"]
+    assert list(rows.loc["cabinetry", "target_tokens"]) == _readable(tok, cab)
+    assert rows.loc["cabinetry", "target_id"] == cab[0]
+    assert list(rows.loc["farm", "foil_tokens"]) == _readable(tok, land)
+    assert (rows.loc["farm", "target_id"], rows.loc["farm", "foil_id"]) == (house[k], land[k])
+    assert list(rows.loc["sv-pp-000", "foil_tokens"]) == [" were"]
+    # The shared pieces joined the prefix: the explained position is the last of them.
+    prefix = len(tok("the key near the")["input_ids"])
+    assert rows.loc["farm", "position"] == prefix + k - 1
+    tokens = run["tokens"]
+    farm = tokens[(tokens.step == 2) & (tokens.probe_id == "farm") & (tokens.layer == 2)]
+    assert farm.sort_values("position")["token_id"].tolist()[prefix:] == house[:k]
 
 
 # --------------------------------------------------------------------------- model choice
