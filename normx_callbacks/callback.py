@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -474,17 +473,21 @@ class NormXLogitCallback(Callback):
     def _faithfulness(self, trainer: pl.Trainer) -> dict[str, float]:
         """AOPC of each configured method on the first `faithfulness_probes` probes."""
         n = self.faithfulness_probes
-        enc = self._encoded
-        subset = dataclasses.replace(
-            enc, ids=enc.ids[:n], input_ids=enc.input_ids[:n],
-            attention_mask=enc.attention_mask[:n], tokens=enc.tokens[:n],
-            cue_mask=enc.cue_mask[:n], positions=enc.positions[:n], targets=enc.targets[:n],
-            foils=enc.foils[:n], probes=enc.probes[:n])
+        subset = self._encoded.select(range(min(n, len(self._encoded))))
         protect = self._protect[:n].to(self.adapter.embedding.weight.device)
-        with trainer.precision_plugin.forward_context():
-            table = faithfulness_table(self.adapter, subset, self.faithfulness_methods,
-                                       replacement_id=self._replacement_id, protect=protect,
-                                       batch_size=self.probe_batch_size)
+        # A model that takes no attention mask sees padding as text: probes of each length
+        # are evaluated apart, and the per-instance means are combined by group size.
+        groups = ([(list(range(len(subset))), subset)] if self.adapter.accepts_mask
+                  else subset.equal_length_groups())
+        tables = []
+        for rows, group in groups:
+            with trainer.precision_plugin.forward_context():
+                part = faithfulness_table(self.adapter, group, self.faithfulness_methods,
+                                          replacement_id=self._replacement_id,
+                                          protect=protect[rows][:, : group.input_ids.shape[1]],
+                                          batch_size=self.probe_batch_size)
+            tables.append(part)
+        table = tables[0] if len(tables) == 1 else _weighted_means(pd.concat(tables))
         out = {}
         for row in table.itertuples(index=False):
             out[f"faithfulness/{row.method}/comprehensiveness"] = float(row.comprehensiveness)
@@ -767,3 +770,12 @@ def _choose_model(pl_module: pl.LightningModule, outer: list) -> Any:
             f"model_attr={name!r} to watch the frozen model on purpose"
         )
     return model
+
+
+def _weighted_means(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-method means over instances, from per-group means weighted by `n_instances`."""
+    weights = frame["n_instances"]
+    weighted = frame.drop(columns="method").mul(weights, axis=0)
+    weighted["method"] = frame["method"]
+    grouped = weighted.groupby("method", sort=False).sum(min_count=1)
+    return grouped.div(weights.groupby(frame["method"], sort=False).sum(), axis=0).reset_index()

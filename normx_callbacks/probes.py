@@ -76,6 +76,28 @@ class EncodedProbes:
         }
         return replace(self, **moved)
 
+    def select(self, rows: Sequence[int], width: int | None = None) -> EncodedProbes:
+        """The probes at ``rows``, tensors cut to the first ``width`` positions (default all)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        cut = slice(None) if width is None else slice(0, width)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[index.to(value.device)]
+                picked[f.name] = value[:, cut] if value.dim() == 2 else value
+            elif isinstance(value, list) and len(value) == len(self):
+                picked[f.name] = [value[i] for i in index.tolist()]
+        return replace(self, **picked)
+
+    def equal_length_groups(self) -> list[tuple[list[int], EncodedProbes]]:
+        """``(rows, probes)`` per probe length, each without padding (probes are right-padded):
+        what a model that takes no attention mask must be given."""
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        return [(rows, self.select(rows, length))
+                for length in sorted(set(lengths))
+                for rows in [[i for i, n in enumerate(lengths) if n == length]]]
+
 
 class ProbeSet:
     """A validated, ordered set of probes with unique ids."""

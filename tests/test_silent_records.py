@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normx_callbacks import ModelAdapter, NormXLogitCallback, ProbeError, load_run, normxlogit
+from normx_callbacks import (
+    ModelAdapter,
+    NormXLogitCallback,
+    ProbeError,
+    faithfulness_table,
+    load_run,
+    normxlogit,
+)
 from normx_callbacks.demo import LanguageModel, TextDataModule, build_model
 from normx_callbacks.embeddings import TokenCounter
 from normx_callbacks.probes import _readable
@@ -382,7 +389,8 @@ def test_a_model_without_mask_support_scores_padded_probes_as_alone(causal_dm, t
     probes = ["the table near the authors", "the farmer near the tables", "the keys",
               "the farmer near the tables behind the old red houses"]
     callback = NormXLogitCallback(probes, adapter=adapter, media_probes=0, layers="all",
-                                  faithfulness_every=None, store_dir=tmp_path / "store")
+                                  faithfulness_every=1, faithfulness_methods=("normxlogit",),
+                                  store_dir=tmp_path / "store")
     trainer_for(tmp_path, callback, max_steps=3).fit(model, causal_dm)
     enc = callback._encoded
     lengths = enc.attention_mask.sum(1)
@@ -395,6 +403,15 @@ def test_a_model_without_mask_support_scores_padded_probes_as_alone(causal_dm, t
                                    rtol=1e-5, atol=1e-6)
         assert int(batched.positions[b]) == n - 1
         assert torch.isnan(batched.logat[b, n:]).all()
+    # Faithfulness too: the mean over probes each evaluated alone.
+    alone = [faithfulness_table(adapter, enc.select([b], n), ("normxlogit",),
+                                replacement_id=callback._replacement_id,
+                                protect=callback._protect[[b], :n])
+             for b, n in enumerate(lengths.tolist())]
+    for key in ("comprehensiveness", "sufficiency"):
+        expected = sum(float(t[key].iloc[0]) for t in alone) / len(alone)
+        assert callback.last_metrics[f"faithfulness/normxlogit/{key}"] == pytest.approx(
+            expected, rel=1e-5, abs=1e-7)
     # The same batch through the padded path differs: the case the grouping exists for.
     padded = normxlogit(dataclasses.replace(adapter, accepts_mask=True), enc.input_ids,
                         enc.attention_mask)
