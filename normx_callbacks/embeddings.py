@@ -269,11 +269,11 @@ class TokenCounter:
         weights = (ids >= 0) & (ids < self.vocab_size)
         if keep is not None:
             weights = weights & keep.reshape(-1).to(ids.device)
-        # Weighted bincount: out-of-range ids get weight 0 instead of a data-dependent
-        # boolean index, which would need a host sync on GPU.
-        return torch.bincount(ids.clamp(0, self.vocab_size - 1),
-                              weights=weights.to(torch.float32),
-                              minlength=self.vocab_size).round().long()
+        # scatter_add with 0/1 weights: out-of-range and skipped positions add 0. A boolean
+        # index would need a host sync on GPU, and so would `torch.bincount` (it reads the
+        # largest id to size its output).
+        counts = torch.zeros(self.vocab_size, dtype=torch.long, device=ids.device)
+        return counts.scatter_add_(0, ids.clamp(0, self.vocab_size - 1), weights.long())
 
     @torch.no_grad()
     def update(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
