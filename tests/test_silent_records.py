@@ -310,6 +310,23 @@ def test_a_frozen_hf_model_beside_a_trainable_one_is_refused_and_the_adapter_pat
     assert callback.last_metrics["embedding/drift"] > 0
 
 
+def test_of_two_hf_models_the_trainable_one_is_watched(causal_dm, tmp_path):
+    class DistilLM(TupleLM):
+        def __init__(self, tokenizer, vocab_size):
+            super().__init__(tokenizer, vocab_size)
+            self.teacher = build_model("gpt2", vocab_size=vocab_size, d_model=16, n_layers=1,
+                                       n_heads=2, context=64, dropout=0.0).requires_grad_(False)
+
+    model = DistilLM(causal_dm.tokenizer, causal_dm.vocab_size)
+    callback = NormXLogitCallback(causal_dm.probes, media_probes=0, faithfulness_every=None,
+                                  store_dir=tmp_path / "store")
+    loader = DataLoader(TensorDataset(causal_dm._train.input_ids[:16, :-1],
+                                      causal_dm._train.input_ids[:16, 1:]), batch_size=16)
+    trainer_for(tmp_path, callback, max_steps=1).fit(model, loader)
+    assert callback.adapter.module is model.model
+    assert callback.last_metrics["embedding/drift"] > 0
+
+
 def test_a_bare_body_without_a_head_is_refused_saying_so(causal_dm, tmp_path):
     from transformers import LlamaConfig, LlamaModel
 
