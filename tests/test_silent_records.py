@@ -29,9 +29,11 @@ from normx_callbacks import (
     ModelAdapter,
     NormXLogitCallback,
     ProbeError,
+    UnsupportedModelError,
     faithfulness_table,
     load_run,
     normxlogit,
+    verify_adapter,
 )
 from normx_callbacks.demo import LanguageModel, TextDataModule, build_model
 from normx_callbacks.embeddings import TokenCounter
@@ -380,6 +382,22 @@ def test_an_adapter_that_forgets_the_final_norm_is_refused_with_the_largest_diff
         trainer.fit(model, causal_dm)
     assert trainer.global_step == 0
     assert not (tmp_path / "store").exists()
+
+
+def test_verify_adapter_reads_every_forward_output_and_names_what_is_wrong():
+    torch.manual_seed(0)
+    gpt = SmallGPT(50)
+    verify_adapter(small_gpt_adapter(gpt))  # module(ids) returns the logits tensor
+    # nanoGPT's inference path: (logits of the last position only, loss)
+    verify_adapter(small_gpt_adapter(gpt, forward=lambda ids: (gpt(ids)[:, -1:], None)))
+    with pytest.raises(UnsupportedModelError, match=r"returned dict, not logits"):
+        verify_adapter(small_gpt_adapter(gpt, forward=lambda ids: {"logits": gpt(ids)}))
+    with pytest.raises(UnsupportedModelError, match=r"have shape \(8, 50\), the model's own "
+                                                    r"\(8, 10\)"):
+        verify_adapter(small_gpt_adapter(gpt, forward=lambda ids: gpt(ids)[..., :10]))
+    assert small_gpt_adapter(gpt, context_length=12).context_length == 12
+    with pytest.raises(ValueError, match=r"context_length=0\) must be a positive int"):
+        small_gpt_adapter(gpt, context_length=0)
 
 
 def test_a_probe_longer_than_the_adapter_models_context_fails_in_setup(causal_dm, tmp_path):
