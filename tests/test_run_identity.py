@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from normx_callbacks import NormXLogitCallback, StoreError, load_run
+from normx_callbacks import NormXLogitCallback, StoreError, load_run, plots
 from normx_callbacks.cli import main
 from normx_callbacks.demo import LanguageModel, TextDataModule
-from normx_callbacks.store import RUN_FILE, find_runs
+from normx_callbacks.store import RUN_FILE, find_runs, load_store
 
 CALLBACK_LOG = "normx_callbacks.callback"
 
@@ -222,11 +222,14 @@ def test_report_compares_runs_of_one_directory_and_refuses_an_unknown_selector(
         fit(dm, tmp_path, [callback()], max_steps=2, seed=seed)
     ids = sorted(info.run_id for info in find_runs(tmp_path))
     code, out, err = run_cli(capsys, "report", tmp_path, "--run", "all", "-o",
-                             tmp_path / "r.html", "-q")
+                             tmp_path / "r.html", "-q", "--max-probes", "0")
     assert code == 0 and "2 run(s)" in out, err
     html = (tmp_path / "r.html").read_text()
     assert str(tmp_path / "normx") in html
     assert all(str(info.path) in html for info in find_runs(tmp_path))
+    second = next(info for info in find_runs(tmp_path) if info.path.name != "normx")
+    labels = plots.run_labels([load_store(info.path) for info in find_runs(tmp_path)])
+    assert labels == [tmp_path.name, second.path.name]  # the runs are told apart by name
 
     code, _, err = run_cli(capsys, "export", tmp_path, "--run", "f" * 40, "-o", tmp_path / "x")
     assert code == 1 and "matches no run" in err and ids[0] in err and ids[1] in err
