@@ -20,7 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from normx_callbacks import NormXLogitCallback, load_run
-from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule
+from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule, cli_errors
+from normx_callbacks.demo.cli_errors import OneLineParser
 from normx_callbacks.demo.progress import StepProgressBar
 from normx_callbacks.store import StoreError
 from normx_callbacks.summary import headline_lines, next_commands, summary_paragraph
@@ -43,6 +44,15 @@ class NormXCLI(LightningCLI):
         if wants_bar and not has_bar and (config.get("max_steps") or -1) > 0 and _RICH_AVAILABLE:
             callbacks = [*callbacks, StepProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_classes(self) -> None:
+        # A value a class refuses (e.g. `schedule: logarithmic`): its message, not two tracebacks.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            if cli_errors.DEBUG["on"]:
+                raise
+            cli_errors.refuse(error)
 
     def before_fit(self) -> None:
         expected = ARCHITECTURES[self.model.hparams.arch][1]
@@ -100,7 +110,15 @@ def end_of_run_message(trainer, log_dir: str, stores: list[Path]) -> str:
     return "\n".join(lines)
 
 def main(args=None) -> None:
+    """Run the CLI; `--debug` (anywhere) keeps full parser messages and tracebacks."""
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        cli_errors.DEBUG["on"] = "--debug" in sys.argv
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+    else:
+        cli_errors.DEBUG["on"] = "--debug" in args
+        args = [a for a in args if a != "--debug"]
     NormXCLI(LanguageModel, TextDataModule, save_config_kwargs={"overwrite": True},
+             parser_class=OneLineParser,
              args=args)
 
 

@@ -182,3 +182,43 @@ def test_progress_bar_counts_steps_of_max_steps(tmp_path, cache, capsys):
     out = capsys.readouterr().out
     assert "3/3" in out and "Step" in out
     assert "Epoch 0/-2" not in out
+
+
+def _error_of(args: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return exit_info.value.code, err
+
+
+def test_misspelled_option_in_a_config_names_the_closest(tmp_path, cache, capsys):
+    text = (ROOT / "configs" / "tiny.yaml").read_text().replace("every_n_steps: 100",
+                                                                "every_n_step: 100")
+    (tmp_path / "typo.yaml").write_text(text)
+    args = _args("tiny.yaml", tmp_path, cache)
+    args[args.index("--config") + 1] = str(tmp_path / "typo.yaml")
+    code, err = _error_of(args, capsys)
+    assert code == 2
+    assert err[0] == "train.py: error: unknown option 'every_n_step'; did you mean 'every_n_steps'?"
+    assert len(err) == 2 and "--debug" in err[1]
+
+
+def test_misspelled_option_on_the_command_line_names_the_closest(tmp_path, cache, capsys):
+    code, err = _error_of(_args("tiny.yaml", tmp_path, cache) + ["--model.d_modle", "8"], capsys)
+    assert code == 2
+    assert err[0] == ("train.py: error: unknown option 'model.d_modle'; "
+                      "did you mean 'model.d_model'?")
+    assert len(err) == 2
+
+
+def test_invalid_choice_is_one_line_with_the_choices_and_debug_shows_the_traceback(
+        tmp_path, cache, capsys):
+    args = _args("tiny.yaml", tmp_path, cache) + [
+        "--trainer.callbacks.init_args.schedule", "logarithmic"]
+    code, err = _error_of(args, capsys)
+    assert code == 2
+    assert [e for e in err if "error" in e] == [
+        "train.py: error: schedule='logarithmic' is not one of ('log', 'interval', 'steps')"]
+    assert not any("Traceback" in e for e in err)
+    with pytest.raises(ValueError, match="logarithmic"):
+        train.main([*args, "--debug"])
