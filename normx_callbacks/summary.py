@@ -194,6 +194,7 @@ def next_commands(store: str | os.PathLike, *, tensorboard_dir: str | os.PathLik
         lines.append(f"make dashboard RUN={logdir}" if make and logdir == run else
                      f"{_tool('tensorboard', cwd)} --logdir {logdir} "
                      "--samples_per_plugin images=200,text=200")
+        lines[-1] += "  # then open http://localhost:6006/#custom_scalars"
     if wandb_url:
         lines.append(f"open {wandb_url}")
     elif wandb_dir is not None:
