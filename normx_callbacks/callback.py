@@ -24,10 +24,11 @@ from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, snapshot_embeddings
 from .faithfulness import faithfulness_table, replacement_for, special_token_mask
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
-from .loggers import LoggerSink, token_html
+from .loggers import LoggerSink, norm_extremes, token_html
 from .methods import GRADIENT_METHODS, METHODS, require_captum
 from .metrics import evidence_alignment, rank_stability, spearman
 from .probes import EncodedProbes, ProbeSet
+from .probes import _readable as readable_tokens
 from .schedule import SnapshotSchedule
 from .store import STORE_DIRNAME, SnapshotStore
 
@@ -283,6 +284,7 @@ class NormXLogitCallback(Callback):
         self._tokens = self._encoded.tokens
         self._track_ids = self._resolve_tracked(tokenizer)
         self._token_strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self._text_of = partial(readable_tokens, tokenizer)  # ids -> decoded token text
         if self.faithfulness_every:
             gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
             if gradient:
@@ -677,14 +679,17 @@ class NormXLogitCallback(Callback):
                         self.store.root)
 
     def _log(self, step, metrics, attr: Attribution, embed, tables) -> None:
+        with self._sink.snapshot(step):  # W&B: one log call for the snapshot's media
+            self._log_all(step, metrics, attr, embed, tables)
+
+    def _log_all(self, step, metrics, attr: Attribution, embed, tables) -> None:
         sink = self._sink
         sink.scalars({f"{PREFIX}/{k}": v for k, v in metrics.items()}, step)
         sink.histogram(f"{PREFIX}/embedding/norms", embed.norms.numpy(), step)
-        top = pd.DataFrame(
-            [("top", i, self._token_strings[t], n) for i, (t, n) in enumerate(embed.top)]
-            + [("bottom", i, self._token_strings[t], n) for i, (t, n) in enumerate(embed.bottom)],
-            columns=["list", "rank", "token", "norm"])
-        sink.table(f"{PREFIX}/embedding/top", top, step)
+        seen, never_seen = norm_extremes(embed.norms.numpy(), self._counter.counts.cpu().numpy(),
+                                         self.top_k, self._text_of)
+        sink.table(f"{PREFIX}/embedding/top", seen, step)  # tokens seen in training, counts
+        sink.table(f"{PREFIX}/embedding/top_never_seen", never_seen, step)
         enc = self._encoded
         self._history.append((step, attr.scores[: self.media_probes].numpy()))
         for b in range(min(self.media_probes, len(enc))):

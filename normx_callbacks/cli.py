@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 import unicodedata
 import warnings
@@ -124,6 +125,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .report import headline_table
+    from .summary import summary_paragraph
 
     run = _load(args.run_dir)
     meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
@@ -141,6 +143,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
     print("\nap/dp: evidence alignment of the cue words (random = expected by chance); "
           "stability: Spearman vs the previous snapshot.")
+    paragraph = summary_paragraph(run)
+    if paragraph:
+        print()
+        print(textwrap.fill(paragraph, width=100))
     return 0
 
 
