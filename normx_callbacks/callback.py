@@ -26,7 +26,7 @@ from .faithfulness import faithfulness_table, replacement_for, special_token_mas
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .loggers import LoggerSink, token_html
 from .methods import GRADIENT_METHODS, METHODS, require_captum
-from .metrics import evidence_alignment, rank_stability, spearman
+from .metrics import evidence_alignment, group_contrast, rank_stability, spearman
 from .probes import EncodedProbes, ProbeSet
 from .schedule import SnapshotSchedule
 from .store import STORE_DIRNAME, SnapshotStore
@@ -73,7 +73,8 @@ class NormXLogitCallback(Callback):
     (`<log_dir>/normx`, see `normx_callbacks.load_run`) and logs to every logger.
 
     Args:
-        probes: a `ProbeSet`, a list of texts/dicts, or a YAML/JSON/JSONL path;
+        probes: a `ProbeSet`, a list of texts/dicts, a YAML/JSON/JSONL path, or
+            `"blimp:PATH"` (BLiMP-format file, directory or glob, see `ProbeSet.from_blimp`);
             default `trainer.datamodule.probes`.
         tokenizer: a fast HF tokenizer; default `pl_module.tokenizer`, then
             `trainer.datamodule.tokenizer`.
@@ -111,6 +112,8 @@ class NormXLogitCallback(Callback):
         - `probe/target_prob`, `probe/target_logit`: mean over probes
         - `probe/accuracy`: fraction of probes with target logit > foil logit (foils only)
         - `probe/contrast`: mean target-minus-foil logit at the explained position
+        - `probe/{accuracy,contrast}/<group>`: the same per probe group (e.g. BLiMP paradigm)
+        - `alignment/probes_without_cues`: probes left out of the alignment metrics
         - `alignment/{ap,dp}` and `alignment/{ap,dp}_random`: evidence alignment of cue
           words (NormXLogit, last layer) and its random baseline; `alignment/ap_logat`
         - `alignment/ap_layer<l>`: AP per requested layer
@@ -526,6 +529,13 @@ class NormXLogitCallback(Callback):
             contrast = attr.contrast_logat[rows, attr.positions[rows]]
             m["probe/contrast"] = float(contrast.mean())
             m["probe/accuracy"] = float((contrast > 0).float().mean())
+            groups = [enc.probes[i].group for i in rows.tolist()]
+            for group, (accuracy, mean) in group_contrast(contrast, groups).items():
+                m[f"probe/accuracy/{group}"] = accuracy
+                m[f"probe/contrast/{group}"] = mean
+        without_cues = int((~enc.cue_mask.any(dim=1)).sum())
+        if without_cues and bool(enc.cue_mask.any()):
+            m["alignment/probes_without_cues"] = float(without_cues)  # left out of alignment
         if bool(enc.cue_mask.any()):
             layer_scores = attr.layer_scores if attr.layer_scores is not None else \
                 attr.scores[:, None]
@@ -584,6 +594,7 @@ class NormXLogitCallback(Callback):
         probes = pd.DataFrame({
             "probe_id": enc.ids,
             "text": [p.text for p in enc.probes],
+            "group": [p.group for p in enc.probes],
             "position": attr.positions.tolist(),
             "target_id": attr.targets.tolist(),
             "target": [self._token_strings[i] if 0 <= i < len(self._token_strings) else str(i)
