@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import RunData
+from .store import RunData, StoreError, find_runs, read_run_record
 
 ACCURACY_MARK = 0.9  # the accuracy level the summary reports the crossing of
 
@@ -170,6 +170,16 @@ def _has_make_targets(cwd: Path) -> bool:
     return all(f"\n{t}:" in text for t in ("summary", "report", "dashboard"))
 
 
+def _run_selector(store: Path) -> str:
+    """`` --run <id prefix>`` when the run directory holds other runs' stores too, else ''."""
+    record = read_run_record(store)
+    try:
+        several = record is not None and len(find_runs(store.parent)) > 1
+    except StoreError:
+        several = False
+    return f" --run {record['run_id'][:8]}" if several else ""
+
+
 def next_commands(store: str | os.PathLike, *, tensorboard_dir: str | os.PathLike | None = None,
                   wandb_dir: str | os.PathLike | None = None, wandb_url: str | None = None,
                   cwd: str | os.PathLike | None = None) -> list[str]:
@@ -182,13 +192,14 @@ def next_commands(store: str | os.PathLike, *, tensorboard_dir: str | os.PathLik
     """
     cwd = Path(cwd or os.getcwd())
     run = _shown(Path(store).parent, cwd)  # the run directory: the store is found below it
-    make = _has_make_targets(cwd)
+    select = _run_selector(Path(store))
+    make = _has_make_targets(cwd) and not select
     if make:
         lines = [f"make summary RUN={run}", f"make report RUN={run}"]
     else:
         normx = _tool("normx", cwd)
         report = _shown(Path(store).parent / "report.html", cwd)
-        lines = [f"{normx} summary {run}", f"{normx} report {run} -o {report}"]
+        lines = [f"{normx} summary {run}{select}", f"{normx} report {run}{select} -o {report}"]
     if tensorboard_dir is not None:
         logdir = _shown(tensorboard_dir, cwd)
         lines.append(f"make dashboard RUN={logdir}" if make and logdir == run else

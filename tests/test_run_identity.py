@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from normx_callbacks import NormXLogitCallback, StoreError, load_run, plots
 from normx_callbacks.cli import main
 from normx_callbacks.demo import LanguageModel, TextDataModule
 from normx_callbacks.store import RUN_FILE, find_runs, load_store
+from normx_callbacks.summary import next_commands
 
 CALLBACK_LOG = "normx_callbacks.callback"
 
@@ -124,6 +126,11 @@ def test_a_second_fresh_run_writes_beside_the_first_never_into_it(dm, tmp_path, 
     assert "half-written" not in err  # case 3: the real cause, without --debug
     code, out, err = run_cli(capsys, "summary", tmp_path, "--run", first["run_id"][:8])
     assert code == 0 and f"run:       {first['run_id']}" in out and "steps 0..5" in out
+    # The end-of-run message's next commands work as printed for either run.
+    for store, steps in ((first_store, "steps 0..5"), (second_store, "steps 0..3")):
+        [summary] = [c for c in next_commands(store, cwd=Path.cwd()) if " summary " in c]
+        code, out, err = run_cli(capsys, "summary", *shlex.split(summary.split(" summary ")[1]))
+        assert code == 0 and steps in out, (summary, err)
 
 
 def _second_id(first_store: Path) -> str:
