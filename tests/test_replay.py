@@ -156,3 +156,27 @@ def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, 
     assert main(["replay", str(root / "hf"), "-o", str(tmp_path / "s4"), "--probes",
                  "blimp:/nonexistent", "-q"]) == 1
     assert "--probes: BLiMP path '/nonexistent' matches no .jsonl file" in capsys.readouterr().err
+
+
+def test_blimp_suite_replays_through_a_model_class_and_reaches_the_report(trained, dm, tmp_path):
+    from test_blimp import PARADIGMS, write_blimp
+
+    root, _ = trained
+    blimp = write_blimp(tmp_path / "blimp")
+    store = tmp_path / "store"
+    code = main(["replay", str(root / "ckpt"), "-o", str(store), "--probes", f"blimp:{blimp}",
+                 "--model-class", "normx_callbacks.demo:LanguageModel", "--tokenizer",
+                 str(root / "hf" / "checkpoint-4"), "--layers", "last", "-q"])
+    assert code == 0
+    run = load_run(store)
+    assert run.steps == list(SAVED)
+    metrics = run["metrics"][run["metrics"].step == 8].set_index("key")["value"]
+    probes = run["probes"][run["probes"].step == 8]
+    for group in PARADIGMS:
+        rows = probes[probes.group == group]
+        assert metrics[f"probe/accuracy/{group}"] == pytest.approx(float((rows.contrast > 0).mean()))
+    assert set(run["tokens"]["layer"]) == {2}  # --layers last
+    assert main(["report", str(store), "-o", str(tmp_path / "r.html"), "-q"]) == 0
+    assert 'alt="accuracy per group"' in (tmp_path / "r.html").read_text("utf-8")
+    assert main(["replay", str(root / "ckpt"), "-o", str(store), "--probes", f"blimp:{blimp}",
+                 "--model-class", "normx_callbacks.demo:Nope", "-q"]) == 1
