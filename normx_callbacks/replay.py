@@ -160,6 +160,23 @@ def _import_class(spec: str) -> type:
     return cls
 
 
+class _EncodedOnce(ProbeSet):
+    """A probe set encoded once per tokenizer, objective and length: every checkpoint of a
+    series shares them, so the work (and its warnings about skipped probes) happens once."""
+
+    def __init__(self, probes: ProbeSet) -> None:
+        self.__dict__.update(probes.__dict__)
+        self._cache: dict[tuple, Any] = {}
+
+    def encode(self, tokenizer: Any, *, objective: str = "causal",
+               max_length: int | None = None):
+        key = (id(tokenizer), objective, max_length)
+        if key not in self._cache:
+            self._cache = {key: super().encode(tokenizer, objective=objective,
+                                               max_length=max_length)}
+        return self._cache[key]
+
+
 class _Holder(nn.Module):
     """A bare module around a Hugging Face model, where the callback looks for it."""
 
@@ -266,7 +283,7 @@ def replay(
     if isinstance(model_class, str):
         model_class = _import_class(model_class)
     try:
-        probe_set = ProbeSet.coerce(probes)
+        probe_set = _EncodedOnce(ProbeSet.coerce(probes))
     except (ValueError, OSError) as error:
         raise ReplayError([f"--probes: {error}"]) from None
     series = resolve_checkpoints(checkpoints, steps)
