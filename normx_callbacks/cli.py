@@ -425,7 +425,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                          tokenizer=args.tokenizer, layers=None if layers == "last" else layers,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          model_class=args.model_class, steps=_parse_steps(args.steps),
-                         faithfulness=args.faithfulness, progress=not args.quiet)
+                         faithfulness=args.faithfulness, count_corpus=args.count_corpus,
+                         progress=not args.quiet)
     except ReplayError as error:
         if getattr(args, "debug", False):
             raise
@@ -541,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="comma-separated step of each checkpoint, in order")
     p.add_argument("--faithfulness", action="store_true",
                    help="also compute AOPC faithfulness at each step")
+    p.add_argument("--count-corpus", metavar="TEXT",
+                   help="text file whose token counts fill the count column (same at every step)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 

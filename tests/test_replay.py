@@ -89,6 +89,18 @@ def test_replay_of_hf_folders_equals_what_the_callback_recorded(trained, dm, tmp
     assert_same_scores(replayed, recorded, SAVED)
     assert set(replayed["probes"].columns) == set(recorded["probes"].columns)
     assert set(replayed["embedding"]["count"]) == {0}  # no batches seen: counts say so
+    text = tmp_path / "corpus.txt"
+    text.write_text("the keys near the cabinet are red\n\nthe key is red\n", "utf-8")
+    replay(root / "hf" / "checkpoint-8", probes=dm.probes, store_dir=tmp_path / "counted",
+           count_corpus=text, progress=False)
+    counted = load_run(tmp_path / "counted")
+    ids = dm.tokenizer(["the keys near the cabinet are red", "the key is red"],
+                       add_special_tokens=False)["input_ids"]
+    expected = pd.Series([i for line in ids for i in line]).value_counts()
+    got = counted["embedding"].set_index("token_id")["count"]
+    assert got[got > 0].sort_index().to_dict() == expected.sort_index().to_dict()
+    rho = counted["metrics"].set_index("key")["value"]["embedding/norm_logfreq_spearman"]
+    assert rho == rho  # defined once counts exist
 
 
 def test_demo_ckpt_series_replays_and_a_second_call_skips_committed_steps(trained, dm, tmp_path,
@@ -153,6 +165,9 @@ def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, 
     with pytest.raises(ReplayError, match="final_model: cannot tell its training step"):
         resolve_checkpoints([root / "hf" / "checkpoint-8", unnamed])
     assert [c.step for c in resolve_checkpoints([unnamed], steps=[12])] == [12]
+    assert main(["replay", str(root / "hf"), "-o", str(tmp_path / "s5"), "--probes",
+                 str(_probe_file(dm, tmp_path)), "--count-corpus", "nope.txt", "-q"]) == 1
+    assert "--count-corpus 'nope.txt': no such file" in capsys.readouterr().err
     assert main(["replay", str(root / "hf"), "-o", str(tmp_path / "s4"), "--probes",
                  "blimp:/nonexistent", "-q"]) == 1
     assert "--probes: BLiMP path '/nonexistent' matches no .jsonl file" in capsys.readouterr().err
