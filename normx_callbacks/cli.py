@@ -364,7 +364,7 @@ def cmd_faithfulness(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, tokenizer=args.tokenizer)
     adapter = resolve_adapter(model)
     if args.probes:
-        probes = ProbeSet.from_file(args.probes) if Path(args.probes).suffix != ".txt" else \
+        probes = ProbeSet.coerce(args.probes) if Path(args.probes).suffix != ".txt" else \
             ProbeSet([line.strip() for line in Path(args.probes).read_text("utf-8").splitlines()
                       if line.strip()])
     else:
@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="Lightning .ckpt of normx_callbacks.demo.LanguageModel or an HF model dir")
     p.add_argument("--probes", metavar="FILE",
-                   help="probe file (.yaml/.jsonl/.json) or a .txt file with one text per line")
+                   help="probe file (.yaml/.jsonl/.json), blimp:PATH, or a .txt file with one "
+                   "text per line")
     p.add_argument("--suite", default="agreement",
                    help="built-in held-out probe suite when --probes is not given: agreement "
                    "or docs (default: %(default)s)")

@@ -195,3 +195,8 @@ def test_blimp_suite_replays_through_a_model_class_and_reaches_the_report(traine
     assert 'alt="accuracy per group"' in (tmp_path / "r.html").read_text("utf-8")
     assert main(["replay", str(root / "ckpt"), "-o", str(store), "--probes", f"blimp:{blimp}",
                  "--model-class", "normx_callbacks.demo:Nope", "-q"]) == 1
+    ckpt = next((root / "ckpt").glob("*step=8.ckpt"))
+    assert main(["faithfulness", str(ckpt), "--probes", f"blimp:{blimp}", "--methods",
+                 "normxlogit,random", "--tokenizer", str(root / "hf" / "checkpoint-4"),
+                 "-o", str(tmp_path / "f.csv")]) == 0
+    assert set(pd.read_csv(tmp_path / "f.csv")["method"]) == {"normxlogit", "random"}
