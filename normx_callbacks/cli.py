@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 import unicodedata
 import warnings
@@ -125,6 +126,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .report import headline_table
+    from .summary import summary_paragraph
 
     run = _load(args.run_dir)
     meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
@@ -140,8 +142,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print()
     table = headline_table(run)
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
-    print("\nap/dp: evidence alignment of the cue words (random = expected by chance); "
-          "stability: Spearman vs the previous snapshot.")
+    print("\nap, dp_raw (the paper's DP), dp_z (DP of per-probe standardised scores, "
+          "scale-free; random: dp_random): evidence alignment of the cue words, NormXLogit at "
+          "the last layer (random = expected by chance); stability: Spearman vs the previous "
+          "snapshot. 95% intervals over probes: load_run(...).metrics low/high.")
+    paragraph = summary_paragraph(run)
+    if paragraph:
+        print()
+        print(textwrap.fill(paragraph, width=100))
     return 0
 
 
@@ -351,7 +359,7 @@ def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
 def cmd_faithfulness(args) -> int:
     """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
     from .checkpoints import load_model_and_tokenizer
-    from .faithfulness import faithfulness_table, replacement_for, special_token_mask
+    from .faithfulness import faithfulness_table, resolve_replacement
     from .heads import resolve_adapter
     from .methods import METHODS
     from .probes import ProbeSet
@@ -378,11 +386,15 @@ def cmd_faithfulness(args) -> int:
     encoded = probes.encode(tokenizer, objective=adapter.kind, max_length=max_length)
     print(f"faithfulness of {args.checkpoint} on {len(encoded)} probes: {', '.join(methods)}",
           file=sys.stderr)
+    replacement = resolve_replacement(tokenizer, args.replacement)
     table = faithfulness_table(
-        model, encoded, methods, replacement_id=replacement_for(tokenizer),
-        protect=special_token_mask(encoded.input_ids, tokenizer), n_steps=args.n_steps,
-        batch_size=args.batch_size)
-    shown = table.drop(columns=["n_instances"]).round(4)
+        model, encoded, methods, replacement=replacement, tokenizer=tokenizer,
+        removal=args.removal, n_steps=args.n_steps, batch_size=args.batch_size)
+    print(f"removal: {replacement.describe()}, count rule {args.removal!r}; "
+          f"{int(table['degenerate_cells'].iloc[0])} of {int(table['cells'].iloc[0])} "
+          "(probe, k) cells degenerate; [low, high]: 95% bootstrap interval over probes",
+          file=sys.stderr)
+    shown = table.drop(columns=["n_instances", "cells", "degenerate_cells"]).round(4)
     print(shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False))
     for out in args.output or []:
         path = Path(out)
@@ -450,6 +462,8 @@ def _has_tabulate() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .faithfulness import REMOVALS, REPLACEMENTS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks and library warnings")
@@ -498,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("faithfulness", parents=[common], help="AOPC table for a checkpoint",
-                       description="Comprehensiveness and sufficiency (AOPC, PAPER.md section 2) "
+                       description="Comprehensiveness and sufficiency (AOPC) "
                        "of each attribution method on a checkpoint and a probe set, with time "
                        "per instance and peak memory, as in the paper's tables.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
@@ -517,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=int, default=50, help="Integrated Gradients steps")
     p.add_argument("--batch-size", type=int, default=16, help="rows per attribution pass")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: found)")
+    p.add_argument("--replacement", default="auto", choices=REPLACEMENTS,
+                   help="how a token is removed (default: %(default)s: the tokenizer's mask "
+                   "token, else its eos token, else deletion by attention mask)")
+    p.add_argument("--removal", default="nearest", choices=REMOVALS,
+                   help="tokens removed at fraction k of n: nearest = round(k*n) within 1..n-1, "
+                   "floor = int(k*n) as originally (default: %(default)s)")
     p.add_argument("-o", "--output", action="append", metavar="FILE",
                    help="also write the table as .csv or .md (repeatable)")
     p.set_defaults(func=cmd_faithfulness)
