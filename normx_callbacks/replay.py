@@ -32,7 +32,7 @@ from .checkpoints import (
     _load_tokenizer,
 )
 from .probes import ProbeSet
-from .store import SnapshotStore
+from .store import SnapshotStore, _read_meta
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,16 @@ def replay(
                              enable_checkpointing=False)
     with _no_hf_progress():  # one bar: ours, not one per checkpoint load
         return _replay_series(callback, trainer, series, todo, model_class, device, dtype,
-                              progress, count_corpus)
+                              progress, count_corpus, _stored_shape(store))
+
+
+def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
+    """The architecture a store already holds snapshots of, as `_shape` gives it; None if new."""
+    if not store.steps():
+        return None
+    meta = _read_meta(store.root).get("run_meta", {})
+    shape = (meta.get("model"), meta.get("num_layers"), meta.get("vocab_size"))
+    return (f"the store {store.root}", shape) if None not in shape else None
 
 
 @contextmanager
@@ -343,13 +352,13 @@ def _no_hf_progress():
 
 def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Checkpoint],
                    model_class: type | None, device: str, dtype: str, progress: bool,
-                   count_corpus: str | os.PathLike | None = None) -> list[int]:
+                   count_corpus: str | os.PathLike | None = None,
+                   first: tuple[Any, tuple] | None = None) -> list[int]:
     """Load, check and measure each checkpoint of ``todo``; the steps written."""
     from tqdm.auto import tqdm
 
     errors: list[str] = []
     written: list[int] = []
-    first: tuple | None = None
     counts: torch.Tensor | None = None
     bar = tqdm(todo, desc="replay", unit="ckpt", disable=not progress, file=sys.stderr)
     for checkpoint in bar:

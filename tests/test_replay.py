@@ -151,6 +151,9 @@ def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, 
     assert "notes_step=3.ckpt is truncated, corrupt or not a PyTorch checkpoint" in err[0]
     assert "step12: another architecture (GPT2LMHeadModel, 1 layers" in err[1]
     assert load_run(tmp_path / "store").steps == [4]  # the good one is kept
+    with pytest.raises(ReplayError, match=r"step12: another architecture .* than the store"):
+        replay(other, probes=dm.probes, store_dir=tmp_path / "store", progress=False,
+               tokenizer=root / "hf" / "checkpoint-4")
 
     big = copy.deepcopy(dm.tokenizer)
     big.add_tokens([f"extra{i}" for i in range(40)])
