@@ -1,8 +1,8 @@
 """NormXLogitCallback under real DDP: two CPU processes (gloo), launched from a subprocess.
 
-Checks that only rank 0 writes the store, that snapshots happen at the same steps and
-give the same attributions as a single-process run, and that token frequencies add up
-the batches of both ranks.
+Checks that each rank measures half of the probes and rank 0 alone writes the store,
+that snapshots happen at the same steps and give the same attributions and faithfulness
+as a single-process run, and that token frequencies add up the batches of both ranks.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def main():
                        tokenizer=dm.tokenizer, **MODEL)
     # No store_dir: the default <log_dir>/normx needs `trainer.log_dir` on every rank.
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=1)
+    shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
+    attribute = callback._attribute
+    callback._attribute = lambda rows: (shares.append(list(rows)), attribute(rows))[1]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps={max_steps},
         logger=TensorBoardLogger(root, name="ddp"), callbacks=[callback],
@@ -57,6 +60,7 @@ def main():
     trainer.fit(lm, dm)
     with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
         json.dump({{"steps": callback.snapshot_steps, "global_step": trainer.global_step,
+                   "shares": shares, "metrics": callback.last_metrics,
                    "store": None if callback.store is None else str(callback.store.root),
                    "world_size": trainer.world_size}}, f)
 
@@ -130,7 +134,10 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [MAX_STEPS, MAX_STEPS]
     assert EXPECTED_STEPS == SnapshotSchedule("log", every_n_steps=4).upto(MAX_STEPS)
-    # Only rank 0 takes snapshots and holds a store; exactly one store on disk.
+    # The probes are shared: each rank measured its half at every snapshot.
+    assert ranks[0]["shares"] == [[0, 1]] * len(EXPECTED_STEPS)
+    assert ranks[1]["shares"] == [[2, 3]] * len(EXPECTED_STEPS)
+    # Only rank 0 writes snapshots and holds a store; exactly one store on disk.
     assert ranks[0]["steps"] == single.snapshot_steps == EXPECTED_STEPS
     assert ranks[1]["steps"] == [] and ranks[1]["store"] is None
     store = find_store(root)  # raises if two stores were written
@@ -149,8 +156,19 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     one0 = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
     one0 = one0.reset_index(drop=True)
     assert ddp0[key + ["token", "is_cue"]].equals(one0[key + ["token", "is_cue"]])
-    for column in ("norm", "logat", "score"):
+    for column in ("norm", "logat", "score", "each", "contrast"):
         np.testing.assert_allclose(ddp0[column], one0[column], rtol=1e-5, atol=1e-6)
+    # Faithfulness (due at step 0) is shared too: per-instance means of both ranks' halves
+    # equal the one-process means ("random" draws its scores per batch shape, so differs).
+    metrics = run["metrics"]
+    ddp_m = metrics[metrics.step == 0].set_index("key")["value"]
+    one_m = reference["metrics"][reference["metrics"].step == 0].set_index("key")["value"]
+    keys = [k for k in one_m.index if k.startswith("faithfulness/") and "random" not in k
+            and "seconds" not in k]
+    assert len(keys) == 6, keys
+    np.testing.assert_allclose(ddp_m[keys], one_m[keys], rtol=1e-5, atol=1e-6)
+    for key in ("probe/target_logit", "probe/target_prob", "alignment/ap"):
+        np.testing.assert_allclose(ddp_m[key], one_m[key], rtol=1e-5, atol=1e-6)
 
     # Token frequencies are the sum over both ranks' batches, at every snapshot.
     embedding = run["embedding"]
