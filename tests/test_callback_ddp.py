@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,52 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
                                      minlength=dm.vocab_size)
     assert torch.equal(ddp_counts(dm, MAX_STEPS), every_document)
 
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_write_one_store(tmp_path, cache_dir):
+    """configs/ddp-cpu.yaml on two single-process "nodes" (torchrun --nnodes 2, static
+    rendezvous on 127.0.0.1), as SLURM or torchrun would start them on two machines."""
+    from test_train import _args
+
+    # The tokenizer is trained before the nodes start, so they never train it concurrently.
+    dm = TextDataModule(corpus="agreement", objective="causal", bpe_vocab_size=512,
+                        num_train=300, seed=0, cache_dir=cache_dir)
+    assert dm.vocab_size <= 512
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                        "NODE_RANK")}
+    env.update(PYTHONPATH=str(Path(__file__).parents[1]), WANDB_MODE="offline")
+    port = str(_free_port())
+    train_args = [*_args("ddp-cpu.yaml", tmp_path, Path(cache_dir), steps=2),
+                  "--trainer.devices", "1", "--trainer.num_nodes", "2"]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+         str(Path(__file__).parents[1] / "train.py"), *train_args],
+        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True) for rank in range(2)]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=240))
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+        pytest.fail("the two-node run hung")
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+    # Node 1 ran rank 1 of a world of 2; rank 0 alone wrote one store, every step once.
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][0] + outputs[1][1]
+    assert len(list(tmp_path.rglob("_commits"))) == 1
+    assert len(list(tmp_path.rglob("meta.json"))) == 1
+    store = find_store(tmp_path)
+    assert load_run(store).steps == [0, 1, 2]
+    for name in ("embedding", "metrics", "probes", "tokens"):
+        assert len(list((store / name).glob("*.parquet"))) == 3, name
