@@ -192,6 +192,9 @@ class _StackReader:
     def __init__(self, model: nn.Module, stack: nn.ModuleList, head: nn.Module,
                  final: Callable[[Tensor], Tensor] | None):
         self.model, self.stack, self.head, self.final = model, stack, head, final
+        # Stopping a forward early would skip FSDP2's post-forward hooks: sharded models
+        # (DTensor parameters) run to the end.
+        self.stop_at_head = not any(type(p).__name__ == "DTensor" for p in model.parameters())
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         states: list[Tensor | None] = [None] * (len(self.stack) + 1)
@@ -210,7 +213,8 @@ class _StackReader:
 
         handles = [self.stack[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
         handles += [b.register_forward_hook(grab_output(i)) for i, b in enumerate(self.stack)]
-        handles.append(self.head.register_forward_pre_hook(stop))
+        if self.stop_at_head:
+            handles.append(self.head.register_forward_pre_hook(stop))
         try:
             self.model(input_ids)
         except _Stop:

@@ -39,7 +39,7 @@ PREFIX = "normx"
 # Forward-only methods are cheap enough to evaluate during training by default; gradient
 # methods (a backward pass per probe, x n_steps for IG) are opt-in.
 FORWARD_METHODS = ("normxlogit", "logat", "norm", "random")
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "XLA")
 # Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
 # before the next one; a few at most, so a disk that stays full cannot grow memory.
 MAX_UNWRITTEN = 3
@@ -241,12 +241,39 @@ class NormXLogitCallback(Callback):
         if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
             raise RuntimeError(
                 f"NormXLogitCallback does not support {strategy}: sharded parameters would "
-                "need gathering for every probe. Use strategy='ddp' (or single device), or "
-                "remove the callback"
+                "need gathering for every probe. For sharded training use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+                "fully_shard in LightningModule.configure_model (FSDP2); else strategy='ddp' "
+                "(or single device), or remove the callback"
             )
+        if _sharded(trainer):
+            self._check_sharding(trainer, pl_module)
         self._encoded = None  # no snapshot before `on_fit_start` has read the model
         self._find_tokenizer(trainer, pl_module)
         self._find_probes(trainer)
+
+    def _check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ModelParallelStrategy: FSDP2 data parallelism only, forward-only methods."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if not is_overridden("configure_model", pl_module):
+            raise RuntimeError(
+                "NormXLogitCallback does not support ModelParallelStrategy: sharded parameters "
+                "must come from fully_shard in LightningModule.configure_model, which "
+                f"{type(pl_module).__name__} does not override; use strategy='ddp' otherwise")
+        tensor_parallel = trainer.strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise RuntimeError(
+                f"NormXLogitCallback does not support tensor parallelism (tensor_parallel_size="
+                f"{tensor_parallel}): each layer's vectors are split across ranks. Use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2 "
+                "data parallel)")
+        gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
+        if self.faithfulness_every and gradient:
+            raise RuntimeError(
+                f"NormXLogitCallback: faithfulness_methods {gradient} need a backward pass, "
+                "which under ModelParallelStrategy would reduce gradients into the sharded "
+                "parameters; use the forward-only methods there")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepare(trainer, pl_module)
@@ -443,7 +470,9 @@ class NormXLogitCallback(Callback):
         counts = self._reduce_counts(trainer)
         # The last step is final whether on_train_end or the schedule reaches it first.
         final = force or (trainer.max_steps is not None and 0 < trainer.max_steps <= step)
-        if _distributed(trainer):
+        if _sharded(trainer):
+            self._collective_snapshot(trainer, step, counts, final)
+        elif _distributed(trainer):
             self._shared_snapshot(trainer, step, counts, final)
         elif trainer.is_global_zero:
             self._snapshot(trainer, step, counts, final=final)
@@ -485,8 +514,32 @@ class NormXLogitCallback(Callback):
         if rank == 0:
             self._snapshot(trainer, step, counts, final=final, shares=(start, gathered, due))
 
+    def _collective_snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor,
+                             final: bool) -> None:
+        """FSDP2: every rank runs every probe forward, in the same order, so the all-gathers
+        of the sharded blocks match; a sharded embedding is gathered on every rank; rank 0
+        writes."""
+        start = time.perf_counter()
+        due = trainer.strategy.broadcast(self._faithfulness_due(final), src=0)
+        weight = None
+        with _preserved_rng():
+            try:
+                rows = list(range(len(self._encoded)))
+                with trainer.precision_plugin.forward_context():
+                    part = self._attribute(rows)
+                faith = (self._faithfulness_parts(
+                    trainer, range(min(self.faithfulness_probes, len(self._encoded))))
+                    if due else None)
+                weight = _full_tensor(self.adapter.embedding.weight.detach())
+                mine: object = (rows, part, faith)
+            except Exception as error:  # noqa: BLE001 - recorded as missing by rank 0
+                mine = error
+        if trainer.is_global_zero:
+            self._snapshot(trainer, step, counts, final=final, shares=(start, [mine], due),
+                           weight=weight)
+
     def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor, final: bool = False,
-                  shares: tuple | None = None) -> None:
+                  shares: tuple | None = None, weight: Tensor | None = None) -> None:
         start = time.perf_counter() if shares is None else shares[0]
         with _preserved_rng():
             try:
@@ -498,7 +551,7 @@ class NormXLogitCallback(Callback):
                         if self._faithfulness_due(final) else None)
                 else:
                     attribution, faith = _merge_shares(shares[1], shares[2])
-                embed = self._embeddings(counts)
+                embed = self._embeddings(counts, weight)
                 metrics = self._metrics(attribution, embed)
                 if faith is not None:
                     metrics.update(_faithfulness_metrics(faith))
@@ -555,8 +608,9 @@ class NormXLogitCallback(Callback):
             else None, layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
         ).cpu()
 
-    def _embeddings(self, counts: Tensor):
-        weight = self.adapter.embedding.weight.detach()
+    def _embeddings(self, counts: Tensor, weight: Tensor | None = None):
+        if weight is None:
+            weight = self.adapter.embedding.weight.detach()
         return snapshot_embeddings(weight, counts=counts, previous=self._prev_norms,
                                    top_k=self.top_k, tied=self.adapter.tied)
 
@@ -821,6 +875,19 @@ def _choose_model(pl_module: pl.LightningModule, outer: list) -> Any:
             f"model_attr={name!r} to watch the frozen model on purpose"
         )
     return model
+
+
+def _sharded(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def _full_tensor(tensor: Tensor) -> Tensor:
+    """A DTensor gathered on every rank (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _distributed(trainer: pl.Trainer) -> bool:
