@@ -161,15 +161,19 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
         np.testing.assert_allclose(ddp0[column], one0[column], rtol=1e-5, atol=1e-6)
     # Faithfulness (due at step 0) is shared too: per-instance means of both ranks' halves
     # equal the one-process means ("random" draws its scores per batch shape, so differs).
+    # Their bootstrap intervals too: the rows are put in probe order before resampling.
     metrics = run["metrics"]
-    ddp_m = metrics[metrics.step == 0].set_index("key")["value"]
-    one_m = reference["metrics"][reference["metrics"].step == 0].set_index("key")["value"]
-    keys = [k for k in one_m.index if k.startswith("faithfulness/") and "random" not in k
-            and "seconds" not in k]
+    ddp_m = metrics[metrics.step == 0].set_index("key")
+    one_m = reference["metrics"][reference["metrics"].step == 0].set_index("key")
+    keys = [k for k in one_m.index if k.startswith("faithfulness/") and "/random/" not in k
+            and k.endswith(("comprehensiveness", "sufficiency"))]
     assert len(keys) == 6, keys
-    np.testing.assert_allclose(ddp_m[keys], one_m[keys], rtol=1e-5, atol=1e-6)
+    for column in ("value", "low", "high"):
+        np.testing.assert_allclose(ddp_m.loc[keys, column], one_m.loc[keys, column],
+                                   rtol=1e-5, atol=1e-6)
     for key in ("probe/target_logit", "probe/target_prob", "alignment/ap"):
-        np.testing.assert_allclose(ddp_m[key], one_m[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ddp_m.loc[key, "value"], one_m.loc[key, "value"], rtol=1e-5,
+                                   atol=1e-6)
 
     # Token frequencies are the sum over both ranks' batches, at every snapshot.
     embedding = run["embedding"]
