@@ -2,7 +2,14 @@
 
 from .attribution import Attribution, mask_positions, normxlogit
 from .callback import NormXLogitCallback
-from .faithfulness import aopc, faithfulness_table, replacement_for, special_token_mask
+from .faithfulness import (
+    REPLACEMENTS,
+    Replacement,
+    aopc,
+    faithfulness_table,
+    resolve_replacement,
+    special_token_mask,
+)
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .methods import METHODS, attribute
 from .probes import Probe, ProbeError, ProbeSet
@@ -11,6 +18,7 @@ from .store import RunData, SnapshotStore, StoreError, load_run
 
 __all__ = [
     "METHODS",
+    "REPLACEMENTS",
     "Attribution",
     "ModelAdapter",
     "UnsupportedModelError",
@@ -18,6 +26,7 @@ __all__ = [
     "Probe",
     "ProbeError",
     "ProbeSet",
+    "Replacement",
     "RunData",
     "SnapshotSchedule",
     "SnapshotStore",
@@ -28,8 +37,8 @@ __all__ = [
     "load_run",
     "mask_positions",
     "normxlogit",
-    "replacement_for",
     "resolve_adapter",
+    "resolve_replacement",
     "special_token_mask",
     "verify_adapter",
 ]

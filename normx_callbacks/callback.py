@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -22,11 +24,24 @@ from torch import Tensor
 from . import plots
 from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, snapshot_embeddings
-from .faithfulness import faithfulness_table, replacement_for, special_token_mask
+from .faithfulness import (
+    REPLACEMENTS,
+    faithfulness_rows,
+    resolve_replacement,
+    special_token_mask,
+    summarise_faithfulness,
+)
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .loggers import LoggerSink, norm_extremes, token_html
 from .methods import GRADIENT_METHODS, METHODS, require_captum
-from .metrics import evidence_alignment, rank_stability, spearman
+from .metrics import (
+    alignment_per_probe,
+    bootstrap_interval,
+    group_contrast,
+    rank_stability,
+    ranked_positions,
+    spearman,
+)
 from .probes import EncodedProbes, ProbeSet
 from .probes import _readable as readable_tokens
 from .schedule import SnapshotSchedule
@@ -38,7 +53,7 @@ PREFIX = "normx"
 # Forward-only methods are cheap enough to evaluate during training by default; gradient
 # methods (a backward pass per probe, x n_steps for IG) are opt-in.
 FORWARD_METHODS = ("normxlogit", "logat", "norm", "random")
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "XLA")
 # Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
 # before the next one; a few at most, so a disk that stays full cannot grow memory.
 MAX_UNWRITTEN = 3
@@ -74,7 +89,8 @@ class NormXLogitCallback(Callback):
     (`<log_dir>/normx`, see `normx_callbacks.load_run`) and logs to every logger.
 
     Args:
-        probes: a `ProbeSet`, a list of texts/dicts, or a YAML/JSON/JSONL path;
+        probes: a `ProbeSet`, a list of texts/dicts, a YAML/JSON/JSONL path, or
+            `"blimp:PATH"` (BLiMP-format file, directory or glob, see `ProbeSet.from_blimp`);
             default `trainer.datamodule.probes`.
         tokenizer: a fast HF tokenizer; default `pl_module.tokenizer`, then
             `trainer.datamodule.tokenizer`.
@@ -101,6 +117,9 @@ class NormXLogitCallback(Callback):
         faithfulness_methods: methods compared (`normx_callbacks.METHODS`); default the
             forward-only ones; gradient methods need `pip install 'normx-callbacks[baselines]'`.
         faithfulness_probes: how many probes (the first n) the faithfulness evaluation uses.
+        faithfulness_replacement: how AOPC removes a token (`normx_callbacks.REPLACEMENTS`):
+            "auto" (default; see `resolve_replacement`), "mask", "unk", "pad", "eos" or
+            "attention" (attention mask 0, positions kept).
         state_key_suffix: distinguishes two instances in one Trainer.
 
     Logged metrics (prefix `normx/`; `<l>` is a layer index):
@@ -109,18 +128,28 @@ class NormXLogitCallback(Callback):
         - `embedding/norm_logfreq_spearman`: Spearman(norm, log frequency) over seen tokens
         - `embedding/tied`: 1 if input and output embeddings share weights
         - `embedding/track/<word>`: norm of each tracked token
-        - `probe/target_prob`, `probe/target_logit`: mean over probes
-        - `probe/accuracy`: fraction of probes with target logit > foil logit (foils only)
+        - `probe/target_prob`, `probe/target_logit`: mean over probes (`probe/probes` of them)
+        - `probe/accuracy`: fraction of probes with target logit > foil logit, over the
+          `probe/accuracy_probes` probes with a foil and a finite contrast
         - `probe/contrast`: mean target-minus-foil logit at the explained position
-        - `alignment/{ap,dp}` and `alignment/{ap,dp}_random`: evidence alignment of cue
-          words (NormXLogit, last layer) and its random baseline; `alignment/ap_logat`
+        - `probe/{accuracy,contrast}/<group>`: the same per probe group (e.g. BLiMP paradigm)
+        - `alignment/{ap,dp_raw,dp_z}` and `alignment/{ap,dp}_random`: evidence alignment of
+          cue words (NormXLogit, the model's last layer whatever `layers` lists): Average
+          Precision, the paper's Dot Product, its scale-free form on per-probe standardised
+          scores, and their exact random baselines; `alignment/probes` counts the probes that
+          entered, `alignment/probes_without_cues` those left out for having no cue word;
+          `alignment/ap_logat` the AP of LogAt alone
         - `alignment/ap_layer<l>`: AP per requested layer
         - `stability/spearman`: rank stability of NormXLogit vs the previous snapshot
         - `importance/norm_logat_spearman`: Spearman(norm, LogAt) over probe tokens
         - `nonfinite/{embedding,scores,logits}`: count of NaN/Inf embedding norms, scores
           and target logits (warns when > 0; the store's `nonfinite` table says where)
-        - `faithfulness/<method>/{comprehensiveness,sufficiency}`: AOPC (PAPER.md section 2)
-          every `faithfulness_every` snapshots; `.../seconds_per_instance` its cost
+        - `faithfulness/<method>/{comprehensiveness,sufficiency}`: AOPC every
+          `faithfulness_every` snapshots; `.../seconds_per_instance` its cost;
+          `faithfulness/probes` and `faithfulness/degenerate_cells` (see `aopc`); per probe,
+          with the replacement used, in the store's `faithfulness` table
+        Probe-averaged metrics carry a seeded 95% bootstrap interval over probes in the
+        store's `metrics` table (`low`, `high`; NaN where there is none).
         - `snapshot/seconds`: wall time of the snapshot
     Media: `normx/embedding/norms` histogram, `normx/embedding/top` table,
     `normx/heatmap/<probe>/layers` and `/history` images, `normx/tokens/<probe>`
@@ -153,6 +182,7 @@ class NormXLogitCallback(Callback):
         faithfulness_every: int | None = 4,
         faithfulness_methods: Sequence[str] = FORWARD_METHODS,
         faithfulness_probes: int = 16,
+        faithfulness_replacement: str = "auto",
         state_key_suffix: str = "",
     ):
         super().__init__()
@@ -188,6 +218,10 @@ class NormXLogitCallback(Callback):
         self.faithfulness_every = faithfulness_every
         self.faithfulness_methods = tuple(faithfulness_methods)
         self.faithfulness_probes = faithfulness_probes
+        if faithfulness_replacement not in REPLACEMENTS:
+            raise ValueError(f"faithfulness_replacement={faithfulness_replacement!r} is not one "
+                             f"of {REPLACEMENTS}")
+        self.faithfulness_replacement = faithfulness_replacement
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.adapter = adapter
@@ -224,6 +258,8 @@ class NormXLogitCallback(Callback):
         self._resumed_at: int | None = None
         self._sink: LoggerSink | None = None
         self._unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
+        self._intervals: dict[str, tuple[float, float]] = {}  # key -> 95% interval (low, high)
+        self._warned_left_out: set[str] = set()  # probes already named in a warning
 
     @property
     def state_key(self) -> str:
@@ -232,15 +268,53 @@ class NormXLogitCallback(Callback):
     # ------------------------------------------------------------------ setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Checks the strategy, tokenizer and probes; the model is read at fit start, after
+        Lightning's `configure_model` has built it."""
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
             raise RuntimeError(
                 f"NormXLogitCallback does not support {strategy}: sharded parameters would "
-                "need gathering for every probe. Use strategy='ddp' (or single device), or "
-                "remove the callback"
+                "need gathering for every probe. For sharded training use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+                "fully_shard in LightningModule.configure_model (FSDP2); else strategy='ddp' "
+                "(or single device), or remove the callback"
             )
+        if _sharded(trainer):
+            self._check_sharding(trainer, pl_module)
+        self._encoded = None  # no snapshot before `on_fit_start` has read the model
+        self._find_tokenizer(trainer, pl_module)
+        self._find_probes(trainer)
+
+    def _check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ModelParallelStrategy: FSDP2 data parallelism only, forward-only methods."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if not is_overridden("configure_model", pl_module):
+            raise RuntimeError(
+                "NormXLogitCallback does not support ModelParallelStrategy: sharded parameters "
+                "must come from fully_shard in LightningModule.configure_model, which "
+                f"{type(pl_module).__name__} does not override; use strategy='ddp' otherwise")
+        tensor_parallel = trainer.strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise RuntimeError(
+                f"NormXLogitCallback does not support tensor parallelism (tensor_parallel_size="
+                f"{tensor_parallel}): each layer's vectors are split across ranks. Use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2 "
+                "data parallel)")
+        gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
+        if self.faithfulness_every and gradient:
+            raise RuntimeError(
+                f"NormXLogitCallback: faithfulness_methods {gradient} need a backward pass, "
+                "which under ModelParallelStrategy would reduce gradients into the sharded "
+                "parameters; use the forward-only methods there")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reads the model (built by now) and encodes the probes for it."""
         self.adapter = self._user_adapter or self._find_adapter(pl_module)
         if self._user_adapter is not None:
             try:  # the weights may have changed since the last fit: checked at every setup
@@ -257,14 +331,6 @@ class NormXLogitCallback(Callback):
             # Caught here, not at the first snapshot (which would record every one as missing).
             raise ValueError(f"NormXLogitCallback: {error}") from None
         tokenizer = self._find_tokenizer(trainer, pl_module)
-        if self.probes is None:
-            probes = getattr(trainer.datamodule, "probes", None)
-            if probes is None:
-                raise RuntimeError(
-                    "NormXLogitCallback has no probes: pass probes=[...] (texts, dicts, a "
-                    "ProbeSet or a YAML/JSONL path), or give the DataModule a `probes` attribute"
-                )
-            self.probes = ProbeSet.coerce(probes)
         objective = self.objective
         if objective == "auto":
             if self.adapter.kind not in ("causal", "masked"):
@@ -281,6 +347,9 @@ class NormXLogitCallback(Callback):
             )
         max_length = self.adapter.context_length
         self._encoded = self.probes.encode(tokenizer, objective=objective, max_length=max_length)
+        self._objective = objective
+        # One rule for special tokens: never ranked by alignment, never removed by AOPC.
+        self._protect = special_token_mask(self._encoded.input_ids, tokenizer)
         self._tokens = self._encoded.tokens
         self._track_ids = self._resolve_tracked(tokenizer)
         self._token_strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -289,8 +358,11 @@ class NormXLogitCallback(Callback):
             gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
             if gradient:
                 require_captum(gradient[0])  # a missing optional backend fails here, not mid-run
-            self._replacement_id = replacement_for(tokenizer)
-            self._protect = special_token_mask(self._encoded.input_ids, tokenizer)
+            self._replacement = resolve_replacement(tokenizer, self.faithfulness_replacement)
+            if self._replacement.strategy == "attention" and not self.adapter.accepts_mask:
+                raise ValueError("NormXLogitCallback: faithfulness_replacement resolves to "
+                                 "'attention' but the model takes no attention mask; pass "
+                                 "faithfulness_replacement='eos' (or another token)")
         counter = TokenCounter(vocab, batch_key=self.batch_key, mask_key=self.mask_key,
                                masked=objective == "masked",
                                mask_token_id=getattr(tokenizer, "mask_token_id", None),
@@ -331,6 +403,9 @@ class NormXLogitCallback(Callback):
             # Outermost models only: a CausalLM contains its base model.
             outer = [(n, m) for n, m in found
                      if not any(n != o and n.startswith(o + ".") for o, _ in found if o)]
+            if not outer:
+                model = _plain_model(pl_module)
+                return self._resolve(model)
             # A frozen model (a teacher, a reference) is not the one being trained.
             trainable = [(n, m) for n, m in outer if _trainable(m)]
             if len(outer) > 1 and len(trainable) == 1:
@@ -346,10 +421,24 @@ class NormXLogitCallback(Callback):
                     "adapter=ModelAdapter(...)"
                 )
             model = _choose_model(pl_module, outer)
+        return self._resolve(model)
+
+    @staticmethod
+    def _resolve(model) -> ModelAdapter:
         try:
             return resolve_adapter(model)
         except UnsupportedModelError as error:
             raise RuntimeError(f"NormXLogitCallback cannot read the model: {error}") from error
+
+    def _find_probes(self, trainer: pl.Trainer) -> None:
+        if self.probes is None:
+            probes = getattr(trainer.datamodule, "probes", None)
+            if probes is None:
+                raise RuntimeError(
+                    "NormXLogitCallback has no probes: pass probes=[...] (texts, dicts, a "
+                    "ProbeSet or a YAML/JSONL path), or give the DataModule a `probes` attribute"
+                )
+            self.probes = ProbeSet.coerce(probes)
 
     def _find_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         tokenizer = self.tokenizer
@@ -423,7 +512,11 @@ class NormXLogitCallback(Callback):
         counts = self._reduce_counts(trainer)
         # The last step is final whether on_train_end or the schedule reaches it first.
         final = force or (trainer.max_steps is not None and 0 < trainer.max_steps <= step)
-        if trainer.is_global_zero:
+        if _sharded(trainer):
+            self._collective_snapshot(trainer, step, counts, final)
+        elif _distributed(trainer):
+            self._shared_snapshot(trainer, step, counts, final)
+        elif trainer.is_global_zero:
             self._snapshot(trainer, step, counts, final=final)
 
     def _reduce_counts(self, trainer: pl.Trainer) -> Tensor:
@@ -439,25 +532,87 @@ class NormXLogitCallback(Callback):
 
     # ------------------------------------------------------------------ snapshot
 
-    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor, final: bool = False) -> None:
-        import time
-
+    def _shared_snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor,
+                         final: bool) -> None:
+        """Every rank measures its share of the probes (and of the faithfulness probes); rank
+        0 gathers the shares, in probe order, and writes. A rank whose share fails sends the
+        error instead, so every rank reaches the gather and training goes on."""
         start = time.perf_counter()
+        rank, world = trainer.global_rank, trainer.world_size
+        due = trainer.strategy.broadcast(self._faithfulness_due(final), src=0)
         with _preserved_rng():
             try:
+                rows = _share(len(self._encoded), rank, world)
                 with trainer.precision_plugin.forward_context():
-                    attribution, embed = self._measure(counts)
+                    part = self._attribute(rows) if rows else None
+                faith_rows = _share(min(self.faithfulness_probes, len(self._encoded)), rank,
+                                    world)
+                faith = self._faithfulness_parts(trainer, faith_rows) if due else None
+                mine: object = (rows, part, faith)
+            except Exception as error:  # noqa: BLE001 - sent to rank 0, recorded as missing
+                mine = RuntimeError(f"rank {rank}: {type(error).__name__}: {error}")
+        gathered = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if rank == 0:
+            self._snapshot(trainer, step, counts, final=final, shares=(start, gathered, due))
+
+    def _collective_snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor,
+                             final: bool) -> None:
+        """FSDP2: every rank runs every probe forward, in the same order, so the all-gathers
+        of the sharded blocks match; a sharded embedding is gathered on every rank; rank 0
+        writes."""
+        start = time.perf_counter()
+        due = trainer.strategy.broadcast(self._faithfulness_due(final), src=0)
+        weight = None
+        with _preserved_rng():
+            try:
+                rows = list(range(len(self._encoded)))
+                with trainer.precision_plugin.forward_context():
+                    part = self._attribute(rows)
+                faith = (self._faithfulness_parts(
+                    trainer, range(min(self.faithfulness_probes, len(self._encoded))))
+                    if due else None)
+                weight = _full_tensor(self.adapter.embedding.weight.detach())
+                mine: object = (rows, part, faith)
+            except Exception as error:  # noqa: BLE001 - recorded as missing by rank 0
+                mine = error
+        if trainer.is_global_zero:
+            self._snapshot(trainer, step, counts, final=final, shares=(start, [mine], due),
+                           weight=weight)
+
+    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor, final: bool = False,
+                  shares: tuple | None = None, weight: Tensor | None = None) -> None:
+        start = time.perf_counter() if shares is None else shares[0]
+        with _preserved_rng():
+            try:
+                if shares is None:
+                    with trainer.precision_plugin.forward_context():
+                        attribution = self._attribute(range(len(self._encoded)))
+                    faith = (self._faithfulness_parts(
+                        trainer, range(min(self.faithfulness_probes, len(self._encoded))))
+                        if self._faithfulness_due(final) else None)
+                else:
+                    attribution, faith = _merge_shares(shares[1], shares[2])
+                embed = self._embeddings(counts, weight)
                 metrics = self._metrics(attribution, embed)
-                if self._faithfulness_due(final):
-                    metrics.update(self._faithfulness(trainer))
+                faithfulness = None
+                if faith is not None:
+                    found, faithfulness = self._faithfulness_summary(faith)
+                    metrics.update(found)
                 metrics["snapshot/seconds"] = time.perf_counter() - start
                 tables = self._tables(step, attribution, embed, counts)
+                if faithfulness is not None:
+                    tables["faithfulness"] = faithfulness
             except Exception as error:  # the training run must never die for a probe
                 log.warning("NormXLogitCallback: snapshot at step %d failed (%s: %s); "
                             "recorded as missing", step, type(error).__name__, error)
                 self._mark_missing(step, f"{type(error).__name__}: {error}")
                 return
-            tables["metrics"] = pd.DataFrame({"key": list(metrics), "value": list(metrics.values())})
+            nan = (float("nan"), float("nan"))
+            bounds = [self._intervals.get(k, nan) for k in metrics]
+            tables["metrics"] = pd.DataFrame({"key": list(metrics), "value": list(metrics.values()),
+                                              "low": [lo for lo, _ in bounds],
+                                              "high": [hi for _, hi in bounds]})
             self._write(step, tables)
             try:
                 self._log(step, metrics, attribution, embed, tables)
@@ -472,46 +627,70 @@ class NormXLogitCallback(Callback):
         every = self.faithfulness_every
         return bool(every) and (final or len(self.snapshot_steps) % every == 0)
 
-    def _faithfulness(self, trainer: pl.Trainer) -> dict[str, float]:
-        """AOPC of each configured method on the first `faithfulness_probes` probes."""
-        n = self.faithfulness_probes
-        subset = self._encoded.select(range(min(n, len(self._encoded))))
-        protect = self._protect[:n].to(self.adapter.embedding.weight.device)
-        # A model that takes no attention mask sees padding as text: probes of each length
-        # are evaluated apart, and the per-instance means are combined by group size.
+    def _faithfulness_parts(self, trainer: pl.Trainer, rows: Sequence[int]) -> list[pd.DataFrame]:
+        """Per-probe AOPC rows of the configured methods on the faithfulness probes at `rows`
+        (a subset of the first `faithfulness_probes`). A model that takes no attention mask
+        sees padding as text: probes of each length are evaluated apart."""
+        rows = list(rows)
+        if not rows:
+            return []
+        subset = self._encoded.select(rows)
+        protect = self._protect[rows].to(self.adapter.embedding.weight.device)
         groups = ([(list(range(len(subset))), subset)] if self.adapter.accepts_mask
                   else subset.equal_length_groups())
-        tables = []
-        for rows, group in groups:
+        parts = []
+        for group_rows, group in groups:
             with trainer.precision_plugin.forward_context():
-                part = faithfulness_table(self.adapter, group, self.faithfulness_methods,
-                                          replacement_id=self._replacement_id,
-                                          protect=protect[rows][:, : group.input_ids.shape[1]],
-                                          batch_size=self.probe_batch_size)
-            tables.append(part)
-        table = tables[0] if len(tables) == 1 else _weighted_means(pd.concat(tables))
-        out = {}
+                parts.append(faithfulness_rows(
+                    self.adapter, group, self.faithfulness_methods,
+                    replacement=self._replacement,
+                    protect=protect[group_rows][:, : group.input_ids.shape[1]],
+                    batch_size=self.probe_batch_size))
+        return parts
+
+    def _faithfulness_summary(self, parts: list[pd.DataFrame]) -> tuple[dict[str, float],
+                                                                          pd.DataFrame]:
+        """The scalars (intervals in `_intervals`) and the per-probe `faithfulness` table from
+        the rows of every group and rank, put in method and probe order first: the seeded
+        bootstrap intervals depend on the order, which must not depend on the sharing."""
+        methods = {m: i for i, m in enumerate(self.faithfulness_methods)}
+        probes = {p: i for i, p in enumerate(self._encoded.ids)}
+        rows = pd.concat(parts, ignore_index=True)
+        rows = rows.sort_values(["method", "probe_id"], kind="stable", key=lambda c: c.map(
+            methods if c.name == "method" else probes)).reset_index(drop=True)
+        table = summarise_faithfulness(rows)
+        first = rows[rows["method"] == rows["method"].iloc[0]]
+        out = {"faithfulness/probes": float(len(first))}
         for row in table.itertuples(index=False):
-            out[f"faithfulness/{row.method}/comprehensiveness"] = float(row.comprehensiveness)
-            out[f"faithfulness/{row.method}/sufficiency"] = float(row.sufficiency)
+            for name in ("comprehensiveness", "sufficiency"):
+                key = f"faithfulness/{row.method}/{name}"
+                out[key] = float(getattr(row, name))
+                self._intervals[key] = (float(getattr(row, f"{name}_low")),
+                                        float(getattr(row, f"{name}_high")))
             out[f"faithfulness/{row.method}/seconds_per_instance"] = float(
                 row.seconds_per_instance)
-        return out
+        out["faithfulness/degenerate_cells"] = float(first["degenerate_cells"].sum())
+        return out, rows
 
-    def _measure(self, counts: Tensor):
-        adapter, enc = self.adapter, self._encoded
-        enc = enc.to(adapter.embedding.weight.device)
-        attribution = normxlogit(
+    def _attribute(self, rows: Sequence[int]) -> Attribution:
+        """NormXLogit of the probes at `rows`, on the CPU."""
+        adapter = self.adapter
+        enc = self._encoded.select(list(rows)).to(adapter.embedding.weight.device)
+        return normxlogit(
             adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
-            targets=enc.targets, foils=enc.foils if bool((enc.foils >= 0).any()) else None,
-            layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
+            targets=enc.targets, foils=enc.foils if bool((self._encoded.foils >= 0).any())
+            else None, layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
         ).cpu()
-        weight = adapter.embedding.weight.detach()
-        embed = snapshot_embeddings(weight, counts=counts, previous=self._prev_norms,
-                                    top_k=self.top_k, tied=adapter.tied)
-        return attribution, embed
+
+    def _embeddings(self, counts: Tensor, weight: Tensor | None = None):
+        if weight is None:
+            weight = self.adapter.embedding.weight.detach()
+        return snapshot_embeddings(weight, counts=counts, previous=self._prev_norms,
+                                   top_k=self.top_k, tied=self.adapter.tied)
 
     def _metrics(self, attr: Attribution, embed) -> dict[str, float]:
+        """The snapshot's scalars; probe-averaged ones also get an interval in `_intervals`."""
+        self._intervals: dict[str, tuple[float, float]] = {}
         m: dict[str, float] = {f"embedding/{k}": v for k, v in embed.stats.items()}
         m["embedding/tied"] = float(embed.tied)
         if embed.drift is not None:
@@ -519,27 +698,28 @@ class NormXLogitCallback(Callback):
         m["embedding/norm_logfreq_spearman"] = embed.norm_logfreq_spearman
         for word, token_id in self._track_ids.items():
             m[f"embedding/track/{word}"] = float(embed.norms[token_id])
-        m["probe/target_prob"] = float(attr.target_probs.mean())
-        m["probe/target_logit"] = float(attr.target_logits.mean())
+        self._mean(m, "probe/target_prob", attr.target_probs)
+        self._mean(m, "probe/target_logit", attr.target_logits)
+        m["probe/probes"] = float(len(attr.target_probs))
         enc = self._encoded
         has_foil = enc.foils >= 0
         if bool(has_foil.any()):
             rows = torch.arange(len(enc))[has_foil]
-            contrast = attr.contrast_logat[rows, attr.positions[rows]]
-            m["probe/contrast"] = float(contrast.mean())
-            m["probe/accuracy"] = float((contrast > 0).float().mean())
+            contrast = attr.contrast_logat[rows, attr.positions[rows]].double()
+            self._mean(m, "probe/contrast", contrast)
+            # A NaN contrast is neither right nor wrong: it stays out of the accuracy.
+            correct = torch.where(torch.isnan(contrast), contrast, (contrast > 0).double())
+            self._mean(m, "probe/accuracy", correct)
+            m["probe/accuracy_probes"] = float((~torch.isnan(contrast)).sum())
+            groups = [enc.probes[i].group for i in rows.tolist()]
+            for group, (accuracy, mean) in group_contrast(contrast, groups).items():
+                m[f"probe/accuracy/{group}"] = accuracy
+                m[f"probe/contrast/{group}"] = mean
+        without_cues = int((~enc.cue_mask.any(dim=1)).sum())
+        if without_cues and bool(enc.cue_mask.any()):
+            m["alignment/probes_without_cues"] = float(without_cues)  # left out of alignment
         if bool(enc.cue_mask.any()):
-            layer_scores = attr.layer_scores if attr.layer_scores is not None else \
-                attr.scores[:, None]
-            aligned = evidence_alignment(layer_scores, enc.cue_mask, attr.valid, attr.positions)
-            for key in ("ap", "ap_random", "dp", "dp_random"):
-                m[f"alignment/{key}"] = float(aligned[key][-1])
-            if attr.layers is not None:
-                for i, layer in enumerate(attr.layers):
-                    m[f"alignment/ap_layer{layer}"] = float(aligned["ap"][i])
-            logat = evidence_alignment(attr.logat[:, None], enc.cue_mask, attr.valid,
-                                       attr.positions)
-            m["alignment/ap_logat"] = float(logat["ap"][-1])
+            m.update(self._alignment(attr))
         if self._prev_scores is not None and self._prev_scores.shape == attr.scores.shape:
             m["stability/spearman"] = rank_stability(self._prev_scores, attr.scores)
         m["importance/norm_logat_spearman"] = spearman(attr.norms[attr.valid],
@@ -559,6 +739,41 @@ class NormXLogitCallback(Callback):
         self._prev_norms = embed.norms
         self._prev_scores = attr.scores
         return m
+
+    def _mean(self, m: dict[str, float], key: str, values: Tensor) -> None:
+        """``m[key]`` = mean of the finite-or-NaN per-probe ``values`` (NaN left out), with
+        its seeded bootstrap interval over probes in `_intervals`."""
+        values = values.detach().double().cpu().numpy()
+        kept = values[~np.isnan(values)]
+        m[key] = float(kept.mean()) if kept.size else float("nan")
+        self._intervals[key] = bootstrap_interval(kept)
+
+    def _alignment(self, attr: Attribution) -> dict[str, float]:
+        """`alignment/*` from the model's last layer (whatever `layers` lists) and AP per
+        listed layer; a probe with cues that drops out is named once in a warning."""
+        enc = self._encoded
+        keep = ranked_positions(attr.valid, attr.positions, self._objective, self._protect)
+        last = alignment_per_probe(attr.scores[:, None], enc.cue_mask, keep)
+        entered = ~torch.isnan(last["ap"][:, 0])
+        out = {"alignment/probes": float(entered.sum())}
+        for key, values in last.items():
+            self._mean(out, f"alignment/{key}", values[:, 0])
+        logat = alignment_per_probe(attr.logat[:, None], enc.cue_mask, keep)["ap"][:, 0]
+        self._mean(out, "alignment/ap_logat", logat)
+        if attr.layer_scores is not None and attr.layers is not None:
+            per_layer = alignment_per_probe(attr.layer_scores, enc.cue_mask, keep)["ap"]
+            for i, layer in enumerate(attr.layers):
+                self._mean(out, f"alignment/ap_layer{layer}", per_layer[:, i])
+        left_out = [enc.ids[b] for b in range(len(enc))
+                    if bool(enc.cue_mask[b].any()) and not bool(entered[b])]
+        new = sorted(set(left_out) - self._warned_left_out)
+        if new:
+            log.warning("NormXLogitCallback: probe(s) %s have cue words but none is among the "
+                        "ranked positions (cue only at the explained mask slot, a special "
+                        "token, or a non-finite score); they are left out of alignment/* "
+                        "(alignment/probes counts those that entered)", new)
+            self._warned_left_out.update(new)
+        return out
 
     def _tables(self, step, attr: Attribution, embed, counts) -> dict[str, pd.DataFrame]:
         enc = self._encoded
@@ -586,6 +801,7 @@ class NormXLogitCallback(Callback):
         probes = pd.DataFrame({
             "probe_id": enc.ids,
             "text": [p.text for p in enc.probes],
+            "group": [p.group for p in enc.probes],
             "position": attr.positions.tolist(),
             "target_id": attr.targets.tolist(),
             "target": [self._token_strings[i] if 0 <= i < len(self._token_strings) else str(i)
@@ -777,10 +993,79 @@ def _choose_model(pl_module: pl.LightningModule, outer: list) -> Any:
     return model
 
 
-def _weighted_means(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per-method means over instances, from per-group means weighted by `n_instances`."""
-    weights = frame["n_instances"]
-    weighted = frame.drop(columns="method").mul(weights, axis=0)
-    weighted["method"] = frame["method"]
-    grouped = weighted.groupby("method", sort=False).sum(min_count=1)
-    return grouped.div(weights.groupby(frame["method"], sort=False).sum(), axis=0).reset_index()
+def _sharded(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def _full_tensor(tensor: Tensor) -> Tensor:
+    """A DTensor gathered on every rank (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _distributed(trainer: pl.Trainer) -> bool:
+    return (trainer.world_size > 1 and torch.distributed.is_available()
+            and torch.distributed.is_initialized())
+
+
+def _share(n: int, rank: int, world: int) -> list[int]:
+    """Rank `rank`'s contiguous share of n items (sizes differ by at most one)."""
+    size, extra = divmod(n, world)
+    begin = rank * size + min(rank, extra)
+    return list(range(begin, begin + size + (rank < extra)))
+
+
+def _merge_shares(gathered: list, due: bool) -> tuple[Attribution, list[pd.DataFrame] | None]:
+    """One Attribution over all probes (in probe order) and the faithfulness tables of every
+    rank, from what each rank sent; a rank's error is raised here, on rank 0."""
+    for item in gathered:
+        if isinstance(item, Exception):
+            raise item
+    parts = [(rows, part) for rows, part, _ in gathered if part is not None]
+    order = torch.argsort(torch.tensor([r for rows, _ in parts for r in rows]))
+    first = parts[0][1]
+    merged = {}
+    for f in dataclasses.fields(first):
+        value = getattr(first, f.name)
+        if isinstance(value, Tensor):
+            value = torch.cat([getattr(p, f.name) for _, p in parts])[order]
+        merged[f.name] = value
+    tables = [t for _, _, faith in gathered for t in faith or []] if due else None
+    return Attribution(**merged), tables
+
+
+def _plain_model(pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The one plain PyTorch language model in `pl_module`: the outermost submodule holding
+    an `nn.Embedding` and an `nn.ModuleList` (the module itself when none does), preferring
+    the trainable one; discovered and verified by `resolve_adapter`."""
+
+    def is_lm(m: torch.nn.Module) -> bool:
+        kinds = {type(x) for x in m.modules()}
+        return any(issubclass(k, torch.nn.Embedding) for k in kinds) and any(
+            issubclass(k, torch.nn.ModuleList) for k in kinds)
+
+    found = [(n, m) for n, m in pl_module.named_modules() if n and is_lm(m)]
+    outer = [(n, m) for n, m in found
+             if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    if len(outer) > 1:
+        outer = [(n, m) for n, m in outer if _trainable(m)] or outer
+    if len(outer) > 1:
+        raise RuntimeError(
+            f"NormXLogitCallback found {len(outer)} language models in "
+            f"{type(pl_module).__name__} ({[n for n, _ in outer]}); pass model_attr='name' or "
+            "adapter=ModelAdapter(...)"
+        )
+    if outer:
+        return outer[0][1]
+    if is_lm(pl_module):
+        return pl_module
+    raise RuntimeError(
+        f"NormXLogitCallback found no language model in {type(pl_module).__name__}: no "
+        "Hugging Face model and no module holding an nn.Embedding and an nn.ModuleList of "
+        "blocks (if the model is built in configure_model, build it there, not in a hook "
+        "that runs later); pass model_attr='name' or adapter=ModelAdapter(...)"
+    )
+

@@ -5,6 +5,7 @@
     normx attribute CHECKPOINT --text "the keys near the cabinet" --target are --foil is
     normx export RUN_DIR --format parquet -o OUT_DIR
     normx faithfulness CHECKPOINT [--probes FILE | --suite agreement] [-o table.md]
+    normx replay CHECKPOINT [CHECKPOINT ...] --probes blimp:DIR -o STORE
 
 Errors print one line on stderr and exit with status 1 (`--debug` shows the traceback).
 """
@@ -141,8 +142,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print()
     table = headline_table(run)
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
-    print("\nap/dp: evidence alignment of the cue words (random = expected by chance); "
-          "stability: Spearman vs the previous snapshot.")
+    print("\nap, dp_raw (the paper's DP), dp_z (DP of per-probe standardised scores, "
+          "scale-free; random: dp_random): evidence alignment of the cue words, NormXLogit at "
+          "the last layer (random = expected by chance); stability: Spearman vs the previous "
+          "snapshot. 95% intervals over probes: load_run(...).metrics low/high.")
     paragraph = summary_paragraph(run)
     if paragraph:
         print()
@@ -356,7 +359,7 @@ def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
 def cmd_faithfulness(args) -> int:
     """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
     from .checkpoints import load_model_and_tokenizer
-    from .faithfulness import faithfulness_table, replacement_for, special_token_mask
+    from .faithfulness import faithfulness_table, resolve_replacement
     from .heads import resolve_adapter
     from .methods import METHODS
     from .probes import ProbeSet
@@ -369,7 +372,7 @@ def cmd_faithfulness(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, tokenizer=args.tokenizer)
     adapter = resolve_adapter(model)
     if args.probes:
-        probes = ProbeSet.from_file(args.probes) if Path(args.probes).suffix != ".txt" else \
+        probes = ProbeSet.coerce(args.probes) if Path(args.probes).suffix != ".txt" else \
             ProbeSet([line.strip() for line in Path(args.probes).read_text("utf-8").splitlines()
                       if line.strip()])
     else:
@@ -383,11 +386,15 @@ def cmd_faithfulness(args) -> int:
     encoded = probes.encode(tokenizer, objective=adapter.kind, max_length=max_length)
     print(f"faithfulness of {args.checkpoint} on {len(encoded)} probes: {', '.join(methods)}",
           file=sys.stderr)
+    replacement = resolve_replacement(tokenizer, args.replacement)
     table = faithfulness_table(
-        model, encoded, methods, replacement_id=replacement_for(tokenizer),
-        protect=special_token_mask(encoded.input_ids, tokenizer), n_steps=args.n_steps,
-        batch_size=args.batch_size)
-    shown = table.drop(columns=["n_instances"]).round(4)
+        model, encoded, methods, replacement=replacement, tokenizer=tokenizer,
+        removal=args.removal, n_steps=args.n_steps, batch_size=args.batch_size)
+    print(f"removal: {replacement.describe()}, count rule {args.removal!r}; "
+          f"{int(table['degenerate_cells'].iloc[0])} of {int(table['cells'].iloc[0])} "
+          "(probe, k) cells degenerate; [low, high]: 95% bootstrap interval over probes",
+          file=sys.stderr)
+    shown = table.drop(columns=["n_instances", "cells", "degenerate_cells"]).round(4)
     print(shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False))
     for out in args.output or []:
         path = Path(out)
@@ -404,6 +411,45 @@ def cmd_faithfulness(args) -> int:
     return 0
 
 
+def _parse_steps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: give comma-separated integers, one per "
+                         "checkpoint") from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay a checkpoint series into a snapshot store."""
+    from .replay import ReplayError, replay
+
+    layers = args.layers
+    if layers not in ("all", "last"):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: use 'all', 'last' or comma-separated "
+                             "layer indices") from None
+    try:
+        written = replay(args.checkpoints, probes=args.probes, store_dir=args.output,
+                         tokenizer=args.tokenizer, layers=None if layers == "last" else layers,
+                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                         model_class=args.model_class, steps=_parse_steps(args.steps),
+                         faithfulness=args.faithfulness, count_corpus=args.count_corpus,
+                         progress=not args.quiet)
+    except ReplayError as error:
+        if getattr(args, "debug", False):
+            raise
+        for line in error.lines:
+            print(f"normx replay: error: {' '.join(line.split())}", file=sys.stderr)
+        return 1
+    print(f"replayed {len(written)} checkpoint(s) into {args.output}"
+          + (f" (steps {', '.join(map(str, written))})" if written else ""), file=sys.stderr)
+    return 0
+
+
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401
@@ -416,6 +462,8 @@ def _has_tabulate() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .faithfulness import REMOVALS, REPLACEMENTS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks and library warnings")
@@ -464,13 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("faithfulness", parents=[common], help="AOPC table for a checkpoint",
-                       description="Comprehensiveness and sufficiency (AOPC, PAPER.md section 2) "
+                       description="Comprehensiveness and sufficiency (AOPC) "
                        "of each attribution method on a checkpoint and a probe set, with time "
                        "per instance and peak memory, as in the paper's tables.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="Lightning .ckpt of normx_callbacks.demo.LanguageModel or an HF model dir")
     p.add_argument("--probes", metavar="FILE",
-                   help="probe file (.yaml/.jsonl/.json) or a .txt file with one text per line")
+                   help="probe file (.yaml/.jsonl/.json), blimp:PATH, or a .txt file with one "
+                   "text per line")
     p.add_argument("--suite", default="agreement",
                    help="built-in held-out probe suite when --probes is not given: agreement "
                    "or docs (default: %(default)s)")
@@ -482,9 +531,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-steps", type=int, default=50, help="Integrated Gradients steps")
     p.add_argument("--batch-size", type=int, default=16, help="rows per attribution pass")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: found)")
+    p.add_argument("--replacement", default="auto", choices=REPLACEMENTS,
+                   help="how a token is removed (default: %(default)s: the tokenizer's mask "
+                   "token, else its eos token, else deletion by attention mask)")
+    p.add_argument("--removal", default="nearest", choices=REMOVALS,
+                   help="tokens removed at fraction k of n: nearest = round(k*n) within 1..n-1, "
+                   "floor = int(k*n) as originally (default: %(default)s)")
     p.add_argument("-o", "--output", action="append", metavar="FILE",
                    help="also write the table as .csv or .md (repeatable)")
     p.set_defaults(func=cmd_faithfulness)
+
+    p = sub.add_parser("replay", parents=[common], help="turn a checkpoint series into a run",
+                       description="Measure each checkpoint of a series (HF save_pretrained "
+                       "directories, Lightning .ckpt files, or directories/globs of them) in "
+                       "step order and write the snapshot store the callback writes; steps "
+                       "already in the store are skipped.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    p.add_argument("-o", "--output", required=True, metavar="STORE",
+                   help="snapshot store directory (created, or resumed)")
+    p.add_argument("--probes", required=True,
+                   help="probe file (.yaml/.jsonl/.json) or blimp:PATH (file, directory, glob)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory (default: found with each checkpoint)")
+    p.add_argument("--layers", default="all",
+                   help="'all' (default), 'last', or comma-separated layer indices")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--batch-size", type=int, default=32, help="probes per forward pass")
+    p.add_argument("--model-class", metavar="PKG.MOD:CLASS",
+                   help="LightningModule to rebuild .ckpt files with (default: the demo's)")
+    p.add_argument("--steps", help="comma-separated step of each checkpoint, in order")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also compute AOPC faithfulness at each step")
+    p.add_argument("--count-corpus", metavar="TEXT",
+                   help="text file whose token counts fill the count column (same at every step)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
                        description="Write each table of a run (all steps) to one file.")

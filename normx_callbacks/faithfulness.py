@@ -1,26 +1,37 @@
-"""Faithfulness by AOPC (PAPER.md section 2): mask the tokens a method ranks highest, or keep
-only them, and measure how much the probability of the original prediction drops.
+"""Faithfulness by AOPC: remove the tokens a method ranks highest, or keep only them, and
+measure how much the probability of the original prediction drops.
 
 For each fraction k (default 10%..90%) and each row with n candidate tokens, the top
-`int(n * k)` candidates (descending signed score; ties: earlier position first) are
-replaced by `replacement_id`:
+c(k, n) candidates (descending signed score; ties: earlier position first) are removed:
 
-    comprehensiveness_k = p(y | x) - p(y | x without its top-k tokens)    (higher: better)
-    sufficiency_k       = p(y | x) - p(y | x with only its top-k tokens)  (lower: better)
+    comprehensiveness_k = p(y | x) - p(y | x without its top-c tokens)    (higher: better)
+    sufficiency_k       = p(y | x) - p(y | x with only its top-c tokens)  (lower: better)
 
 and AOPC is the mean over the k values (and over rows). `y` is the model's argmax at the
-explained position on the unmasked input unless `targets` is given. The attention mask is
-never changed, so a replaced token still occupies its position.
+explained position on the unmasked input unless `targets` is given.
+
+Removal count c(k, n) (`removal=`):
+- "nearest" (default): round(k * n) (halves up), clipped to 1..n-1 when n >= 2 (1 when
+  n = 1). Every k > 0 removes at least one token and keeps at least one, so no cell is
+  degenerate when a probe has two or more candidates.
+- "floor": floor(k * n), the original protocol's `int(n * k)`. On short probes it removes
+  nothing at small k (comprehensiveness 0, sufficiency the same for every method).
+A cell (row, k) is degenerate when c is 0 or n: the ranking cannot matter there; `aopc`
+counts them per row.
+
+Removing a token (`replacement=`, see `resolve_replacement`): write a stand-in token id
+over it (the tokenizer's mask, unk, pad or eos token, or any id), or "attention": set its
+attention mask to 0 while every other token keeps its position id.
 
 Candidates are the tokens that carry a score (not NaN), are real (attention mask 1) and are
 not protected. Never a candidate: the explained position itself (for a causal LM the token
-AT t whose next-token prediction is explained: masking it would change the question rather
+AT t whose next-token prediction is explained: removing it would change the question rather
 than remove evidence; for a masked LM the mask token; for a classifier the pooled [CLS] or
 last token), for causal LMs every position after t (they cannot influence the prediction),
-and whatever `protect` marks (e.g. special tokens, see `special_token_mask`). `n` counts
-candidates only.
+and whatever `protect` marks: by default the special tokens (the same tokens that evidence
+alignment never ranks). `n` counts candidates only.
 
-Every masked variant of a batch (2 x K x B rows) is evaluated in batched forward passes.
+Every variant of a batch (2 x K x B rows) is evaluated in batched forward passes.
 """
 
 from __future__ import annotations
@@ -28,38 +39,124 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .attribution import prepare_inputs
 from .heads import ModelAdapter, probe_mode, resolve_adapter
 from .methods import METHODS, attribute, batched_logits, resolve_targets
+from .metrics import bootstrap_interval
 
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+REMOVALS = ("nearest", "floor")
+REPLACEMENTS = ("auto", "mask", "unk", "pad", "eos", "attention")
+# What "auto" tries in order: the mask token (what a masked LM was trained to read), else,
+# chosen by docs/measure_replacement.py on the demo causal model (docs/replacement.md: it
+# separates the methods most with random between them), the eos token, else deletion by
+# attention mask.
+AUTO_ORDER = ("mask", "eos", "attention")
 
 
-def replacement_for(tokenizer: Any) -> int:
-    """The id that stands in for a removed token: the tokenizer's mask token if it has one
-    (what the paper uses), else unk, else pad, else eos (GPT-2-style tokenizers have only
-    the last). Raises ValueError if it has none of them."""
-    for name in ("mask_token_id", "unk_token_id", "pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(
-        f"{type(tokenizer).__name__} has no mask, unk, pad or eos token; pass "
-        "replacement_id=... explicitly"
-    )
+@dataclass(frozen=True)
+class Replacement:
+    """How AOPC removes a token: ``strategy`` is "mask", "unk", "pad", "eos" or "token"
+    (write ``token_id`` over it) or "attention" (attention mask 0, positions kept;
+    ``token_id`` None)."""
+
+    strategy: str
+    token_id: int | None = None
+    token: str | None = None
+
+    def describe(self) -> str:
+        """E.g. ``eos token '<|endoftext|>' (id 0)`` or ``attention mask (positions kept)``."""
+        if self.strategy == "attention":
+            return "attention mask (positions kept)"
+        name = "" if self.token is None else f" {self.token!r}"
+        return f"{self.strategy} token{name} (id {self.token_id})"
+
+
+def resolve_replacement(tokenizer: Any, strategy: str = "auto") -> Replacement:
+    """The removal `strategy` for `tokenizer` (one of `REPLACEMENTS`).
+
+    "mask" / "unk" / "pad" / "eos": that token of the tokenizer (ValueError naming what
+    it has if it lacks it); "attention": deletion by attention mask; "auto": the first of
+    `AUTO_ORDER` the tokenizer offers (mask token, else eos token, else attention).
+    """
+    if strategy not in REPLACEMENTS:
+        raise ValueError(f"replacement strategy {strategy!r} is not one of {REPLACEMENTS}")
+    if strategy == "auto":
+        strategy = next(s for s in AUTO_ORDER if s == "attention"
+                        or isinstance(getattr(tokenizer, f"{s}_token_id", None), int))
+    if strategy == "attention":
+        return Replacement("attention")
+    token_id = getattr(tokenizer, f"{strategy}_token_id", None)
+    if not isinstance(token_id, int):
+        have = [n for n in ("mask", "unk", "pad", "eos")
+                if isinstance(getattr(tokenizer, f"{n}_token_id", None), int)]
+        raise ValueError(f"{type(tokenizer).__name__} has no {strategy} token (it has: "
+                         f"{', '.join(have) or 'none of mask, unk, pad, eos'}); choose "
+                         "another replacement or 'attention'")
+    return Replacement(strategy, token_id, getattr(tokenizer, f"{strategy}_token", None))
+
+
+def _as_replacement(replacement: Replacement | int | str, vocab: int) -> Replacement:
+    if isinstance(replacement, Replacement):
+        found = replacement
+    elif replacement == "attention":
+        found = Replacement("attention")
+    elif isinstance(replacement, int) and not isinstance(replacement, bool):
+        found = Replacement("token", replacement)
+    else:
+        raise ValueError(f"replacement={replacement!r} must be a Replacement (see "
+                         "resolve_replacement), a token id or 'attention'")
+    if found.strategy != "attention" and not (
+        isinstance(found.token_id, int) and 0 <= found.token_id < vocab
+    ):
+        raise ValueError(f"replacement token id {found.token_id!r} must be a token id in "
+                         f"0..{vocab - 1}")
+    return found
 
 
 def special_token_mask(input_ids: Tensor, tokenizer: Any) -> Tensor:
-    """[B, T] bool, True on the tokenizer's special tokens: pass as `protect=`."""
+    """[B, T] bool, True on the tokenizer's special tokens (`all_special_ids`)."""
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype)
     return torch.isin(input_ids, special.to(input_ids.device))
+
+
+def _config_special_mask(adapter: ModelAdapter, input_ids: Tensor) -> Tensor | None:
+    """Special tokens named by a Hugging Face model's config (bos, eos, pad, sep, cls,
+    mask, unk ids), or None when the model has no config."""
+    config = getattr(adapter.module, "config", None)
+    if config is None:
+        return None
+    ids = set()
+    for name in ("bos", "eos", "pad", "sep", "cls", "mask", "unk"):
+        value = getattr(config, f"{name}_token_id", None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool):
+                ids.add(v)
+    special = torch.tensor(sorted(ids), dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, special)
+
+
+def _protect_mask(protect, adapter, input_ids: Tensor, tokenizer) -> Tensor | None:
+    if protect is None or isinstance(protect, Tensor):
+        return protect
+    if protect != "special":
+        raise ValueError(f"protect={protect!r} must be 'special', a [B, T] bool tensor or None")
+    if tokenizer is not None:
+        return special_token_mask(input_ids, tokenizer)
+    found = _config_special_mask(adapter, input_ids)
+    if found is None:
+        log.warning("aopc: protect='special' but neither a tokenizer nor a model config says "
+                    "which tokens are special; none is protected (pass tokenizer=...)")
+    return found
 
 
 def candidate_mask(
@@ -70,7 +167,7 @@ def candidate_mask(
     causal: bool = False,
     protect: Tensor | None = None,
 ) -> Tensor:
-    """[B, T] bool: tokens that may be masked (see the module docstring)."""
+    """[B, T] bool: tokens that may be removed (see the module docstring)."""
     b, t = scores.shape
     idx = torch.arange(t, device=scores.device)[None, :]
     candidates = ~torch.isnan(scores) & attention_mask.bool() & (idx != positions[:, None])
@@ -98,6 +195,42 @@ def ranks(scores: Tensor, candidates: Tensor) -> Tensor:
     return rank.scatter_(1, order, arange)
 
 
+def removal_counts(n: Tensor, fractions: Sequence[float], removal: str = "nearest") -> Tensor:
+    """[K, B] long: how many of each row's `n` [B] candidates fraction k removes (module
+    docstring: "nearest" or "floor")."""
+    if removal not in REMOVALS:
+        raise ValueError(f"removal={removal!r} is not one of {REMOVALS}")
+    _check_fractions(fractions)
+    n = n.double()
+    frac = torch.tensor(fractions, dtype=torch.float64, device=n.device)[:, None]
+    if removal == "floor":
+        # float64 product then floor: exactly Python's int(n * k).
+        return torch.floor(frac * n[None, :]).long()
+    counts = torch.floor(frac * n[None, :] + 0.5)
+    upper = torch.where(n >= 2, n - 1, n)[None, :]
+    return torch.minimum(counts.clamp(min=1), upper).clamp(min=0).long()
+
+
+def removal_masks(
+    attention_mask: Tensor,
+    positions: Tensor,
+    scores: Tensor,
+    *,
+    fractions: Sequence[float] = FRACTIONS,
+    causal: bool = False,
+    protect: Tensor | None = None,
+    removal: str = "nearest",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(comprehensive, sufficient, counts): [K, B, T] bool masks of the tokens each variant
+    removes (the top c(k, n) candidates / every other candidate) and the [K, B] counts."""
+    candidates = candidate_mask(attention_mask, positions, scores, causal=causal,
+                                protect=protect)  # (B, T)
+    rank = ranks(scores, candidates)  # (B, T)
+    counts = removal_counts(candidates.sum(dim=1), fractions, removal)  # (K, B)
+    top = candidates[None] & (rank[None] < counts[:, :, None])  # (K, B, T)
+    return top, candidates[None] & ~top, counts
+
+
 def masked_variants(
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -108,23 +241,12 @@ def masked_variants(
     fractions: Sequence[float] = FRACTIONS,
     causal: bool = False,
     protect: Tensor | None = None,
+    removal: str = "nearest",
 ) -> tuple[Tensor, Tensor]:
-    """The inputs AOPC evaluates: (comprehensive, sufficient), each [K, B, T] long.
-
-    comprehensive[k]: the top int(n * fractions[k]) candidates replaced by `replacement_id`;
-    sufficient[k]: every other candidate replaced. Non-candidates are never changed.
-    """
-    _check_fractions(fractions)
-    candidates = candidate_mask(
-        attention_mask, positions, scores, causal=causal, protect=protect
-    )  # (B, T)
-    rank = ranks(scores, candidates)  # (B, T)
-    n = candidates.sum(dim=1).double()  # (B,)
-    frac = torch.tensor(fractions, dtype=torch.float64, device=n.device)
-    # float64 product then floor: exactly Python's int(n * k), as the paper computes it.
-    counts = torch.floor(frac[:, None] * n[None, :]).long()  # (K, B)
-    top = candidates[None] & (rank[None] < counts[:, :, None])  # (K, B, T)
-    rest = candidates[None] & ~top
+    """Token-replacement inputs AOPC evaluates: (comprehensive, sufficient), each [K, B, T]
+    long, the removed tokens (see `removal_masks`) overwritten by `replacement_id`."""
+    top, rest, _ = removal_masks(attention_mask, positions, scores, fractions=fractions,
+                                 causal=causal, protect=protect, removal=removal)
     ids = input_ids[None].expand_as(top)
     replacement = torch.full_like(ids, replacement_id)
     return torch.where(top, replacement, ids), torch.where(rest, replacement, ids)
@@ -137,34 +259,43 @@ def aopc(
     positions: Tensor | Sequence[int] | None,
     scores: Tensor,
     *,
-    replacement_id: int,
+    replacement: Replacement | int | str,
     targets: Tensor | Sequence[int] | None = None,
     gold: Tensor | Sequence[int] | None = None,
     fractions: Sequence[float] = FRACTIONS,
     batch_size: int = 64,
-    protect: Tensor | None = None,
+    protect: Tensor | str | None = "special",
+    tokenizer: Any = None,
+    removal: str = "nearest",
 ) -> dict[str, Any]:
     """Comprehensiveness and sufficiency AOPC of `scores` [B, T] for the model's predictions.
 
     Args:
         positions: [B] explained positions (defaults as in `normxlogit`).
         scores: [B, T] token scores, NaN where a token has none.
-        replacement_id: id written over removed tokens (see `replacement_for`).
+        replacement: how a token is removed: a `Replacement` (`resolve_replacement`), a
+            token id, or "attention" (attention mask 0, positions kept; needs a model
+            that takes an attention mask and right-padded inputs).
         targets: [B] explained token/class; None or -1: the argmax on the unmasked input.
         gold: [B] gold labels (-1: unknown, row left out of the accuracies).
-        batch_size: rows per forward pass over the 2 x K x B masked variants.
-        protect: [B, T] bool, tokens never masked (e.g. `special_token_mask`).
+        batch_size: rows per forward pass over the 2 x K x B variants.
+        protect: tokens never removed: "special" (default: the `tokenizer`'s special
+            tokens, else those a Hugging Face config names), a [B, T] bool tensor, or None.
+        removal: "nearest" (default) or "floor" (module docstring).
 
     Returns a dict: "comprehensiveness", "sufficiency" (floats, mean over rows and k);
     "*_curve" [K] (mean over rows per k); "*_rows" [B] (mean over k per row); "*_probs"
-    [B, K] target probability on each variant; "original_probs" [B]; "targets" [B];
-    "n_candidates" [B]; "fractions". With `gold`: "accuracy" (unmasked),
-    "comprehensiveness_accuracy" / "sufficiency_accuracy" (mean over k) and their
-    "*_accuracy_curve" [K]. Tensors are on the CPU.
+    [B, K] target probability on each variant and "*_preds" [B, K] its argmax; "original_probs" [B]; "targets" [B];
+    "n_candidates" [B]; "degenerate_cells" [B] (k values whose count is 0 or n);
+    "removal_counts" [B, K]; "fractions"; "removal"; "replacement" (a `Replacement`). With
+    `gold`: "accuracy" (unmasked), "comprehensiveness_accuracy" / "sufficiency_accuracy"
+    (mean over k) and their "*_accuracy_curve" [K]. Tensors are on the CPU.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     _check_fractions(fractions)
+    if removal not in REMOVALS:
+        raise ValueError(f"removal={removal!r} is not one of {REMOVALS}")
     adapter = resolve_adapter(model)
     if adapter.kind == "regression":
         raise ValueError(
@@ -177,13 +308,10 @@ def aopc(
     if not isinstance(scores, Tensor) or tuple(scores.shape) != (batch, length):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"scores must be a [{batch}, {length}] tensor, got {shape}")
-    vocab = adapter.embedding.num_embeddings
-    if (
-        isinstance(replacement_id, bool)
-        or not isinstance(replacement_id, int)
-        or not (0 <= replacement_id < vocab)
-    ):
-        raise ValueError(f"replacement_id={replacement_id!r} must be a token id in 0..{vocab - 1}")
+    replacement = _as_replacement(replacement, adapter.embedding.num_embeddings)
+    if replacement.strategy == "attention":
+        _check_attention_deletion(adapter, mask)
+    protect = _protect_mask(protect, adapter, ids, tokenizer)
     if protect is not None and tuple(protect.shape) != (batch, length):
         raise ValueError(
             f"protect shape {tuple(protect.shape)} != input_ids shape {(batch, length)}"
@@ -193,47 +321,48 @@ def aopc(
 
     causal = adapter.kind == "causal"
     protect = None if protect is None else protect.to(device)
-    comp, suff = masked_variants(
-        ids,
-        mask,
-        positions,
-        scores.to(device),
-        replacement_id=replacement_id,
-        fractions=fractions,
-        causal=causal,
-        protect=protect,
-    )
+    scores = scores.to(device)
+    top, rest, counts = removal_masks(mask, positions, scores, fractions=fractions,
+                                      causal=causal, protect=protect, removal=removal)
+    removed = torch.stack([top, rest])  # (2, K, B, T)
     k = len(fractions)
+    rows_ids = ids[None, None].expand_as(removed)
+    rows_mask = mask[None, None].expand_as(removed)
+    if replacement.strategy == "attention":
+        rows_mask = rows_mask.masked_fill(removed, 0)
+    else:
+        rows_ids = rows_ids.masked_fill(removed, replacement.token_id)
     with probe_mode(adapter.module):
         logits = batched_logits(adapter, ids, mask, positions, batch_size)  # (B, C)
         targets = resolve_targets(logits, targets)
         original = logits.softmax(dim=-1)[torch.arange(batch, device=device), targets]
         predicted = logits.argmax(dim=-1)
-        variants = torch.stack([comp, suff]).reshape(2 * k * batch, length)
-        probs, preds = _target_probs(
-            adapter,
-            variants,
-            mask.repeat(2 * k, 1),
-            positions.repeat(2 * k),
-            targets.repeat(2 * k),
-            batch_size,
-        )
+        with _positions_kept(adapter, replacement.strategy == "attention"):
+            probs, preds = _target_probs(
+                adapter,
+                rows_ids.reshape(2 * k * batch, length),
+                rows_mask.reshape(2 * k * batch, length),
+                positions.repeat(2 * k),
+                targets.repeat(2 * k),
+                batch_size,
+            )
     probs = probs.reshape(2, k, batch).transpose(1, 2)  # (2, B, K)
     preds = preds.reshape(2, k, batch).transpose(1, 2)
     drops = original[None, :, None] - probs  # (2, B, K)
-    out: dict[str, Any] = {"fractions": tuple(fractions)}
+    out: dict[str, Any] = {"fractions": tuple(fractions), "removal": removal,
+                           "replacement": replacement}
     for i, name in enumerate(("comprehensiveness", "sufficiency")):
         out[name] = float(drops[i].mean())
         out[f"{name}_curve"] = drops[i].mean(dim=0).cpu()
         out[f"{name}_rows"] = drops[i].mean(dim=1).cpu()
         out[f"{name}_probs"] = probs[i].cpu()
+        out[f"{name}_preds"] = preds[i].cpu()
     out["original_probs"] = original.cpu()
     out["targets"] = targets.cpu()
-    out["n_candidates"] = (
-        candidate_mask(mask, positions, scores.to(device), causal=causal, protect=protect)
-        .sum(dim=1)
-        .cpu()
-    )
+    n = candidate_mask(mask, positions, scores, causal=causal, protect=protect).sum(dim=1)
+    out["n_candidates"] = n.cpu()
+    out["removal_counts"] = counts.T.cpu()
+    out["degenerate_cells"] = ((counts == 0) | (counts == n[None, :])).sum(dim=0).cpu()
     if gold is not None:
         known = gold >= 0
         if bool(known.any()):
@@ -246,35 +375,40 @@ def aopc(
     return out
 
 
-def faithfulness_table(
+def faithfulness_rows(
     model: nn.Module | ModelAdapter,
     encoded_probes: Any,
     methods: Sequence[str] = METHODS,
     *,
-    replacement_id: int,
+    replacement: Replacement | int | str,
     n_steps: int = 50,
     seed: int = 0,
     batch_size: int = 16,
     aopc_batch_size: int = 64,
     fractions: Sequence[float] = FRACTIONS,
-    protect: Tensor | None = None,
+    protect: Tensor | str | None = "special",
+    tokenizer: Any = None,
+    removal: str = "nearest",
 ):
-    """One row per method: AOPC on `encoded_probes` (an `EncodedProbes`) and its cost.
+    """One row per (method, probe): AOPC of each method on `encoded_probes` (an
+    `EncodedProbes`) and the attribution's cost; `summarise_faithfulness` turns it into
+    one row per method. Rows of several calls (e.g. equal-length probe groups) may be
+    concatenated before summarising.
 
-    The prediction explained is the model's argmax at each probe's position (the paper's
-    protocol); the probes' targets (where given) are the gold labels for the accuracy
-    columns, which appear only when at least one probe has a target. `batch_size` bounds the
-    attribution's forward passes (the methods' memory), `aopc_batch_size` the evaluation's.
+    Columns: method, probe_id, comprehensiveness, sufficiency, [correct,
+    comprehensiveness_correct, sufficiency_correct: accuracies' per-probe parts, where
+    the probe has a target], n_candidates, degenerate_cells, cells (k values), seconds
+    (this call's attribution wall time for the method, spread evenly over its probes),
+    peak_memory_mb, replacement, replacement_token, removal.
 
-    Columns: method, comprehensiveness, sufficiency, [accuracy, comprehensiveness_accuracy,
-    sufficiency_accuracy], seconds_per_instance (wall time of the attribution alone, not of
-    the AOPC evaluation), peak_memory_mb, n_instances.
+    The prediction explained is the model's argmax at each probe's position (the original
+    protocol); the probes' targets are the gold labels for the accuracy columns.
+    `batch_size` bounds the attribution's forward passes, `aopc_batch_size` the evaluation's.
 
     peak_memory_mb is the CUDA allocator's peak during the attribution minus what was
-    allocated before it (memory the method itself needed), on a CUDA model only. On the
-    CPU it is NaN: the process's peak RSS (`resource.getrusage`) is a lifetime high-water
-    mark that cannot be reset, so after the first method it says nothing about the next,
-    and tracemalloc does not see PyTorch's allocator.
+    allocated before it, on a CUDA model only. On the CPU it is NaN: the process's peak
+    RSS is a lifetime high-water mark that cannot be reset, and tracemalloc does not see
+    PyTorch's allocator.
     """
     import pandas as pd
 
@@ -285,10 +419,11 @@ def faithfulness_table(
     device = adapter.embedding.weight.device
     probes = encoded_probes.to(device)
     ids, mask, positions = probes.input_ids, probes.attention_mask, probes.positions
+    protect = _protect_mask(protect, adapter, ids, tokenizer)
     gold = probes.targets if bool((probes.targets >= 0).any()) else None
     n = ids.shape[0]
     cuda = device.type == "cuda"
-    rows = []
+    frames = []
     for method in methods:
         # Untimed warm-up on one row: imports (captum), lazy initialisation and allocator
         # growth would otherwise be charged to whichever method runs first.
@@ -299,45 +434,138 @@ def faithfulness_table(
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        scores = attribute(
-            method,
-            adapter,
-            ids,
-            mask,
-            positions,
-            None,
-            seed=seed,
-            n_steps=n_steps,
-            batch_size=batch_size,
-        )
+        scores = attribute(method, adapter, ids, mask, positions, None, seed=seed,
+                           n_steps=n_steps, batch_size=batch_size)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else float("nan")
-        result = aopc(
-            adapter,
-            ids,
-            mask,
-            positions,
-            scores,
-            replacement_id=replacement_id,
-            gold=gold,
-            fractions=fractions,
-            batch_size=aopc_batch_size,
-            protect=protect,
-        )
-        row = {
+        result = aopc(adapter, ids, mask, positions, scores, replacement=replacement,
+                      gold=gold, fractions=fractions, batch_size=aopc_batch_size,
+                      protect=protect, removal=removal)
+        used = result["replacement"]
+        frame = pd.DataFrame({
             "method": method,
-            "comprehensiveness": result["comprehensiveness"],
-            "sufficiency": result["sufficiency"],
-        }
-        if "accuracy" in result:
-            for key in ("accuracy", "comprehensiveness_accuracy", "sufficiency_accuracy"):
-                row[key] = result[key]
-        row.update(seconds_per_instance=seconds / n, peak_memory_mb=peak, n_instances=n)
-        rows.append(row)
-        log.info("faithfulness %s: %s", method, row)
-    return pd.DataFrame(rows)
+            "probe_id": list(probes.ids),
+            "comprehensiveness": result["comprehensiveness_rows"].double().numpy(),
+            "sufficiency": result["sufficiency_rows"].double().numpy(),
+        })
+        if gold is not None:
+            known = (gold >= 0).cpu()
+            predicted = result["targets"]  # the argmax: the explained prediction
+            for name in ("comprehensiveness", "sufficiency"):
+                variant = _variant_correct(result, name, gold.cpu())
+                frame[f"{name}_correct"] = np.where(known, variant, np.nan)
+            frame["correct"] = np.where(known, (predicted == gold.cpu()).double(), np.nan)
+        frame["n_candidates"] = result["n_candidates"].numpy()
+        frame["degenerate_cells"] = result["degenerate_cells"].numpy()
+        frame["cells"] = len(fractions)
+        frame["seconds"] = seconds / n
+        frame["peak_memory_mb"] = peak
+        frame["replacement"] = used.strategy
+        frame["replacement_token"] = used.token if used.token is not None else (
+            "" if used.token_id is None else str(used.token_id))
+        frame["removal"] = removal
+        frames.append(frame)
+        log.info("faithfulness %s: comprehensiveness %.4f, sufficiency %.4f", method,
+                 result["comprehensiveness"], result["sufficiency"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise_faithfulness(rows, *, seed: int = 0):
+    """One row per method from `faithfulness_rows` output: means over probes with seeded
+    95% bootstrap intervals over probes.
+
+    Columns: method, comprehensiveness, comprehensiveness_low, comprehensiveness_high,
+    sufficiency (and its _low/_high), [accuracy, comprehensiveness_accuracy,
+    sufficiency_accuracy], seconds_per_instance (attribution only), peak_memory_mb,
+    n_instances, n_candidates_min, n_candidates_median, degenerate_cells, cells,
+    replacement, replacement_token, removal.
+    """
+    import pandas as pd
+
+    out = []
+    for method, group in rows.groupby("method", sort=False):
+        row: dict[str, Any] = {"method": method}
+        for name in ("comprehensiveness", "sufficiency"):
+            values = group[name].to_numpy(dtype=float)
+            row[name] = float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(values, seed=seed)
+        if "correct" in group and group["correct"].notna().any():
+            row["accuracy"] = float(group["correct"].mean())
+            for name in ("comprehensiveness", "sufficiency"):
+                row[f"{name}_accuracy"] = float(group[f"{name}_correct"].mean())
+        row.update(
+            seconds_per_instance=float(group["seconds"].mean()),
+            peak_memory_mb=float(group["peak_memory_mb"].max()),
+            n_instances=len(group),
+            n_candidates_min=int(group["n_candidates"].min()),
+            n_candidates_median=float(group["n_candidates"].median()),
+            degenerate_cells=int(group["degenerate_cells"].sum()),
+            cells=int(group["cells"].sum()),
+            replacement=group["replacement"].iloc[0],
+            replacement_token=group["replacement_token"].iloc[0],
+            removal=group["removal"].iloc[0],
+        )
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def faithfulness_table(
+    model: nn.Module | ModelAdapter,
+    encoded_probes: Any,
+    methods: Sequence[str] = METHODS,
+    **kwargs: Any,
+):
+    """One row per method: `summarise_faithfulness(faithfulness_rows(...))`. Keyword
+    arguments are `faithfulness_rows`'s (`replacement` required; `protect="special"` and
+    `removal="nearest"` by default)."""
+    return summarise_faithfulness(faithfulness_rows(model, encoded_probes, methods, **kwargs),
+                                  seed=kwargs.get("seed", 0))
+
+
+def _variant_correct(result: dict[str, Any], name: str, gold: Tensor) -> np.ndarray:
+    """Per row, the share of k values whose variant still predicts the gold label."""
+    preds = result[f"{name}_preds"]  # (B, K)
+    return (preds == gold[:, None]).double().mean(dim=1).numpy()
+
+
+def _check_attention_deletion(adapter: ModelAdapter, mask: Tensor) -> None:
+    if not adapter.accepts_mask:
+        raise ValueError("replacement='attention' deletes tokens through the attention mask, "
+                         "but this model takes none (ModelAdapter(accepts_mask=False)); use a "
+                         "replacement token")
+    if bool((mask[:, 0] == 0).any()):
+        raise ValueError("replacement='attention' keeps each token's position id as in a "
+                         "right-padded input; pad the inputs on the right")
+
+
+class _positions_kept:
+    """While active, a causal Hugging Face body gets position ids 0..T-1 (those of the
+    right-padded unmasked input) even when the attention mask has holes at the start,
+    which the hidden-state reader would otherwise read as left padding."""
+
+    def __init__(self, adapter: ModelAdapter, active: bool):
+        body = getattr(adapter.module, "base_model", None) if active else None
+        self.body = body if isinstance(body, nn.Module) else None
+        self.handle = None
+
+    def __enter__(self):
+        if self.body is not None:
+            def hook(module, args, kwargs):
+                if kwargs.get("position_ids") is not None:
+                    ids = kwargs["input_ids"]
+                    kwargs["position_ids"] = torch.arange(
+                        ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+                return args, kwargs
+
+            self.handle = self.body.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+        return False
 
 
 def _target_probs(adapter, ids, mask, positions, targets, batch_size) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Evidence-alignment and ranking metrics (PAPER.md section 2).
+"""Evidence-alignment and ranking metrics.
 
 Pure functions: tensors in, tensors or floats out. Positions are the last
 dimension ``T``. A position takes part in a row only when it is valid (``valid``
@@ -13,6 +13,7 @@ cue that ties with a later non-cue position is ranked above it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -124,48 +125,149 @@ def random_dot_product(relevant: Tensor, valid: Tensor | None = None) -> Tensor:
     return torch.where(r > 0, r / n.clamp(min=1), float("nan"))
 
 
-def evidence_alignment(
-    scores: Tensor, cue_mask: Tensor, valid: Tensor, exclude: Tensor | None = None
-) -> dict[str, Tensor]:
-    """Per-layer AP and DP of cue positions, with random baselines, averaged over probes.
+def standardised(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Scores standardised per row over its valid positions: ``(s - mean) / std``.
+
+    ``std`` is the population standard deviation over the row's valid, non-NaN
+    positions; a row whose valid scores are all equal (or has one) becomes 0 there.
+    Invalid positions become NaN. Multiplying a row by ``c > 0`` or adding a constant
+    leaves the result unchanged.
+    """
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    scores, valid = torch.broadcast_tensors(scores.to(_work_dtype(scores)), valid.bool())
+    valid = valid & ~torch.isnan(scores)
+    zero = torch.zeros_like(scores)
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.where(valid, scores, zero).sum(-1, keepdim=True) / n
+    centred = torch.where(valid, scores - mean, zero)
+    std = (centred.square().sum(-1, keepdim=True) / n).sqrt()
+    z = torch.where(std > 0, centred / std.clamp(min=torch.finfo(scores.dtype).tiny), zero)
+    return z.masked_fill(~valid, float("nan"))
+
+
+def dot_product_z(scores: Tensor, relevant: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Scale-free DP: :func:`dot_product` of the per-row :func:`standardised` scores.
+
+    The softmax mass on the relevant positions once each row's scores have mean 0 and
+    standard deviation 1, so it reflects where the cues sit in the row's score
+    distribution, not how spread out the scores are. Its exact expectation when the
+    relevant positions are placed uniformly at random among the valid ones is
+    :func:`random_dot_product` (``R / N``): each valid position is relevant with
+    probability ``R / N`` and the softmax sums to 1.
+    """
+    return dot_product(standardised(scores, valid), relevant, valid)
+
+
+def ranked_positions(
+    valid: Tensor, positions: Tensor, objective: str, special: Tensor | None = None
+) -> Tensor:
+    """``(B, T)`` bool: the positions that alignment ranks.
+
+    Real tokens (``valid``) that are not special (``special``, e.g. BOS/EOS), and:
+    for a causal LM every position up to and including the explained one (the last
+    prefix word is a real input word and may be the cue); for a masked LM every
+    position except the explained mask slot (it holds no word); for any other
+    objective every position except the explained (pooled) one.
+    """
+    b, t = valid.shape
+    if tuple(positions.shape) != (b,):
+        raise ValueError(f"positions must have shape (B,) = {(b,)}, got {tuple(positions.shape)}")
+    positions = positions.to(device=valid.device, dtype=torch.long)
+    if positions.numel() and (positions.min() < 0 or positions.max() >= t):
+        raise ValueError(f"positions must index [0, {t}), got {positions.tolist()}")
+    idx = torch.arange(t, device=valid.device)[None, :]
+    keep = valid.bool() & (idx <= positions[:, None] if objective == "causal"
+                           else idx != positions[:, None])
+    if special is not None:
+        keep = keep & ~special.bool().to(valid.device)
+    return keep
+
+
+ALIGNMENT_KEYS = ("ap", "ap_random", "dp_raw", "dp_z", "dp_random")
+
+
+def alignment_per_probe(scores: Tensor, cue_mask: Tensor, keep: Tensor) -> dict[str, Tensor]:
+    """AP, paper's DP (``dp_raw``), scale-free DP (``dp_z``) and baselines per probe and layer.
 
     Args:
-        scores: ``(B, L, T)`` token scores per probe and layer; NaN is ignored.
-        cue_mask: ``(B, T)`` bool, the cue tokens of each probe.
-        valid: ``(B, T)`` bool, real (non-padding) positions.
-        exclude: ``(B,)`` long, the explained (target) position of each probe,
-            removed before ranking as in the paper; None removes nothing.
+        scores: ``(B, L, T)`` token scores; NaN is ignored.
+        cue_mask: ``(B, T)`` bool, the cue tokens.
+        keep: ``(B, T)`` bool, the positions ranked (see :func:`ranked_positions`).
 
     Returns:
-        ``{"ap", "ap_random", "dp", "dp_random"}``, each ``(L,)``: the mean over
-        probes with at least one cue left after exclusion (NaN if none has).
-        Baselines use each probe's own ``R`` and ``N``.
+        ``{key: (B, L)}`` for :data:`ALIGNMENT_KEYS`; NaN where a probe has no cue among
+        its ranked positions. ``dp_random`` is the exact random baseline of both DPs.
     """
     if scores.ndim != 3:
         raise ValueError(f"scores must have shape (B, L, T), got {tuple(scores.shape)}")
     b, _, t = scores.shape
-    for name, mask in (("cue_mask", cue_mask), ("valid", valid)):
+    for name, mask in (("cue_mask", cue_mask), ("keep", keep)):
         if tuple(mask.shape) != (b, t):
             raise ValueError(f"{name} must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    cues = cue_mask.bool().to(scores.device)[:, None, :]  # (B, 1, T)
+    keep = keep.bool().to(scores.device)[:, None, :] & ~torch.isnan(scores)  # (B, L, T)
+    return {
+        "ap": average_precision(scores, cues, keep),
+        "ap_random": random_average_precision(cues, keep),
+        "dp_raw": dot_product(scores, cues, keep),
+        "dp_z": dot_product_z(scores, cues, keep),
+        "dp_random": random_dot_product(cues, keep),
+    }
+
+
+def evidence_alignment(
+    scores: Tensor, cue_mask: Tensor, valid: Tensor, exclude: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Per-layer alignment of cue positions (:func:`alignment_per_probe`), averaged over probes.
+
+    Args:
+        scores: ``(B, L, T)`` token scores per probe and layer; NaN is ignored.
+        cue_mask: ``(B, T)`` bool, the cue tokens of each probe.
+        valid: ``(B, T)`` bool, the positions ranked (e.g. :func:`ranked_positions`).
+        exclude: ``(B,)`` long, a position per probe removed before ranking (a masked
+            LM's mask slot); None removes nothing.
+
+    Returns:
+        ``{key: (L,)}`` for :data:`ALIGNMENT_KEYS`: the mean over probes with at least
+        one cue left (NaN if none has).
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have shape (B, L, T), got {tuple(scores.shape)}")
+    b, _, t = scores.shape
+    if tuple(valid.shape) != (b, t):
+        raise ValueError(f"valid must have shape (B, T) = {(b, t)}, got {tuple(valid.shape)}")
     keep = valid.bool().to(scores.device)
     if exclude is not None:
         if tuple(exclude.shape) != (b,):
             raise ValueError(f"exclude must have shape (B,) = {(b,)}, got {tuple(exclude.shape)}")
-        exclude = exclude.to(device=scores.device, dtype=torch.long)
         if exclude.numel() and (exclude.min() < 0 or exclude.max() >= t):
             raise ValueError(f"exclude must index positions in [0, {t}), got {exclude.tolist()}")
-        positions = torch.arange(t, device=scores.device)
-        keep = keep & (positions[None, :] != exclude[:, None])
-    cues = cue_mask.bool().to(scores.device)[:, None, :]  # (B, 1, T)
-    keep = keep[:, None, :] & ~torch.isnan(scores)  # (B, L, T)
-
-    per_probe = {
-        "ap": average_precision(scores, cues, keep),
-        "ap_random": random_average_precision(cues, keep),
-        "dp": dot_product(scores, cues, keep),
-        "dp_random": random_dot_product(cues, keep),
-    }  # each (B, L), NaN where a probe has no cue
+        keep = keep & ranked_positions(keep, exclude, "masked")
+    per_probe = alignment_per_probe(scores, cue_mask, keep)
     return {k: torch.nanmean(v.to(torch.float32), dim=0) for k, v in per_probe.items()}
+
+
+def bootstrap_interval(
+    values, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling the values).
+
+    NaN values are dropped first (the caller reports how many entered). Seeded, so the
+    same values give the same interval. ``(nan, nan)`` with fewer than 2 values.
+    """
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    x = x[~np.isnan(x)]
+    if x.size < 2:
+        return math.nan, math.nan
+    if np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    result = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                       method="percentile", random_state=np.random.default_rng(seed),
+                       vectorized=True)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -215,3 +317,26 @@ def rank_stability(prev: Tensor, cur: Tensor) -> float:
     rhos = [spearman(p, c) for p, c in zip(prev, cur, strict=True)]
     defined = [r for r in rhos if not math.isnan(r)]
     return sum(defined) / len(defined) if defined else math.nan
+
+
+def group_contrast(contrast: Tensor, groups: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Accuracy and mean contrast per probe group.
+
+    Args:
+        contrast: ``(N,)`` target-minus-foil logit of each probe with a foil.
+        groups: the group of each of those probes; ``""`` (no group) is left out.
+
+    Returns:
+        ``{group: (accuracy, mean contrast)}``, accuracy the fraction of probes with
+        contrast > 0, in order of first appearance; a NaN contrast (a non-finite
+        forward) is neither right nor wrong and stays out of both.
+    """
+    if len(groups) != contrast.shape[0]:
+        raise ValueError(f"groups has {len(groups)} entries for {contrast.shape[0]} contrasts")
+    out = {}
+    for group in dict.fromkeys(g for g in groups if g):
+        rows = torch.tensor([g == group for g in groups])
+        values = contrast[rows].to(torch.float64)
+        values = values[~torch.isnan(values)]
+        out[group] = (float((values > 0).double().mean()), float(values.mean()))
+    return out

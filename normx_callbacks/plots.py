@@ -135,16 +135,21 @@ def metric_curves(
     ylabel: str = "",
     colours: dict[str, object] | None = None,
     styles: dict[str, str] | None = None,
+    bands: dict[str, tuple[Sequence[int], Sequence[float], Sequence[float]]] | None = None,
 ) -> Figure:
     """Line plot of several named series against training step.
 
-    ``colours`` / ``styles``: per series name (e.g. one colour per run, one style per key).
+    ``colours`` / ``styles``: per series name (e.g. one colour per run, one style per key);
+    ``bands`` (same names: steps, low, high) are drawn as shaded 95% intervals in the
+    series' colour.
     """
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for name, (steps, values) in series.items():
         style = (styles or {}).get(name, "--o" if "random" in name else "-o")
-        ax.plot(steps, values, style, markersize=3, label=name,
-                color=(colours or {}).get(name))
+        line, = ax.plot(steps, values, style, markersize=3, label=name,
+                        color=(colours or {}).get(name))
+        if bands and name in bands:
+            ax.fill_between(*bands[name], color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_ylabel(ylabel)
     _symlog_steps(ax, [s for steps, _ in series.values() for s in steps])
     ax.set_title(title, fontsize=9)
@@ -330,49 +335,78 @@ def metric_series(run, key: str) -> tuple[list[int], list[float]] | None:
     return rows["step"].astype(int).tolist(), rows["value"].astype(float).tolist()
 
 
+def metric_band(run, key: str) -> tuple[list[int], list[float], list[float]] | None:
+    """(steps, low, high) of one key's stored 95% interval, or None when it has none."""
+    if "metrics" not in run or "low" not in run["metrics"]:
+        return None
+    rows = run["metrics"]
+    rows = rows[(rows["key"] == key) & rows["low"].notna() & rows["high"].notna()]
+    if rows.empty:
+        return None
+    rows = rows.sort_values("step")
+    return (rows["step"].astype(int).tolist(), rows["low"].astype(float).tolist(),
+            rows["high"].astype(float).tolist())
+
+
 def metric_history(runs, keys: Sequence[str], *, labels: Sequence[str] | None = None,
                    title: str = "", ylabel: str = "") -> Figure:
-    """Several metric keys of one or more runs against training step (absent keys skipped).
+    """Several metric keys of one or more runs against training step (absent keys skipped),
+    each with its 95% interval band where the store has one.
 
     Several runs: run i has colour ``RUN_COLOURS[i]`` (as in every other plot) and each key
     its own line style; one run: one colour per key.
     """
     runs = _as_runs(runs)
-    series, colours, styles = {}, {}, {}
+    series, colours, styles, bands = {}, {}, {}, {}
     for i, (run, label) in enumerate(zip(runs, _labels(runs, labels), strict=True)):
         for j, key in enumerate(keys):
             found = metric_series(run, key)
             if found is not None:
                 name = _named(label, key)
                 series[name] = found
+                band = metric_band(run, key)
+                if band is not None:
+                    bands[name] = band
                 if len(runs) > 1:
                     colours[name] = RUN_COLOURS[i % len(RUN_COLOURS)]
                     styles[name] = KEY_STYLES[j % len(KEY_STYLES)]
     if not series:
         raise ValueError(f"none of the metrics {list(keys)} are in the runs' metrics tables")
-    return metric_curves(series, title=title, ylabel=ylabel, colours=colours, styles=styles)
+    return metric_curves(series, title=title, ylabel=ylabel, colours=colours, styles=styles,
+                         bands=bands)
 
 
 def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
-    """Evidence alignment of the cue words, AP and DP, against their random baselines."""
+    """Evidence alignment of the cue words against random: AP (left) and the scale-free DP
+    (right; the paper's DP, `dp_raw`, dash-dotted beside it), the NormXLogit AP and DP_z
+    curves with their 95% interval over probes as a band. Old stores' ``alignment/dp`` is
+    read as ``dp_raw``."""
     runs = _as_runs(runs)
     labels = _labels(runs, labels)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
     colours = RUN_COLOURS
     found = False
     all_steps: list[int] = []
-    for ax, metric, name in ((axes[0], "ap", "average precision (AP)"),
-                             (axes[1], "dp", "dot product (DP)")):
+    panels = ((axes[0], "average precision (AP)",
+               (("ap", "-o", "NormXLogit"), ("ap_random", ":", "random"),
+                ("ap_logat", "--", "LogAt"))),
+              (axes[1], "dot product (DP)",
+               (("dp_z", "-o", "DP_z (standardised, scale-free)"),
+                ("dp_raw", "-.", "DP (paper, scale-dependent)"),
+                ("dp_random", ":", "random"))))
+    for ax, name, curves in panels:
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
             colour = colours[i % len(colours)]
-            for suffix, style, what in (("", "-o", "NormXLogit"), ("_random", ":", "random"),
-                                        ("_logat", "--", "LogAt")):
-                series = metric_series(run, f"alignment/{metric}{suffix}")
+            for metric, style, what in curves:
+                series = metric_series(run, f"alignment/{metric}")
                 if series is None:
                     continue
                 found = True
                 all_steps += series[0]
                 ax.plot(*series, style, color=colour, markersize=3, label=_named(label, what))
+                band = metric_band(run, f"alignment/{metric}") if style == "-o" else None
+                if band is not None:
+                    ax.fill_between(*band, color=colour, alpha=0.2, linewidth=0)
         ax.set_ylabel(name)
         ax.set_title(f"cue words: {name}", fontsize=9)
         _symlog_steps(ax, all_steps)

@@ -34,7 +34,8 @@ HEADLINE = {
     "accuracy": "probe/accuracy",
     "ap": "alignment/ap",
     "ap_random": "alignment/ap_random",
-    "dp": "alignment/dp",
+    "dp_raw": "alignment/dp_raw",
+    "dp_z": "alignment/dp_z",
     "dp_random": "alignment/dp_random",
     "stability": "stability/spearman",
     "norm_logfreq_spearman": "embedding/norm_logfreq_spearman",
@@ -261,7 +262,8 @@ def render_report(
     parts.append(_grid([_loss_section(runs, labels), _section("predictions", _try_figure(
         lambda: plots.metric_history(runs, ["probe/target_prob", "probe/accuracy"],
                                      labels=labels, title="mean over probes",
-                                     ylabel="probability / accuracy"), "probe predictions"))]))
+                                     ylabel="probability / accuracy"), "probe predictions")
+        + _group_figure(runs, labels))]))
     count("loss and predictions")
     parts.append(_section("alignment", "<p class=\"meta\">Do the cue words get the highest "
                           "scores? AP/DP of the cue positions under NormXLogit (last layer) and "
@@ -313,6 +315,17 @@ def _loss_section(runs: Sequence[RunData], labels: Sequence[str]) -> str:
                                                     ylabel="loss", colours=colours,
                                                     styles=styles), "training loss"))
     return _section("loss", "".join(body))
+
+
+def _group_figure(runs: Sequence[RunData], labels: Sequence[str]) -> str:
+    """Accuracy per probe group (e.g. BLiMP paradigm); empty when no probe has a group."""
+    keys = sorted({k for run in runs if "metrics" in run for k in run["metrics"]["key"].unique()
+                   if str(k).startswith("probe/accuracy/")})
+    if not keys:
+        return ""
+    return _try_figure(lambda: plots.metric_history(runs, keys, labels=labels,
+                                                    title="accuracy per probe group",
+                                                    ylabel="accuracy"), "accuracy per group")
 
 
 def _faithfulness_section(runs: Sequence[RunData], labels: Sequence[str]) -> str:

@@ -540,9 +540,28 @@ def load_run(path: str | os.PathLike, *, skip_corrupt: bool = False) -> RunData:
 
     Returns:
         ``RunData`` with one DataFrame per table (all steps, sorted by step), the committed
-        steps, ``meta.json`` and the ``missing`` table (step, reason, time).
+        steps, ``meta.json`` and the ``missing`` table (step, reason, time). The ``metrics``
+        table always has ``low`` and ``high`` (95% interval; NaN where none was stored).
     """
     root = find_store(path)
     meta = _read_meta(root) if (root / _META).exists() else {}
     steps, tables = _load_tables(root, skip_corrupt)
+    if "metrics" in tables:
+        tables["metrics"] = _current_metrics(tables["metrics"])
     return RunData(root, meta, steps, tables, _load_missing(root))
+
+
+# Keys renamed since older stores were written: old name -> current name.
+_RENAMED_METRICS = {"alignment/dp": "alignment/dp_raw"}
+
+
+def _current_metrics(frame: pd.DataFrame) -> pd.DataFrame:
+    """Older stores' metrics under today's names, with ``low``/``high`` columns (NaN there)."""
+    if "key" not in frame:  # not the callback's metrics table: leave it as written
+        return frame
+    frame = frame.copy()
+    frame["key"] = frame["key"].replace(_RENAMED_METRICS)
+    for column in ("low", "high"):
+        if column not in frame:
+            frame[column] = float("nan")
+    return frame

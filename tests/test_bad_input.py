@@ -169,7 +169,7 @@ CASES = {
         r"copy the cue from the text exactly or remove it", "ProbeSet()"),
     "unknown probe key": Case(
         lambda c: ProbeSet([{"text": "the key", "label": "x"}]),
-        ProbeError, r"unknown key 'label'", r"valid keys are cues, foil, id, target, text",
+        ProbeError, r"unknown key 'label'", r"valid keys are cues, foil, group, id, target, text",
         "ProbeSet()"),
     "non-UTF-8 probe file": Case(
         lambda c: probe_file(c, "p.yaml", b"- text: caf\xe9 near\n"),
@@ -203,8 +203,9 @@ CASES = {
         r"pass the tokenizer the model was built for", "setup"),
     "unsupported strategy": Case(
         lambda c: train(c, strategy=ModelParallelStrategy()),
-        RuntimeError, r"NormXLogitCallback does not support ModelParallelStrategy",
-        r"Use strategy='ddp' \(or single device\), or remove the callback", "setup"),
+        RuntimeError, r"NormXLogitCallback does not support ModelParallelStrategy: sharded "
+                      r"parameters must come from fully_shard in LightningModule.configure_model",
+        r"which LanguageModel does not override; use strategy='ddp' otherwise", "setup"),
     "missing optional backend (Captum)": Case(
         without_captum,
         ImportError, r"method='integrated_gradients' needs Captum, which is not installed",

@@ -108,7 +108,7 @@ def test_summary_lists_every_snapshot_and_headline_metrics(run_dir, capsys):
     steps = load_run(run_dir).steps
     assert steps == [0, 1, 2, 4, 8, 16, 20]
     header = next(line for line in out.splitlines() if line.strip().startswith("step"))
-    for column in ("target_prob", "accuracy", "ap", "ap_random", "dp", "stability",
+    for column in ("target_prob", "accuracy", "ap", "ap_random", "dp_raw", "dp_z", "stability",
                    "norm_logfreq_spearman"):
         assert column in header.split()
     rows = [line.split()[0] for line in out.splitlines()[out.splitlines().index(header) + 1:]
@@ -342,6 +342,10 @@ def test_faithfulness_table_for_a_checkpoint(ckpt, tmp_path, capsys):
     assert (table.n_instances == 6).all()
     assert md.read_text().startswith("| method | comprehensiveness |")
     assert "integrated_gradients" in out
+    # The removal used is recorded in the table and said on the terminal.
+    assert set(table.replacement) == {"eos"} and set(table.replacement_token) == {"<|endoftext|>"}
+    assert (table.removal == "nearest").all() and (table.degenerate_cells == 0).all()
+    assert "removal: eos token '<|endoftext|>'" in err
 
 
 def test_faithfulness_rejects_an_unknown_method(ckpt, capsys):

@@ -13,11 +13,13 @@ from torch import nn
 
 from normx_callbacks.faithfulness import (
     FRACTIONS,
+    Replacement,
     aopc,
     faithfulness_table,
     masked_variants,
     ranks,
-    replacement_for,
+    removal_counts,
+    resolve_replacement,
     special_token_mask,
 )
 from normx_callbacks.heads import ModelAdapter
@@ -62,7 +64,17 @@ def _adapter(model, kind="classifier"):
     )
 
 
-def _reference(weight, ids, mask, pos, scores, causal=False, protect=None, targets=None):
+def _count(k, n, removal):
+    """Tokens removed at fraction k of n candidates, written out per rule."""
+    if removal == "floor":
+        return int(n * k)
+    if n < 2:
+        return n
+    return min(max(math.floor(k * n + 0.5), 1), n - 1)
+
+
+def _reference(weight, ids, mask, pos, scores, causal=False, protect=None, targets=None,
+               removal="nearest"):
     """AOPC written out independently: Python sort, explicit loops, numpy softmax."""
     w = weight.double().numpy()
     comp, suff = [], []
@@ -89,7 +101,7 @@ def _reference(weight, ids, mask, pos, scores, causal=False, protect=None, targe
         order = sorted(cands, key=lambda j, b=b: (-float(scores[b, j]), j))
         c_row, s_row = [], []
         for k in FRACTIONS:
-            top = set(order[: int(len(cands) * k)])
+            top = set(order[: _count(k, len(cands), removal)])
             removed = [R if j in top else t for j, t in enumerate(row)]
             kept = [R if (j in cands and j not in top) else t for j, t in enumerate(row)]
             c_row.append(p0[y] - prob(removed)[y])
@@ -107,7 +119,8 @@ def test_hand_computed_two_token_example():
     model.emb = nn.Embedding(V, 2)
     model.emb.weight.data.copy_(w)
     ids = torch.tensor([[5, 3, 4]])
-    out = aopc(_adapter(model), ids, None, [0], torch.tensor([[9.0, 1.0, 0.5]]), replacement_id=R)
+    scores = torch.tensor([[9.0, 1.0, 0.5]])
+    out = aopc(_adapter(model), ids, None, [0], scores, replacement=R, removal="floor")
     s = torch.sigmoid
     # n = 2 candidates: int(2k) = 0 for k < 0.5 (nothing / everything removed), 1 after.
     comp = 5 / 9 * (s(torch.tensor(3.0)) - s(torch.tensor(1.0)))
@@ -118,10 +131,20 @@ def test_hand_computed_two_token_example():
     assert out["sufficiency"] == pytest.approx(float(suff), abs=1e-6)
     assert out["targets"].tolist() == [1]
     assert out["n_candidates"].tolist() == [2]
+    assert out["degenerate_cells"].tolist() == [4]  # floor: nothing removed for k < 0.5
+    # nearest: exactly one of the two removed at every k, so no cell is degenerate.
+    out = aopc(_adapter(model), ids, None, [0], scores, replacement=R)
+    assert out["comprehensiveness"] == pytest.approx(float(s(torch.tensor(3.0))
+                                                          - s(torch.tensor(1.0))), abs=1e-6)
+    assert out["sufficiency"] == pytest.approx(float(s(torch.tensor(3.0))
+                                                     - s(torch.tensor(2.0))), abs=1e-6)
+    assert out["degenerate_cells"].tolist() == [0]
+    assert out["removal_counts"].tolist() == [[1] * 9]
 
 
+@pytest.mark.parametrize("removal", ["nearest", "floor"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_independent_reference(causal):
+def test_matches_independent_reference(causal, removal):
     weight = _weights()
     model = BagOfWords(weight, causal=causal)
     g = torch.Generator().manual_seed(3)
@@ -143,9 +166,10 @@ def test_matches_independent_reference(causal):
         mask,
         pos,
         scores,
-        replacement_id=R,
+        replacement=R,
         targets=targets,
         protect=protect,
+        removal=removal,
     )
     comp, suff = _reference(
         weight,
@@ -156,6 +180,7 @@ def test_matches_independent_reference(causal):
         causal,
         protect,
         [None if t < 0 else int(t) for t in targets],
+        removal=removal,
     )
     assert out["targets"][1] == 2 and out["targets"][3] == 0
     np.testing.assert_allclose(out["comprehensiveness_rows"].numpy(), comp.mean(1), atol=1e-6)
@@ -174,7 +199,8 @@ def test_explained_position_never_masked_and_all_variants_batched():
     pos = torch.tensor([7, 3, 5])
     scores = torch.arange(8.0).flip(0).expand(3, 8).clone()
     scores[:, :] += 100 * (torch.arange(8) == pos[:, None])  # explained token ranked first
-    comp, suff = masked_variants(ids, mask, pos, scores, replacement_id=R, causal=True)
+    comp, suff = masked_variants(ids, mask, pos, scores, replacement_id=R, causal=True,
+                                 removal="floor")
     assert comp.shape == suff.shape == (9, 3, 8)
     rows = torch.arange(3)
     for variant in (comp, suff):
@@ -196,7 +222,8 @@ def test_explained_position_never_masked_and_all_variants_batched():
     # aopc forwards exactly these variants, stacked: 1 pass for the originals plus
     # ceil(2 * 9 * 3 / 10) = 6 for the 54 variant rows.
     model.calls.clear()
-    aopc(_adapter(model, "causal"), ids, mask, pos, scores, replacement_id=R, batch_size=10)
+    aopc(_adapter(model, "causal"), ids, mask, pos, scores, replacement=R, batch_size=10,
+         removal="floor")
     assert [len(c) for c in model.calls] == [3, 10, 10, 10, 10, 10, 4]
     seen = torch.cat(model.calls[1:])
     assert torch.equal(seen, torch.stack([comp, suff]).reshape(-1, 8))
@@ -216,14 +243,14 @@ def test_batched_equals_one_at_a_time_on_gpt2():
     mask[3, 7:] = 0
     scores = torch.randn(4, 9, generator=torch.Generator().manual_seed(0))
     gold = torch.tensor([5, -1, 7, 9])
-    big = aopc(model, ids, mask, None, scores, replacement_id=1, gold=gold, batch_size=64)
-    small = aopc(model, ids, mask, None, scores, replacement_id=1, gold=gold, batch_size=1)
+    big = aopc(model, ids, mask, None, scores, replacement=1, gold=gold, batch_size=64)
+    small = aopc(model, ids, mask, None, scores, replacement=1, gold=gold, batch_size=1)
     for key in ("comprehensiveness_probs", "sufficiency_probs", "original_probs"):
         torch.testing.assert_close(big[key], small[key], atol=1e-6, rtol=1e-5)
     for b in range(4):
         length = int(mask[b].sum())
         one = aopc(
-            model, ids[b : b + 1, :length], None, None, scores[b : b + 1, :length], replacement_id=1
+            model, ids[b : b + 1, :length], None, None, scores[b : b + 1, :length], replacement=1
         )
         torch.testing.assert_close(
             one["comprehensiveness_probs"][0],
@@ -245,7 +272,7 @@ def test_accuracy_against_gold_known():
     logits = weight[ids].sum(1)
     predicted = logits.argmax(1)
     gold = torch.tensor([int(predicted[0]), (int(predicted[1]) + 1) % C])
-    out = aopc(_adapter(model), ids, None, [0, 0], torch.randn(2, 4), replacement_id=R, gold=gold)
+    out = aopc(_adapter(model), ids, None, [0, 0], torch.randn(2, 4), replacement=R, gold=gold)
     assert out["accuracy"] == pytest.approx(0.5)
     no_gold = aopc(
         _adapter(model),
@@ -253,7 +280,7 @@ def test_accuracy_against_gold_known():
         None,
         [0, 0],
         torch.randn(2, 4),
-        replacement_id=R,
+        replacement=R,
         gold=torch.tensor([-1, -1]),
     )
     assert "accuracy" not in no_gold
@@ -262,29 +289,90 @@ def test_accuracy_against_gold_known():
 def test_errors_name_the_parameter():
     model = _adapter(BagOfWords(_weights()))
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="replacement_id"):
-        aopc(model, ids, None, [0], torch.zeros(1, 3), replacement_id=V)
+    with pytest.raises(ValueError, match="replacement token id"):
+        aopc(model, ids, None, [0], torch.zeros(1, 3), replacement=V)
+    with pytest.raises(ValueError, match="removal='round'"):
+        aopc(model, ids, None, [0], torch.zeros(1, 3), replacement=R, removal="round")
+    with pytest.raises(ValueError, match="accepts_mask=False"):
+        no_mask = _adapter(BagOfWords(_weights()))
+        no_mask.accepts_mask = False
+        aopc(no_mask, ids, None, [0], torch.zeros(1, 3), replacement="attention")
     with pytest.raises(ValueError, match="scores"):
-        aopc(model, ids, None, [0], torch.zeros(1, 4), replacement_id=R)
+        aopc(model, ids, None, [0], torch.zeros(1, 4), replacement=R)
     with pytest.raises(ValueError, match="fractions"):
-        aopc(model, ids, None, [0], torch.zeros(1, 3), replacement_id=R, fractions=(0.0,))
+        aopc(model, ids, None, [0], torch.zeros(1, 3), replacement=R, fractions=(0.0,))
     with pytest.raises(ValueError, match="regression"):
-        aopc(models.build("bert_reg"), ids, None, None, torch.zeros(1, 3), replacement_id=R)
+        aopc(models.build("bert_reg"), ids, None, None, torch.zeros(1, 3), replacement=R)
 
 
-def test_replacement_for_and_special_token_mask():
-    tok = SimpleNamespace(
-        mask_token_id=None, unk_token_id=None, pad_token_id=None, eos_token_id=50256
-    )
-    assert replacement_for(tok) == 50256
-    assert replacement_for(SimpleNamespace(mask_token_id=103, unk_token_id=100)) == 103
-    assert replacement_for(SimpleNamespace(mask_token_id=None, unk_token_id=100)) == 100
-    with pytest.raises(ValueError, match="replacement_id"):
-        replacement_for(SimpleNamespace())
+def test_resolve_replacement_and_special_token_mask():
+    gpt2 = SimpleNamespace(mask_token_id=None, unk_token_id=None, pad_token_id=None,
+                           eos_token_id=50256, eos_token="<|endoftext|>")
+    found = resolve_replacement(gpt2)
+    assert found == Replacement("eos", 50256, "<|endoftext|>")  # auto without a mask token
+    assert "eos token '<|endoftext|>' (id 50256)" in found.describe()
+    bert = SimpleNamespace(mask_token_id=103, mask_token="[MASK]", unk_token_id=100)
+    assert resolve_replacement(bert).token_id == 103
+    assert resolve_replacement(bert, "unk").token_id == 100
+    assert resolve_replacement(SimpleNamespace()).strategy == "attention"
+    assert resolve_replacement(bert, "attention").token_id is None
+    with pytest.raises(ValueError, match="no pad token .*it has: mask, unk"):
+        resolve_replacement(bert, "pad")
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_replacement(bert, "zero")
     tok = SimpleNamespace(all_special_ids=[0, 2, 2])
     assert special_token_mask(torch.tensor([[0, 1, 2, 3]]), tok).tolist() == [
         [True, False, True, False]
     ]
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_nearest_rule_leaves_no_degenerate_cell_from_two_candidates(n):
+    counts = removal_counts(torch.tensor([n]), FRACTIONS)[:, 0]
+    if n >= 2:
+        assert ((counts >= 1) & (counts <= n - 1)).all()  # neither nothing nor everything
+    else:
+        assert counts.tolist() == [1] * len(FRACTIONS)
+    floor = removal_counts(torch.tensor([n]), FRACTIONS, "floor")[:, 0]
+    assert floor.tolist() == [int(n * k) for k in FRACTIONS]
+
+
+def test_special_tokens_are_protected_by_default():
+    model = BagOfWords(_weights())
+    ids = torch.tensor([[5, 3, 4, 7, 6]])
+    scores = torch.tensor([[0.0, 1.0, 9.0, 8.0, 2.0]])  # 4 and 7 rank highest
+    tok = SimpleNamespace(all_special_ids=[4, 7])
+    out = aopc(_adapter(model), ids, None, [0], scores, replacement=R, tokenizer=tok)
+    assert out["n_candidates"].tolist() == [2]  # 3 and 6: the special 4 and 7 never removed
+    bare = aopc(_adapter(model), ids, None, [0], scores, replacement=R, tokenizer=tok,
+                protect=None)
+    assert bare["n_candidates"].tolist() == [4]
+    # Without a tokenizer, a Hugging Face config's special ids are protected.
+    gpt2 = models.build("gpt2")
+    gpt2.config.eos_token_id = 7
+    out = aopc(gpt2, ids, None, None, scores, replacement=1)
+    assert out["n_candidates"].tolist() == [3]  # 5, 3, 4 (7 is eos; 6 is explained)
+
+
+def test_attention_deletion_keeps_positions():
+    model = models.build("gpt2")
+    ids = models.random_ids(1, 6)
+    scores = torch.tensor([[9.0, 1.0, 2.0, 8.0, 0.5, 0.0]])  # positions 0 and 3 rank first
+    out = aopc(model, ids, None, None, scores, replacement="attention", fractions=(0.4,),
+               protect=None)
+    assert out["replacement"] == Replacement("attention")
+    assert out["removal_counts"].tolist() == [[2]]  # round(0.4 * 5)
+    with torch.no_grad():
+        full = model(ids).logits[0, -1].softmax(-1)
+        target = int(full.argmax())
+        kept = torch.tensor([[0, 1, 1, 0, 1, 1]])
+        comp = model(ids, attention_mask=kept, position_ids=torch.arange(6)[None]).logits
+        suff = model(ids, attention_mask=1 - kept + torch.eye(6, dtype=torch.long)[5],
+                     position_ids=torch.arange(6)[None]).logits
+    expected_comp = full[target] - comp[0, -1].softmax(-1)[target]
+    expected_suff = full[target] - suff[0, -1].softmax(-1)[target]
+    assert out["comprehensiveness"] == pytest.approx(float(expected_comp), abs=1e-5)
+    assert out["sufficiency"] == pytest.approx(float(expected_suff), abs=1e-5)
 
 
 def _encoded(ids, mask, positions, targets):
@@ -310,31 +398,47 @@ def test_faithfulness_table_on_gpt2():
     positions = torch.tensor([5, 5, 3])
     probes = _encoded(ids, mask, positions, torch.tensor([4, -1, 8]))
     table = faithfulness_table(
-        model, probes, ("normxlogit", "random", "saliency"), replacement_id=1, n_steps=4
+        model, probes, ("normxlogit", "random", "saliency"), replacement=1, n_steps=4
     )
     assert list(table["method"]) == ["normxlogit", "random", "saliency"]
     assert list(table.columns) == [
         "method",
         "comprehensiveness",
+        "comprehensiveness_low",
+        "comprehensiveness_high",
         "sufficiency",
+        "sufficiency_low",
+        "sufficiency_high",
         "accuracy",
         "comprehensiveness_accuracy",
         "sufficiency_accuracy",
         "seconds_per_instance",
         "peak_memory_mb",
         "n_instances",
+        "n_candidates_min",
+        "n_candidates_median",
+        "degenerate_cells",
+        "cells",
+        "replacement",
+        "replacement_token",
+        "removal",
     ]
+    assert set(table["replacement"]) == {"token"} and set(table["replacement_token"]) == {"1"}
+    assert set(table["removal"]) == {"nearest"}
+    for name in ("comprehensiveness", "sufficiency"):  # intervals cover the estimate
+        assert (table[f"{name}_low"] <= table[name]).all()
+        assert (table[name] <= table[f"{name}_high"]).all()
     assert table["peak_memory_mb"].isna().all()  # CPU: see the docstring
     assert (table["seconds_per_instance"] > 0).all()
     # Same numbers as aopc on the method's scores.
     from normx_callbacks.methods import attribute
 
     scores = attribute("random", model, ids, mask, positions, seed=0)
-    direct = aopc(model, ids, mask, positions, scores, replacement_id=1)
+    direct = aopc(model, ids, mask, positions, scores, replacement=1)
     assert table["comprehensiveness"][1] == pytest.approx(direct["comprehensiveness"])
     no_gold = faithfulness_table(
-        model, _encoded(ids, mask, positions, torch.full((3,), -1)), ("norm",), replacement_id=1
+        model, _encoded(ids, mask, positions, torch.full((3,), -1)), ("norm",), replacement=1
     )
     assert "accuracy" not in no_gold.columns
     with pytest.raises(ValueError, match="valid names"):
-        faithfulness_table(model, probes, ("lime",), replacement_id=1)
+        faithfulness_table(model, probes, ("lime",), replacement=1)

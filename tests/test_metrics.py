@@ -1,18 +1,24 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import scipy.stats
 import torch
 
 from normx_callbacks.metrics import (
+    alignment_per_probe,
     average_precision,
+    bootstrap_interval,
     dot_product,
+    dot_product_z,
     evidence_alignment,
     random_average_precision,
     random_dot_product,
     rank_stability,
+    ranked_positions,
     spearman,
+    standardised,
 )
 
 NAN = float("nan")
@@ -164,7 +170,7 @@ def test_evidence_alignment_shapes_means_and_exclude():
     cue = torch.tensor([[F, T, F, F], [F, F, F, F]])
     valid = torch.tensor([[T, T, T, T], [T, T, T, F]])
     out = evidence_alignment(scores, cue, valid, exclude=torch.tensor([3, 2]))
-    assert set(out) == {"ap", "ap_random", "dp", "dp_random"}
+    assert set(out) == {"ap", "ap_random", "dp_raw", "dp_z", "dp_random"}
     assert all(v.shape == (2,) for v in out.values())
     # N = 3 after excluding the target.
     assert torch.allclose(out["ap"], torch.tensor([1.0, 0.5]))
@@ -172,7 +178,7 @@ def test_evidence_alignment_shapes_means_and_exclude():
     assert torch.allclose(out["ap_random"], torch.full((2,), h3 / 3))
     e = math.e
     dp = torch.tensor([e**2 / (e + e**2 + 1), e / (e**2 + e + 1)])
-    assert torch.allclose(out["dp"], dp)
+    assert torch.allclose(out["dp_raw"], dp)
     assert torch.allclose(out["dp_random"], torch.full((2,), 1 / 3))
 
     # Without exclusion the target at 3 is ranked first.
@@ -234,3 +240,73 @@ def test_rank_stability():
     cur[0] = 1.0
     assert rank_stability(prev, cur) == pytest.approx(1.0)
     assert math.isnan(rank_stability(torch.full((2, 3), NAN), torch.zeros(2, 3)))
+
+
+# --- which positions are ranked, scale-free DP, intervals -------------------------
+
+
+def test_ranked_positions_causal_keeps_the_last_prefix_word_masked_drops_the_slot():
+    valid = torch.tensor([[T, T, T, T, F], [T, T, T, T, T]])
+    pos = torch.tensor([3, 2])
+    special = torch.tensor([[F, F, F, F, F], [T, F, F, F, F]])
+    causal = ranked_positions(valid, pos, "causal", special)
+    assert causal.tolist() == [[T, T, T, T, F], [F, T, T, F, F]]
+    masked = ranked_positions(valid, pos, "masked")
+    assert masked.tolist() == [[T, T, T, F, F], [T, T, F, T, T]]
+    with pytest.raises(ValueError, match="positions"):
+        ranked_positions(valid, torch.tensor([0, 5]), "causal")
+
+
+def test_causal_probe_whose_only_cue_is_the_last_prefix_word_has_finite_ap():
+    # "the mother liked those" -> cue "those" at the explained position 3.
+    scores = torch.tensor([[[0.1, 0.5, 0.2, 0.9]]])
+    cue = torch.tensor([[F, F, F, T]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    keep = ranked_positions(valid, torch.tensor([3]), "causal")
+    out = alignment_per_probe(scores, cue, keep)
+    assert out["ap"].item() == pytest.approx(1.0)
+    assert out["dp_random"].item() == pytest.approx(1 / 4)
+    # A masked LM's slot holds no word: there the same probe has no cue left.
+    dropped = alignment_per_probe(scores, cue, ranked_positions(valid, torch.tensor([3]), "masked"))
+    assert math.isnan(dropped["ap"].item())
+
+
+def test_dp_z_is_scale_free_and_its_baseline_is_exact():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 1, 7, generator=g)
+    cue = torch.zeros(5, 7, dtype=torch.bool)
+    cue[:, 2] = True
+    cue[1, 5] = True
+    keep = torch.ones(5, 7, dtype=torch.bool)
+    keep[3, 6] = False
+    base = alignment_per_probe(scores, cue, keep)
+    scaled = alignment_per_probe(scores * 10 + 3, cue, keep)
+    torch.testing.assert_close(scaled["dp_z"], base["dp_z"])
+    assert not torch.allclose(scaled["dp_raw"], base["dp_raw"])  # the paper's DP moves
+    # Exact baseline: the mean DP_z over every placement of R cues among the N positions.
+    row = scores[1, 0]
+    placements = list(itertools.combinations(range(7), 2))
+    mean = sum(dot_product_z(row, torch.isin(torch.arange(7), torch.tensor(c))).item()
+               for c in placements) / len(placements)
+    assert base["dp_random"][1, 0].item() == pytest.approx(mean)
+    assert base["dp_random"][3, 0].item() == pytest.approx(1 / 6)
+
+
+def test_standardised_rows():
+    z = standardised(torch.tensor([[1.0, 2.0, 3.0, NAN], [4.0, 4.0, 4.0, 4.0]]))
+    assert torch.allclose(z[0, :3], torch.tensor([-1.0, 0.0, 1.0]) * math.sqrt(1.5))
+    assert math.isnan(z[0, 3].item())
+    assert torch.equal(z[1], torch.zeros(4))
+
+
+def test_bootstrap_interval_is_seeded_covers_the_mean_and_skips_nan():
+    x = np.random.default_rng(1).normal(0.3, 0.2, 64)
+    low, high = bootstrap_interval(x)
+    assert low < x.mean() < high
+    assert (low, high) == bootstrap_interval(x)  # seeded
+    assert bootstrap_interval(np.append(x, np.nan)) == (low, high)
+    # 1.96 standard errors either side, within bootstrap noise.
+    se = x.std() / math.sqrt(len(x))
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert all(math.isnan(v) for v in bootstrap_interval([0.5]))
+    assert bootstrap_interval([0.2, 0.2, 0.2]) == (0.2, 0.2)

@@ -440,7 +440,7 @@ def test_a_model_without_mask_support_scores_padded_probes_as_alone(causal_dm, t
         assert torch.isnan(batched.logat[b, n:]).all()
     # Faithfulness too: the mean over probes each evaluated alone.
     alone = [faithfulness_table(adapter, enc.select([b], n), ("normxlogit",),
-                                replacement_id=callback._replacement_id,
+                                replacement=callback._replacement,
                                 protect=callback._protect[[b], :n])
              for b, n in enumerate(lengths.tolist())]
     for key in ("comprehensiveness", "sufficiency"):

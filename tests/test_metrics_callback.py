@@ -1,0 +1,135 @@
+"""What the callback's metrics mean, in real Lightning runs: alignment from the model's last
+layer whatever `layers` lists, probe counts and named left-out probes, intervals stored with
+every probe-averaged metric, and the per-probe faithfulness record."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from normx_callbacks import NormXLogitCallback, load_run, plots
+from normx_callbacks.demo import LanguageModel, TextDataModule
+
+
+@pytest.fixture(scope="module")
+def dm(cache_dir) -> TextDataModule:
+    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=8,
+                          batch_size=16, cache_dir=cache_dir)
+    data.setup("fit")
+    return data
+
+
+def _fit(dm, root, probes=None, max_steps=4, **options) -> NormXLogitCallback:
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0,
+                          vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
+                          tokenizer=dm.tokenizer)
+    options = {"every_n_steps": 4, "media_probes": 0, "faithfulness_every": None,
+               "store_dir": root / "store", **options}
+    callback = NormXLogitCallback(probes, **options)
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+               callbacks=[callback], default_root_dir=str(root), enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+               num_sanity_val_steps=0).fit(model, dm)
+    return callback
+
+
+def _alignment(root) -> dict[tuple[int, str], float]:
+    metrics = load_run(root / "store").metrics
+    rows = metrics[metrics.key.str.startswith("alignment/")
+                   & ~metrics.key.str.startswith("alignment/ap_layer")]
+    return {(int(s), k): float(v) for s, k, v in zip(rows.step, rows.key, rows.value,
+                                                     strict=True)}
+
+
+def test_alignment_is_the_last_layers_whatever_layers_lists(dm, tmp_path):
+    every = _fit(dm, tmp_path / "all", layers="all")
+    lower = _fit(dm, tmp_path / "low", layers=[0, 1])
+    reversed_ = _fit(dm, tmp_path / "rev", layers=[1, 0])
+    a, b, c = (_alignment(tmp_path / name) for name in ("all", "low", "rev"))
+    assert a.keys() == b.keys() == c.keys()
+    assert {k for _, k in a} >= {"alignment/ap", "alignment/dp_raw", "alignment/dp_z",
+                                 "alignment/ap_random", "alignment/dp_random",
+                                 "alignment/probes", "alignment/ap_logat"}
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+        assert c[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+    # `layers` changes only the per-layer keys: AP at layer L is the headline AP.
+    assert every.last_metrics["alignment/ap_layer2"] == pytest.approx(
+        every.last_metrics["alignment/ap"], abs=1e-6)
+    assert "alignment/ap_layer2" not in lower.last_metrics
+    assert reversed_.last_metrics["alignment/ap_layer0"] == pytest.approx(
+        every.last_metrics["alignment/ap_layer0"], abs=1e-6)
+
+
+def test_intervals_are_stored_with_every_probe_averaged_metric(dm, tmp_path):
+    callback = _fit(dm, tmp_path, faithfulness_every=1, faithfulness_probes=6,
+                    faithfulness_methods=("normxlogit", "random"))
+    run = load_run(tmp_path / "store")
+    metrics = run.metrics
+    last = metrics[metrics.step == metrics.step.max()].set_index("key")
+    averaged = ["probe/target_prob", "probe/accuracy", "alignment/ap", "alignment/dp_raw",
+                "alignment/dp_z", "alignment/ap_logat", "faithfulness/normxlogit/sufficiency",
+                "faithfulness/normxlogit/comprehensiveness"]
+    for key in averaged:
+        low, value, high = last.loc[key, ["low", "value", "high"]]
+        assert low <= value <= high, key
+        assert high > low or value in (0.0, 1.0), key  # 8 probes give a real interval
+    for key in ("embedding/mean", "alignment/probes", "faithfulness/probes"):
+        assert math.isnan(last.loc[key, "low"]) and math.isnan(last.loc[key, "high"])
+    assert last.loc["alignment/probes", "value"] == 8  # every probe entered
+    assert last.loc["probe/accuracy_probes", "value"] == 8
+    assert last.loc["faithfulness/probes", "value"] == 6
+    assert last.loc["faithfulness/degenerate_cells", "value"] == 0  # nearest rule
+    # The per-probe faithfulness record names how tokens were removed.
+    table = run.faithfulness
+    at = table[table.step == table.step.max()]
+    assert len(at) == 2 * 6 and set(at.method) == {"normxlogit", "random"}
+    assert set(at.replacement) == {"eos"} and set(at.replacement_token) == {"<|endoftext|>"}
+    assert set(at.removal) == {"nearest"} and (at.n_candidates >= 2).all()
+    mean = at[at.method == "normxlogit"].comprehensiveness.mean()
+    assert mean == pytest.approx(last.loc["faithfulness/normxlogit/comprehensiveness", "value"])
+    # The report's curves draw the intervals as bands.
+    fig = plots.alignment_curves(run)
+    assert len(fig.axes[0].collections) == 1 and len(fig.axes[1].collections) == 1
+    plots.close(fig)
+    fig = plots.metric_history(run, ["faithfulness/normxlogit/comprehensiveness"])
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert np.isclose(band.min(), last.loc["faithfulness/normxlogit/comprehensiveness", "low"])
+    plots.close(fig)
+    assert callback.last_metrics["alignment/dp_random"] == pytest.approx(
+        last.loc["alignment/dp_random", "value"])
+
+
+def test_a_probe_left_out_of_alignment_is_named_once(dm, tmp_path, caplog):
+    probes = [{"text": "the keys near the cabinet", "target": "are", "foil": "is",
+               "cues": ["keys"], "id": "fine"},
+              # Its only cue is a special token: never ranked, so it cannot enter AP.
+              {"text": "<|endoftext|> the keys near the cabinet", "target": "are",
+               "foil": "is", "cues": ["<|endoftext|>"], "id": "special-cue"}]
+    with caplog.at_level(logging.WARNING, logger="normx_callbacks.callback"):
+        callback = _fit(dm, tmp_path, probes=probes)
+    named = [r for r in caplog.records if "special-cue" in r.getMessage()]
+    assert len(named) == 1 and "left out of alignment" in named[0].getMessage()
+    assert len(callback.snapshot_steps) > 1
+    assert callback.last_metrics["alignment/probes"] == 1
+    assert math.isfinite(callback.last_metrics["alignment/ap"])
+
+
+def test_special_tokens_are_not_ranked_by_alignment(dm, tmp_path):
+    probes = [{"text": "<|endoftext|> the keys near the cabinet", "target": "are",
+               "foil": "is", "cues": ["keys"], "id": "bos"}]
+    callback = _fit(dm, tmp_path, probes=probes, max_steps=1)
+    attr = callback.last_attribution
+    # N excludes the special token: the baseline counts 5 ranked words (the, keys, near,
+    # the, cabinet), and the cue's AP matches a ranking without position 0.
+    assert callback.last_metrics["alignment/dp_random"] == pytest.approx(1 / 5)
+    scores = attr.scores[0, 1:6]
+    rank = int((scores > scores[1]).sum()) + 1
+    assert callback.last_metrics["alignment/ap"] == pytest.approx(1 / rank)
+    assert torch.isfinite(attr.scores[0, 0])  # it was scored, just not ranked
