@@ -69,7 +69,8 @@ def token_html(tokens: Sequence[str], scores: Sequence[float], *, title: str = "
 TENSORBOARD_LAYOUT = {
     "normx: cue words": {
         "AP: NormXLogit, LogAt and random": ["Multiline", [r"^normx/alignment/ap(_random|_logat)?$"]],
-        "DP: NormXLogit and random": ["Multiline", [r"^normx/alignment/dp(_random)?$"]],
+        "DP: standardised (dp_z), paper's (dp_raw) and random": [
+            "Multiline", [r"^normx/alignment/dp_(z|raw|random)$"]],
         "AP per layer": ["Multiline", [r"^normx/alignment/ap_layer\d+$"]],
     },
     "normx: predictions": {

@@ -378,6 +378,7 @@ def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Check
             callback.tokenizer = _load_tokenizer(tokenizer_dir)
         try:
             callback.setup(trainer, module, "fit")
+            callback._prepare(trainer, module)  # reads the model, as at a fit's start
         except (RuntimeError, ValueError) as error:
             errors.append(f"{checkpoint.path}: {_one_line(error)}")
             continue

@@ -557,6 +557,8 @@ _RENAMED_METRICS = {"alignment/dp": "alignment/dp_raw"}
 
 def _current_metrics(frame: pd.DataFrame) -> pd.DataFrame:
     """Older stores' metrics under today's names, with ``low``/``high`` columns (NaN there)."""
+    if "key" not in frame:  # not the callback's metrics table: leave it as written
+        return frame
     frame = frame.copy()
     frame["key"] = frame["key"].replace(_RENAMED_METRICS)
     for column in ("low", "high"):

@@ -78,8 +78,8 @@ def test_custom_scalars_put_each_metric_with_its_baseline(tensorboard):
         for chart in category.chart}
     assert charts["AP: NormXLogit, LogAt and random"] == [
         "normx/alignment/ap", "normx/alignment/ap_logat", "normx/alignment/ap_random"]
-    assert charts["DP: NormXLogit and random"] == ["normx/alignment/dp",
-                                                  "normx/alignment/dp_random"]
+    assert charts["DP: standardised (dp_z), paper's (dp_raw) and random"] == [
+        "normx/alignment/dp_random", "normx/alignment/dp_raw", "normx/alignment/dp_z"]
     assert charts["probe accuracy and target probability"] == [
         "normx/probe/accuracy", "normx/probe/target_prob"]
     assert charts["AP per layer"] == [f"normx/alignment/ap_layer{i}" for i in range(3)]
