@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo tables clean browser
+.PHONY: setup test lint demo tables clean browser summary report dashboard timings
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,18 @@ tables: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# After a run: RUN is its log directory (default: the newest runs/tiny version).
+RUN ?= $(lastword $(sort $(wildcard runs/tiny/lightning_logs/version_*)))
+
+summary: $(STAMP)
+	@test -n "$(RUN)" || (echo "make summary: set RUN=<log dir of a run>" >&2; exit 2)
+	$(BIN)/normx summary "$(RUN)"
+
+report: $(STAMP)
+	@test -n "$(RUN)" || (echo "make report: set RUN=<log dir of a run>" >&2; exit 2)
+	$(BIN)/normx report "$(RUN)" -o "$(RUN)/report.html"
+
+dashboard: $(STAMP)
+	@test -n "$(RUN)" || (echo "make dashboard: set RUN=<TensorBoard log dir>" >&2; exit 2)
+	$(BIN)/tensorboard --logdir "$(RUN)" --samples_per_plugin images=200,text=200

@@ -10,13 +10,21 @@ The LightningModule (`LanguageModel`) and DataModule (`TextDataModule`) live in
 
 from __future__ import annotations
 
-import os
 import sys
+import textwrap
+from pathlib import Path
 
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from normx_callbacks import NormXLogitCallback
-from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule
+from normx_callbacks import NormXLogitCallback, load_run
+from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule, cli_errors
+from normx_callbacks.demo.cli_errors import OneLineParser
+from normx_callbacks.demo.progress import StepProgressBar
+from normx_callbacks.store import StoreError
+from normx_callbacks.summary import headline_lines, next_commands, summary_paragraph
 
 
 class NormXCLI(LightningCLI):
@@ -27,6 +35,24 @@ class NormXCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.pad_token_id", "model.pad_token_id", apply_on="instantiate")
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # Lightning's bar reads `Epoch 0/-2` in a max_steps run: count steps instead.
+        wants_bar = config.get("enable_progress_bar") is not False
+        has_bar = any(isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []),
+                                                           *callbacks])
+        if wants_bar and not has_bar and (config.get("max_steps") or -1) > 0 and _RICH_AVAILABLE:
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_classes(self) -> None:
+        # A value a class refuses (e.g. `schedule: logarithmic`): its message, not two tracebacks.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            if cli_errors.DEBUG["on"]:
+                raise
+            cli_errors.refuse(error)
 
     def before_fit(self) -> None:
         expected = ARCHITECTURES[self.model.hparams.arch][1]
@@ -45,20 +71,54 @@ class NormXCLI(LightningCLI):
             return
         stores = [cb.store.root for cb in trainer.callbacks
                   if isinstance(cb, NormXLogitCallback) and cb.store is not None]
-        lines = ["", "Run finished."]
-        if trainer.logger is not None:
-            lines.append(f"  logs:      {log_dir}")
-            lines.append(f"  dashboard: tensorboard --logdir {os.path.dirname(log_dir)} "
-                         "--samples_per_plugin images=200,text=200")
-        for root in stores:
-            lines.append(f"  snapshots: {root}")
-            lines.append(f"  analyse:   python -c \"from normx_callbacks import load_run; "
-                         f"run = load_run('{root}'); print(run.metrics)\"")
-        print("\n".join(lines), file=sys.stderr)
+        print(end_of_run_message(trainer, log_dir, stores), file=sys.stderr)
 
+
+def _dashboard(trainer, log_dir: str) -> dict:
+    """Where the run's dashboard is, as `summary.next_commands` keyword arguments."""
+    where: dict = {}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            where["tensorboard_dir"] = logger.log_dir
+        elif isinstance(logger, WandbLogger):
+            run = logger.experiment
+            if getattr(run, "offline", False):
+                where["wandb_dir"] = Path(run.dir).parent
+            else:
+                where["wandb_url"] = run.url
+    return where
+
+
+def end_of_run_message(trainer, log_dir: str, stores: list[Path]) -> str:
+    """Headline numbers of each snapshot store and the next commands, as printed."""
+    lines = ["", f"Run finished: {log_dir}"]
+    where = _dashboard(trainer, log_dir)
+    for root in stores:
+        lines.append(f"  snapshots:      {root}")
+        try:
+            run = load_run(root)
+        except StoreError as error:
+            lines.append(f"  (no headline numbers: {error})")
+        else:
+            lines += [f"  {line}" for line in headline_lines(run)]
+            paragraph = summary_paragraph(run)
+            if paragraph:
+                lines += textwrap.wrap(paragraph, width=96, initial_indent="  ",
+                                       subsequent_indent="  ")
+        lines.append("Next:")
+        lines += [f"  {c}" for c in next_commands(root, **where)]
+    return "\n".join(lines)
 
 def main(args=None) -> None:
+    """Run the CLI; `--debug` (anywhere) keeps full parser messages and tracebacks."""
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        cli_errors.DEBUG["on"] = "--debug" in sys.argv
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+    else:
+        cli_errors.DEBUG["on"] = "--debug" in args
+        args = [a for a in args if a != "--debug"]
     NormXCLI(LanguageModel, TextDataModule, save_config_kwargs={"overwrite": True},
+             parser_class=OneLineParser,
              args=args)
 
 

@@ -30,16 +30,18 @@ from .faithfulness import (
     summarise_faithfulness,
 )
 from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
-from .loggers import LoggerSink, token_html
+from .loggers import LoggerSink, norm_extremes, token_html
 from .methods import GRADIENT_METHODS, METHODS, require_captum
 from .metrics import (
     alignment_per_probe,
     bootstrap_interval,
+    group_contrast,
     rank_stability,
     ranked_positions,
     spearman,
 )
 from .probes import EncodedProbes, ProbeSet
+from .probes import _readable as readable_tokens
 from .schedule import SnapshotSchedule
 from .store import STORE_DIRNAME, SnapshotStore
 
@@ -85,7 +87,8 @@ class NormXLogitCallback(Callback):
     (`<log_dir>/normx`, see `normx_callbacks.load_run`) and logs to every logger.
 
     Args:
-        probes: a `ProbeSet`, a list of texts/dicts, or a YAML/JSON/JSONL path;
+        probes: a `ProbeSet`, a list of texts/dicts, a YAML/JSON/JSONL path, or
+            `"blimp:PATH"` (BLiMP-format file, directory or glob, see `ProbeSet.from_blimp`);
             default `trainer.datamodule.probes`.
         tokenizer: a fast HF tokenizer; default `pl_module.tokenizer`, then
             `trainer.datamodule.tokenizer`.
@@ -127,11 +130,13 @@ class NormXLogitCallback(Callback):
         - `probe/accuracy`: fraction of probes with target logit > foil logit, over the
           `probe/accuracy_probes` probes with a foil and a finite contrast
         - `probe/contrast`: mean target-minus-foil logit at the explained position
+        - `probe/{accuracy,contrast}/<group>`: the same per probe group (e.g. BLiMP paradigm)
         - `alignment/{ap,dp_raw,dp_z}` and `alignment/{ap,dp}_random`: evidence alignment of
           cue words (NormXLogit, the model's last layer whatever `layers` lists): Average
           Precision, the paper's Dot Product, its scale-free form on per-probe standardised
           scores, and their exact random baselines; `alignment/probes` counts the probes that
-          entered; `alignment/ap_logat` the AP of LogAt alone
+          entered, `alignment/probes_without_cues` those left out for having no cue word;
+          `alignment/ap_logat` the AP of LogAt alone
         - `alignment/ap_layer<l>`: AP per requested layer
         - `stability/spearman`: rank stability of NormXLogit vs the previous snapshot
         - `importance/norm_logat_spearman`: Spearman(norm, LogAt) over probe tokens
@@ -316,6 +321,7 @@ class NormXLogitCallback(Callback):
         self._tokens = self._encoded.tokens
         self._track_ids = self._resolve_tracked(tokenizer)
         self._token_strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self._text_of = partial(readable_tokens, tokenizer)  # ids -> decoded token text
         if self.faithfulness_every:
             gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
             if gradient:
@@ -583,6 +589,13 @@ class NormXLogitCallback(Callback):
             correct = torch.where(torch.isnan(contrast), contrast, (contrast > 0).double())
             self._mean(m, "probe/accuracy", correct)
             m["probe/accuracy_probes"] = float((~torch.isnan(contrast)).sum())
+            groups = [enc.probes[i].group for i in rows.tolist()]
+            for group, (accuracy, mean) in group_contrast(contrast, groups).items():
+                m[f"probe/accuracy/{group}"] = accuracy
+                m[f"probe/contrast/{group}"] = mean
+        without_cues = int((~enc.cue_mask.any(dim=1)).sum())
+        if without_cues and bool(enc.cue_mask.any()):
+            m["alignment/probes_without_cues"] = float(without_cues)  # left out of alignment
         if bool(enc.cue_mask.any()):
             m.update(self._alignment(attr))
         if self._prev_scores is not None and self._prev_scores.shape == attr.scores.shape:
@@ -666,6 +679,7 @@ class NormXLogitCallback(Callback):
         probes = pd.DataFrame({
             "probe_id": enc.ids,
             "text": [p.text for p in enc.probes],
+            "group": [p.group for p in enc.probes],
             "position": attr.positions.tolist(),
             "target_id": attr.targets.tolist(),
             "target": [self._token_strings[i] if 0 <= i < len(self._token_strings) else str(i)
@@ -759,14 +773,17 @@ class NormXLogitCallback(Callback):
                         self.store.root)
 
     def _log(self, step, metrics, attr: Attribution, embed, tables) -> None:
+        with self._sink.snapshot(step):  # W&B: one log call for the snapshot's media
+            self._log_all(step, metrics, attr, embed, tables)
+
+    def _log_all(self, step, metrics, attr: Attribution, embed, tables) -> None:
         sink = self._sink
         sink.scalars({f"{PREFIX}/{k}": v for k, v in metrics.items()}, step)
         sink.histogram(f"{PREFIX}/embedding/norms", embed.norms.numpy(), step)
-        top = pd.DataFrame(
-            [("top", i, self._token_strings[t], n) for i, (t, n) in enumerate(embed.top)]
-            + [("bottom", i, self._token_strings[t], n) for i, (t, n) in enumerate(embed.bottom)],
-            columns=["list", "rank", "token", "norm"])
-        sink.table(f"{PREFIX}/embedding/top", top, step)
+        seen, never_seen = norm_extremes(embed.norms.numpy(), self._counter.counts.cpu().numpy(),
+                                         self.top_k, self._text_of)
+        sink.table(f"{PREFIX}/embedding/top", seen, step)  # tokens seen in training, counts
+        sink.table(f"{PREFIX}/embedding/top_never_seen", never_seen, step)
         enc = self._encoded
         self._history.append((step, attr.scores[: self.media_probes].numpy()))
         for b in range(min(self.media_probes, len(enc))):

@@ -5,6 +5,7 @@
     normx attribute CHECKPOINT --text "the keys near the cabinet" --target are --foil is
     normx export RUN_DIR --format parquet -o OUT_DIR
     normx faithfulness CHECKPOINT [--probes FILE | --suite agreement] [-o table.md]
+    normx replay CHECKPOINT [CHECKPOINT ...] --probes blimp:DIR -o STORE
 
 Errors print one line on stderr and exit with status 1 (`--debug` shows the traceback).
 """
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 import unicodedata
 import warnings
@@ -124,6 +126,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .report import headline_table
+    from .summary import summary_paragraph
 
     run = _load(args.run_dir)
     meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
@@ -143,6 +146,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
           "scale-free; random: dp_random): evidence alignment of the cue words, NormXLogit at "
           "the last layer (random = expected by chance); stability: Spearman vs the previous "
           "snapshot. 95% intervals over probes: load_run(...).metrics low/high.")
+    paragraph = summary_paragraph(run)
+    if paragraph:
+        print()
+        print(textwrap.fill(paragraph, width=100))
     return 0
 
 
@@ -404,6 +411,44 @@ def cmd_faithfulness(args) -> int:
     return 0
 
 
+def _parse_steps(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: give comma-separated integers, one per "
+                         "checkpoint") from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay a checkpoint series into a snapshot store."""
+    from .replay import ReplayError, replay
+
+    layers = args.layers
+    if layers not in ("all", "last"):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: use 'all', 'last' or comma-separated "
+                             "layer indices") from None
+    try:
+        written = replay(args.checkpoints, probes=args.probes, store_dir=args.output,
+                         tokenizer=args.tokenizer, layers=None if layers == "last" else layers,
+                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                         model_class=args.model_class, steps=_parse_steps(args.steps),
+                         faithfulness=args.faithfulness, progress=not args.quiet)
+    except ReplayError as error:
+        if getattr(args, "debug", False):
+            raise
+        for line in error.lines:
+            print(f"normx replay: error: {' '.join(line.split())}", file=sys.stderr)
+        return 1
+    print(f"replayed {len(written)} checkpoint(s) into {args.output}"
+          + (f" (steps {', '.join(map(str, written))})" if written else ""), file=sys.stderr)
+    return 0
+
+
 def _has_tabulate() -> bool:
     try:
         import tabulate  # noqa: F401
@@ -493,6 +538,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", action="append", metavar="FILE",
                    help="also write the table as .csv or .md (repeatable)")
     p.set_defaults(func=cmd_faithfulness)
+
+    p = sub.add_parser("replay", parents=[common], help="turn a checkpoint series into a run",
+                       description="Measure each checkpoint of a series (HF save_pretrained "
+                       "directories, Lightning .ckpt files, or directories/globs of them) in "
+                       "step order and write the snapshot store the callback writes; steps "
+                       "already in the store are skipped.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    p.add_argument("-o", "--output", required=True, metavar="STORE",
+                   help="snapshot store directory (created, or resumed)")
+    p.add_argument("--probes", required=True,
+                   help="probe file (.yaml/.jsonl/.json) or blimp:PATH (file, directory, glob)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory (default: found with each checkpoint)")
+    p.add_argument("--layers", default="all",
+                   help="'all' (default), 'last', or comma-separated layer indices")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--batch-size", type=int, default=32, help="probes per forward pass")
+    p.add_argument("--model-class", metavar="PKG.MOD:CLASS",
+                   help="LightningModule to rebuild .ckpt files with (default: the demo's)")
+    p.add_argument("--steps", help="comma-separated step of each checkpoint, in order")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also compute AOPC faithfulness at each step")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
                        description="Write each table of a run (all steps) to one file.")

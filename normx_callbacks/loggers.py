@@ -3,7 +3,9 @@
 Scalars go to every attached Lightning logger through `log_metrics`. Rich media
 dispatch on the logger type here and nowhere else: TensorBoard gets histograms,
 images and Markdown tables (it strips HTML); W&B gets histograms, images, a
-long-format `wandb.Table` and `wandb.Html` token heatmaps; any other logger gets
+long-format `wandb.Table` and `wandb.Html` token heatmaps, all media of one snapshot in
+one `run.log` call, with `normx/*` defined to step on `trainer/global_step` (so W&B's
+media slider follows training steps, not its internal `_step`); any other logger gets
 the scalars and one warning naming what it cannot show. A logger that raises is
 warned about once and skipped from then on for what raised (scalars or media, separately:
 a broken image writer does not cost the scalar curves); the store is unaffected.
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -61,6 +64,64 @@ def token_html(tokens: Sequence[str], scores: Sequence[float], *, title: str = "
     return f'<div style="font-family:monospace;line-height:1.9">{head}{"".join(spans)}</div>'
 
 
+# TensorBoard's Custom Scalars tab: each metric next to what it must be read against.
+# Tags are regular expressions (TensorBoard matches them against every scalar tag).
+TENSORBOARD_LAYOUT = {
+    "normx: cue words": {
+        "AP: NormXLogit, LogAt and random": ["Multiline", [r"^normx/alignment/ap(_random|_logat)?$"]],
+        "DP: standardised (dp_z), paper's (dp_raw) and random": [
+            "Multiline", [r"^normx/alignment/dp_(z|raw|random)$"]],
+        "AP per layer": ["Multiline", [r"^normx/alignment/ap_layer\d+$"]],
+    },
+    "normx: predictions": {
+        "probe accuracy and target probability": [
+            "Multiline", [r"^normx/probe/(accuracy|target_prob)$"]],
+        "target - foil logit": ["Multiline", [r"^normx/probe/contrast$"]],
+    },
+    "normx: embedding norms": {
+        "norm distribution": ["Multiline", [r"^normx/embedding/(mean|median|p05|p95|min|max)$"]],
+        "tracked tokens": ["Multiline", [r"^normx/embedding/track/"]],
+        "Spearman(norm, log frequency) and (norm, LogAt)": [
+            "Multiline", [r"^normx/embedding/norm_logfreq_spearman$",
+                          r"^normx/importance/norm_logat_spearman$"]],
+    },
+    "normx: stability and faithfulness": {
+        "rank stability vs previous snapshot": ["Multiline", [r"^normx/stability/spearman$"]],
+        "comprehensiveness (AOPC)": ["Multiline", [r"^normx/faithfulness/.*/comprehensiveness$"]],
+        "sufficiency (AOPC)": ["Multiline", [r"^normx/faithfulness/.*/sufficiency$"]],
+    },
+}
+
+
+def norm_extremes(norms: np.ndarray, counts: np.ndarray, k: int, text_of) -> tuple[pd.DataFrame,
+                                                                              pd.DataFrame]:
+    """The ``k`` largest and smallest embedding norms, tokens seen in training apart.
+
+    Returns (seen, never_seen): ``seen`` lists tokens counted in training with their count,
+    ``never_seen`` the extremes among tokens training has not shown yet (their rows move by
+    weight decay and shared gradients only, so they crowd the extremes of the full list).
+    ``text_of``: token ids -> readable token text (decoded; the piece where decoding is lossy).
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    counts = np.asarray(counts)
+    finite = np.isfinite(norms)
+    frames = []
+    for chosen in (finite & (counts > 0), finite & (counts == 0)):
+        ids = np.flatnonzero(chosen)
+        order = ids[np.argsort(norms[ids], kind="stable")]
+        top, bottom = order[::-1][:k], order[:k]
+        rows = [("top", rank, int(i)) for rank, i in enumerate(top)]
+        rows += [("bottom", rank, int(i)) for rank, i in enumerate(bottom)]
+        texts = text_of([i for _, _, i in rows]) if rows else []
+        frames.append(pd.DataFrame(
+            {"list": [r[0] for r in rows], "rank": [r[1] for r in rows],
+             "token": texts, "token_id": [r[2] for r in rows],
+             "count": [int(counts[r[2]]) for r in rows],
+             "norm": [float(norms[r[2]]) for r in rows]},
+            columns=["list", "rank", "token", "token_id", "count", "norm"]))
+    return frames[0], frames[1].drop(columns="count")
+
+
 class LoggerSink:
     """Routes one snapshot's outputs to the trainer's loggers (call on rank 0 only)."""
 
@@ -68,6 +129,36 @@ class LoggerSink:
         self.loggers = list(loggers)
         self._warned: set[tuple[int, str]] = set()
         self._broken: set[tuple[int, str]] = set()  # (id(logger), "scalars" | "media")
+        self._pending: dict[int, dict] | None = None  # id(W&B logger) -> media of this snapshot
+        self._defined: set[int] = set()  # W&B runs whose normx/* step metric is defined
+        self._laid_out: set[int] = set()  # TensorBoard writers given the custom-scalars layout
+
+    @contextmanager
+    def snapshot(self, step: int) -> Iterator[None]:
+        """Collect one snapshot's W&B media and send them in one `run.log` call at the end."""
+        self._pending = {}
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and id(logger) not in self._laid_out:
+                self._laid_out.add(id(logger))
+                self._guard(logger, "the custom-scalars layout",
+                            lambda lg=logger: lg.experiment.add_custom_scalars(TENSORBOARD_LAYOUT))
+        try:
+            yield
+        finally:
+            pending, self._pending = self._pending, None
+            for logger in self.loggers:
+                payload = pending.get(id(logger))
+                if payload:
+                    self._guard(logger, "media",
+                                lambda lg=logger, p=payload: self._wandb_log(lg.experiment, p,
+                                                                             step))
+
+    def _wandb_log(self, run, payload: dict, step: int) -> None:
+        if id(run) not in self._defined:
+            self._defined.add(id(run))
+            run.define_metric("trainer/global_step")
+            run.define_metric("normx/*", step_metric="trainer/global_step")
+        run.log({**payload, "trainer/global_step": step})
 
     def _warn_once(self, logger: Logger, what: str, message: str) -> None:
         key = (id(logger), what)
@@ -96,11 +187,17 @@ class LoggerSink:
                         kind="scalars")
 
     def _media(self, what: str, step: int, *, tensorboard=None, wandb=None) -> None:
+        """``wandb``: a zero-argument callable building the W&B media object for ``what``."""
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and tensorboard is not None:
                 self._guard(logger, what, lambda lg=logger: tensorboard(lg.experiment))
             elif isinstance(logger, WandbLogger) and wandb is not None:
-                self._guard(logger, what, lambda lg=logger: wandb(lg.experiment))
+                if self._pending is not None:  # inside snapshot(): sent once at its end
+                    self._guard(logger, what, lambda lg=logger: self._pending.setdefault(
+                        id(lg), {}).__setitem__(what, wandb()))
+                else:
+                    self._guard(logger, what, lambda lg=logger: self._wandb_log(
+                        lg.experiment, {what: wandb()}, step))
             elif not isinstance(logger, (TensorBoardLogger, WandbLogger)):
                 self._warn_once(
                     logger, "media",
@@ -115,10 +212,10 @@ class LoggerSink:
         if values.size == 0:
             return
 
-        def wb(run):
+        def wb():
             import wandb
 
-            run.log({tag: wandb.Histogram(values), "trainer/global_step": step})
+            return wandb.Histogram(values)
 
         self._media(tag, step, tensorboard=lambda w: w.add_histogram(tag, values, step), wandb=wb)
 
@@ -140,10 +237,10 @@ class LoggerSink:
                 return
             fig = fig()
         try:
-            def wb(run):
+            def wb():
                 import wandb
 
-                run.log({tag: wandb.Image(fig), "trainer/global_step": step})
+                return wandb.Image(fig)
 
             self._media(tag, step, tensorboard=lambda w: w.add_figure(tag, fig, step, close=False),
                         wandb=wb)
@@ -153,10 +250,10 @@ class LoggerSink:
     def table(self, tag: str, frame: pd.DataFrame, step: int) -> None:
         """TensorBoard: a Markdown table. W&B: a long-format wandb.Table."""
 
-        def wb(run):
+        def wb():
             import wandb
 
-            run.log({tag: wandb.Table(dataframe=frame), "trainer/global_step": step})
+            return wandb.Table(dataframe=frame)
 
         self._media(tag, step, tensorboard=lambda w: w.add_text(tag, markdown_table(frame), step),
                     wandb=wb)
@@ -164,9 +261,9 @@ class LoggerSink:
     def html(self, tag: str, page: str, step: int) -> None:
         """W&B only: TensorBoard strips HTML, so it gets images and tables instead."""
 
-        def wb(run):
+        def wb():
             import wandb
 
-            run.log({tag: wandb.Html(page, inject=False), "trainer/global_step": step})
+            return wandb.Html(page, inject=False)
 
         self._media(tag, step, tensorboard=lambda w: None, wandb=wb)

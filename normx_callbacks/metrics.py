@@ -13,6 +13,7 @@ cue that ties with a later non-cue position is ranked above it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -316,3 +317,26 @@ def rank_stability(prev: Tensor, cur: Tensor) -> float:
     rhos = [spearman(p, c) for p, c in zip(prev, cur, strict=True)]
     defined = [r for r in rhos if not math.isnan(r)]
     return sum(defined) / len(defined) if defined else math.nan
+
+
+def group_contrast(contrast: Tensor, groups: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Accuracy and mean contrast per probe group.
+
+    Args:
+        contrast: ``(N,)`` target-minus-foil logit of each probe with a foil.
+        groups: the group of each of those probes; ``""`` (no group) is left out.
+
+    Returns:
+        ``{group: (accuracy, mean contrast)}``, accuracy the fraction of probes with
+        contrast > 0, in order of first appearance; a NaN contrast (a non-finite
+        forward) is neither right nor wrong and stays out of both.
+    """
+    if len(groups) != contrast.shape[0]:
+        raise ValueError(f"groups has {len(groups)} entries for {contrast.shape[0]} contrasts")
+    out = {}
+    for group in dict.fromkeys(g for g in groups if g):
+        rows = torch.tensor([g == group for g in groups])
+        values = contrast[rows].to(torch.float64)
+        values = values[~torch.isnan(values)]
+        out[group] = (float((values > 0).double().mean()), float(values.mean()))
+    return out

@@ -17,9 +17,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
 
 CMAP = "RdBu_r"  # red = supports the prediction, blue = argues against it
+RUN_COLOURS = plt.cm.tab10.colors  # run i has colour i in every plot of a comparison
+KEY_STYLES = ("-o", "--s", ":^", "-.v", "-D", "--x")  # several keys of one run's colour
+ROW_SCALE_LABEL = "score / largest |score| of its step"
+
+
+def row_scaled(values: np.ndarray) -> np.ndarray:
+    """Each row divided by its own largest finite |value| (all-zero rows stay 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    bound = np.nanmax(np.where(np.isfinite(values), np.abs(values), np.nan), axis=1,
+                      initial=0.0, keepdims=True) if values.size else values
+    bound = np.where(np.isfinite(bound) & (bound > 0), bound, 1.0)
+    return values / bound
 
 
 def _centred_norm(values: np.ndarray) -> TwoSlopeNorm:
@@ -87,8 +99,16 @@ def history_heatmap(
     title: str = "",
     label: str = "NormXLogit",
     cues: Sequence[bool] | None = None,
+    per_step: bool = True,
 ) -> Figure:
-    """Tokens x snapshots: how importance emerged. scores: [S, T]."""
+    """Tokens x snapshots: how importance emerged. scores: [S, T].
+
+    ``per_step`` (default): each row is scaled to its own largest |score|, so early steps,
+    whose scores are orders of magnitude smaller than late ones, stay readable; the colour
+    bar says so. False: one zero-centred scale for all steps.
+    """
+    if per_step:
+        scores, label = row_scaled(scores), f"{label}: {ROW_SCALE_LABEL}"
     return _heatmap(scores, tokens, [str(s) for s in steps], ylabel="training step",
                     title=title, label=label, cues=cues)
 
@@ -113,20 +133,25 @@ def metric_curves(
     *,
     title: str = "",
     ylabel: str = "",
+    colours: dict[str, object] | None = None,
+    styles: dict[str, str] | None = None,
     bands: dict[str, tuple[Sequence[int], Sequence[float], Sequence[float]]] | None = None,
 ) -> Figure:
-    """Line plot of several named series against training step; ``bands`` (same names:
-    steps, low, high) are drawn as shaded 95% intervals in the series' colour."""
+    """Line plot of several named series against training step.
+
+    ``colours`` / ``styles``: per series name (e.g. one colour per run, one style per key);
+    ``bands`` (same names: steps, low, high) are drawn as shaded 95% intervals in the
+    series' colour.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for name, (steps, values) in series.items():
-        style = "--" if "random" in name else "-"
-        line, = ax.plot(steps, values, style, marker="o", markersize=3, label=name)
+        style = (styles or {}).get(name, "--o" if "random" in name else "-o")
+        line, = ax.plot(steps, values, style, markersize=3, label=name,
+                        color=(colours or {}).get(name))
         if bands and name in bands:
             ax.fill_between(*bands[name], color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    if any(s > 0 for steps, _ in series.values() for s in steps):
-        ax.set_xscale("symlog", linthresh=1)
+    _symlog_steps(ax, [s for steps, _ in series.values() for s in steps])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -243,9 +268,20 @@ def layer_view(run, probe_id: str, step: int | None = None, *, title: str | None
 
 
 def _symlog_steps(ax, steps) -> None:
-    if any(s > 0 for s in steps):
-        ax.set_xscale("symlog", linthresh=1)
+    """Training steps on a log axis that keeps step 0: limits from 0, plain integer ticks."""
     ax.set_xlabel("training step")
+    steps = [int(s) for s in steps]
+    if not any(s > 0 for s in steps):
+        return
+    ax.set_xscale("symlog", linthresh=1, linscale=0.5)
+    last = max(steps)
+    ax.set_xlim(min(0, min(steps)), last * 1.15)
+    ticks = [0] + [10 ** k for k in range(0, len(str(last)))]
+    if last not in ticks and last > 1.5 * ticks[-1]:
+        ticks.append(last)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v))}"))
 
 
 def target_curve(runs, probe_id: str, *, labels: Sequence[str] | None = None) -> Figure:
@@ -254,7 +290,7 @@ def target_curve(runs, probe_id: str, *, labels: Sequence[str] | None = None) ->
     labels = _labels(runs, labels)
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     twin = None
-    colours = plt.cm.tab10.colors
+    colours = RUN_COLOURS
     all_steps: list[int] = []
     for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
         if "probes" not in run:
@@ -315,20 +351,29 @@ def metric_band(run, key: str) -> tuple[list[int], list[float], list[float]] | N
 def metric_history(runs, keys: Sequence[str], *, labels: Sequence[str] | None = None,
                    title: str = "", ylabel: str = "") -> Figure:
     """Several metric keys of one or more runs against training step (absent keys skipped),
-    each with its 95% interval band where the store has one."""
+    each with its 95% interval band where the store has one.
+
+    Several runs: run i has colour ``RUN_COLOURS[i]`` (as in every other plot) and each key
+    its own line style; one run: one colour per key.
+    """
     runs = _as_runs(runs)
-    series, bands = {}, {}
-    for run, label in zip(runs, _labels(runs, labels), strict=True):
-        for key in keys:
+    series, colours, styles, bands = {}, {}, {}, {}
+    for i, (run, label) in enumerate(zip(runs, _labels(runs, labels), strict=True)):
+        for j, key in enumerate(keys):
             found = metric_series(run, key)
             if found is not None:
-                series[_named(label, key)] = found
+                name = _named(label, key)
+                series[name] = found
                 band = metric_band(run, key)
                 if band is not None:
-                    bands[_named(label, key)] = band
+                    bands[name] = band
+                if len(runs) > 1:
+                    colours[name] = RUN_COLOURS[i % len(RUN_COLOURS)]
+                    styles[name] = KEY_STYLES[j % len(KEY_STYLES)]
     if not series:
         raise ValueError(f"none of the metrics {list(keys)} are in the runs' metrics tables")
-    return metric_curves(series, title=title, ylabel=ylabel, bands=bands)
+    return metric_curves(series, title=title, ylabel=ylabel, colours=colours, styles=styles,
+                         bands=bands)
 
 
 def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
@@ -339,7 +384,7 @@ def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
     runs = _as_runs(runs)
     labels = _labels(runs, labels)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
-    colours = plt.cm.tab10.colors
+    colours = RUN_COLOURS
     found = False
     all_steps: list[int] = []
     panels = ((axes[0], "average precision (AP)",

@@ -22,11 +22,18 @@ import yaml
 MASK_PLACEHOLDER = "[MASK]"
 OBJECTIVES = ("causal", "masked")
 SUFFIXES = (".yaml", ".yml", ".jsonl", ".json")
-_KEYS = ("cues", "foil", "id", "target", "text")
+_KEYS = ("cues", "foil", "group", "id", "target", "text")
+BLIMP_PREFIX = "blimp:"
+_GROUP = re.compile(r"[\w.\-]*")
+_BLIMP_KEYS = ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_bad", "UID", "pairID")
 
 
 class ProbeError(ValueError):
     """A probe or probe file is malformed; the message says which one, what is wrong and the fix."""
+
+
+class _IndistinctError(ProbeError):
+    """A target and foil that tokenise to the same leading pieces."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Probe:
     foil: str | None = None
     cues: tuple[str, ...] = ()
     id: str = ""
+    group: str = ""  # e.g. a BLiMP paradigm; metrics are also reported per group
 
     def __post_init__(self) -> None:
         # YAML/JSON give lists and people write a single cue bare; a tuple keeps Probe hashable.
@@ -106,12 +114,77 @@ class ProbeSet:
         """Validate ``probes``: strings become ``Probe(text=...)``, mappings use ``Probe``'s fields."""
         self.probes: list[Probe] = _build(list(probes), None, None)
         self._wheres: list[str | None] = [None] * len(self.probes)
+        # Masked-LM form per probe (BLiMP sets only); None where the pair has none.
+        self._masked: list[str | None] | None = None
 
     @classmethod
     def _from_items(cls, items: list[Any], wheres: list[str], source: str) -> ProbeSet:
         self = cls.__new__(cls)
         self.probes = _build(items, wheres, source)
         self._wheres = list(wheres)  # file/line, so encode errors point into the file too
+        self._masked = None
+        return self
+
+    @classmethod
+    def from_blimp(cls, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+                   ) -> ProbeSet:
+        """Load BLiMP-format minimal pairs: ``.jsonl`` files, one paradigm per file.
+
+        ``paths``: a file, a directory (its ``*.jsonl``) or a glob, or a list of them. Each
+        pair with ``one_prefix_method`` becomes one probe: text = ``one_prefix_prefix``,
+        target = ``one_prefix_word_good``, foil = ``one_prefix_word_bad``, group = ``UID``,
+        id = ``UID-pairID``. For masked LMs (``encode(objective="masked")``) the probe is the
+        good sentence with the differing word masked, for pairs whose sentences differ in
+        exactly one word. Pairs without a one-prefix form, or whose two words are the same,
+        are skipped and counted in one warning.
+        """
+        files = _blimp_files(paths)
+        items: list[dict[str, Any]] = []
+        wheres: list[str] = []
+        masked: list[str | None] = []
+        skipped: dict[str, int] = {}
+        for path in files:
+            text = _read_text(path)
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    pair = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ProbeError(f"BLiMP file '{path}' line {lineno}: malformed JSON "
+                                     f"({err.msg} at column {err.colno}); each line must hold "
+                                     "one JSON object") from None
+                if not isinstance(pair, Mapping):
+                    raise ProbeError(f"BLiMP file '{path}' line {lineno}: expected a JSON "
+                                     f"object, got {type(pair).__name__}")
+                if not pair.get("one_prefix_method"):
+                    skipped["no one_prefix_method"] = skipped.get("no one_prefix_method", 0) + 1
+                    continue
+                missing = [k for k in _BLIMP_KEYS if pair.get(k) in (None, "")]
+                if missing:
+                    raise ProbeError(f"BLiMP file '{path}' line {lineno}: missing {missing}; a "
+                                     f"one-prefix pair needs {', '.join(_BLIMP_KEYS)}")
+                good = str(pair["one_prefix_word_good"]).strip()
+                bad = str(pair["one_prefix_word_bad"]).strip()
+                if good == bad:
+                    skipped["same good and bad word"] = skipped.get("same good and bad word",
+                                                                    0) + 1
+                    continue
+                uid = str(pair["UID"])
+                items.append({"text": str(pair["one_prefix_prefix"]), "target": good,
+                              "foil": bad, "group": uid, "id": f"{uid}-{pair['pairID']}"})
+                wheres.append(where)
+                masked.append(_blimp_masked(pair.get("sentence_good"), pair.get("sentence_bad")))
+        if skipped:
+            warnings.warn(
+                f"BLiMP {', '.join(map(str, files))}: skipped "
+                + ", ".join(f"{n} pair(s) with {why}" for why, n in skipped.items())
+                + "; a probe needs a one-prefix pair whose good and bad words differ",
+                stacklevel=2,
+            )
+        self = cls._from_items(items, wheres, ", ".join(map(str, files)))
+        self._masked = masked
         return self
 
     @classmethod
@@ -151,13 +224,15 @@ class ProbeSet:
         """Accept a ProbeSet, a list of probes, or a path to a probes file."""
         if isinstance(obj, ProbeSet):
             return obj
+        if isinstance(obj, str) and obj.startswith(BLIMP_PREFIX):
+            return cls.from_blimp(obj[len(BLIMP_PREFIX):])
         if isinstance(obj, (str, os.PathLike)):
             return cls.from_file(obj)
         if isinstance(obj, (list, tuple)):
             return cls(obj)
         raise ProbeError(
-            f"probes must be a ProbeSet, a list of probes or a path to a "
-            f"{'/'.join(SUFFIXES)} file, got {type(obj).__name__}"
+            f"probes must be a ProbeSet, a list of probes, a path to a "
+            f"{'/'.join(SUFFIXES)} file or '{BLIMP_PREFIX}PATH', got {type(obj).__name__}"
         )
 
     def __len__(self) -> int:
@@ -211,18 +286,35 @@ class ProbeSet:
                 "with a mask token"
             )
         encode_one = _encode_causal if objective == "causal" else _encode_masked
-        rows = []
+        rows, kept = [], []
+        unmaskable, indistinct = [], []
         for index, probe in enumerate(self.probes):
             label = _label(index, probe.id, self._wheres[index])
-            row = encode_one(tokenizer, probe, label)
+            if self._masked is not None and objective == "masked":
+                if self._masked[index] is None:
+                    unmaskable.append(probe.id)
+                    continue
+                probe = replace(probe, text=self._masked[index])
+            try:
+                row = encode_one(tokenizer, probe, label)
+            except _IndistinctError:
+                if self._masked is None:  # a hand-written probe: the author must fix it
+                    raise
+                indistinct.append(probe.id)  # a BLiMP pair this tokenizer cannot tell apart
+                continue
             if max_length is not None and len(row.ids) > max_length:
                 raise ProbeError(
                     f"{label}: {len(row.ids)} tokens exceed max_length={max_length}; "
                     "shorten the probe or use a model with a longer context"
                 )
             rows.append(row)
+            kept.append(probe)
+        _warn_skipped(unmaskable, indistinct, len(self.probes))
+        if not rows:
+            raise ProbeError(f"none of the {len(self.probes)} probes can be encoded for "
+                             f"objective={objective!r} (see the warning); use other probes")
         split = [f"{probe.id} ({' | '.join(_split_words(tokenizer, probe, row))})"
-                 for probe, row in zip(self.probes, rows, strict=True)
+                 for probe, row in zip(kept, rows, strict=True)
                  if len(row.target_pieces) > 1 or len(row.foil_pieces) > 1]
         if split:
             warnings.warn(
@@ -232,7 +324,64 @@ class ProbeSet:
                 "the store's probes table lists the pieces (target_tokens, foil_tokens)",
                 stacklevel=2,
             )
-        return _collate(tokenizer, rows, self.probes)
+        return _collate(tokenizer, rows, kept)
+
+
+def _warn_skipped(unmaskable: list[str], indistinct: list[str], total: int) -> None:
+    parts = []
+    if unmaskable:
+        parts.append(f"{len(unmaskable)} pair(s) whose sentences do not differ in exactly one "
+                     f"word have no masked form (e.g. {', '.join(unmaskable[:3])})")
+    if indistinct:
+        parts.append(f"{len(indistinct)} pair(s) whose good and bad words this tokenizer "
+                     f"cannot tell apart (e.g. {', '.join(indistinct[:3])})")
+    if parts:
+        warnings.warn(f"skipped {len(unmaskable) + len(indistinct)} of {total} BLiMP probes: "
+                      + "; ".join(parts), stacklevel=3)
+
+
+def _blimp_files(paths: Any) -> list[Path]:
+    import glob
+
+    entries = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    files: list[Path] = []
+    for entry in entries:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+        if not found:
+            raise FileNotFoundError(
+                f"BLiMP path '{entry}' matches no .jsonl file; give a file, a directory of "
+                "paradigm .jsonl files or a glob (relative paths resolve from "
+                f"'{Path.cwd()}')")
+        files.extend(found)
+    return files
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ProbeError(f"BLiMP file '{path}' is not valid UTF-8 (byte {err.start}: "
+                         f"{err.reason}); re-save it with UTF-8 encoding") from None
+
+
+def _blimp_masked(good: Any, bad: Any) -> str | None:
+    """The good sentence with the one differing word masked; None unless exactly one differs."""
+    if not isinstance(good, str) or not isinstance(bad, str):
+        return None
+    a, b = good.split(), bad.split()
+    if len(a) != len(b):
+        return None
+    diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    if len(diff) != 1:
+        return None
+    a[diff[0]] = MASK_PLACEHOLDER
+    return " ".join(a)
 
 
 # --- building and validating -------------------------------------------------------------
@@ -293,6 +442,11 @@ def _check(probe: Probe, label: str) -> None:
                 f"{label}: {name} {word!r} has surrounding whitespace; write {word.strip()!r} "
                 "(the separating space is added when encoding)"
             )
+    if not isinstance(probe.group, str) or not _GROUP.fullmatch(probe.group):
+        raise ProbeError(
+            f"{label}: group {probe.group!r} must be a string of letters, digits, '_', '-' or "
+            "'.' (it becomes part of metric names such as probe/accuracy/<group>)"
+        )
     if probe.foil is not None and probe.target is None:
         raise ProbeError(
             f"{label}: foil {probe.foil!r} is given without a target; a foil is a contrast to "
@@ -504,7 +658,7 @@ def _explained(
         k += 1
     if k == min(len(target), len(foil)):
         pieces = tokenizer.convert_ids_to_tokens(target[:k])
-        raise ProbeError(
+        raise _IndistinctError(
             f"{label}: target {probe.target!r} and foil {probe.foil!r} never differ token by "
             f"token (shared pieces {pieces}, then one of them ends), so the contrast between "
             "them would be meaningless; pick a foil that differs from the target in some token"

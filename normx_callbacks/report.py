@@ -22,6 +22,7 @@ import pandas as pd
 from . import plots
 from .loggers import token_html
 from .store import RunData, load_run
+from .summary import summary_paragraph
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ figcaption{font-size:0.85em;color:#555}
 .legend{display:inline-block;width:160px;height:12px;vertical-align:middle;border:1px solid #ccc;
  background:linear-gradient(to right,rgb(31,119,180),#fff,rgb(214,39,40))}
 .runlabel{font-weight:600;margin:8px 0 2px}
+.summary{font-size:1.05em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:8px 12px}
 """
 
 
@@ -255,11 +257,13 @@ def render_report(
              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}</p>",
              "<nav>" + "".join(f'<a href="#{k}">{esc(v)}</a>' for k, v in SECTIONS.items())
              + "</nav>"]
+    parts.append(_summary_html(runs, names))
     parts.append(_runs_section(runs, names, step))
     parts.append(_grid([_loss_section(runs, labels), _section("predictions", _try_figure(
         lambda: plots.metric_history(runs, ["probe/target_prob", "probe/accuracy"],
                                      labels=labels, title="mean over probes",
-                                     ylabel="probability / accuracy"), "probe predictions"))]))
+                                     ylabel="probability / accuracy"), "probe predictions")
+        + _group_figure(runs, labels))]))
     count("loss and predictions")
     parts.append(_section("alignment", "<p class=\"meta\">Do the cue words get the highest "
                           "scores? AP/DP of the cue positions under NormXLogit (last layer) and "
@@ -298,13 +302,30 @@ def render_report(
 def _loss_section(runs: Sequence[RunData], labels: Sequence[str]) -> str:
     losses = [read_losses(run) for run in runs]
     body = [note(n) for (_, n) in losses if n]
-    series = {(f"{label}: {tag}" if label else tag): s
-              for label, (found, _) in zip(labels, losses, strict=True)
-              for tag, s in found.items()}
+    series, colours, styles = {}, {}, {}
+    for i, (label, (found, _)) in enumerate(zip(labels, losses, strict=True)):
+        for j, (tag, s) in enumerate(found.items()):
+            name = f"{label}: {tag}" if label else tag
+            series[name] = s
+            if len(runs) > 1:  # one colour per run, as in every other plot
+                colours[name] = plots.RUN_COLOURS[i % len(plots.RUN_COLOURS)]
+                styles[name] = plots.KEY_STYLES[j % len(plots.KEY_STYLES)]
     if series:
         body.append(figure_html(plots.metric_curves(series, title="training loss (TensorBoard)",
-                                                    ylabel="loss"), "training loss"))
+                                                    ylabel="loss", colours=colours,
+                                                    styles=styles), "training loss"))
     return _section("loss", "".join(body))
+
+
+def _group_figure(runs: Sequence[RunData], labels: Sequence[str]) -> str:
+    """Accuracy per probe group (e.g. BLiMP paradigm); empty when no probe has a group."""
+    keys = sorted({k for run in runs if "metrics" in run for k in run["metrics"]["key"].unique()
+                   if str(k).startswith("probe/accuracy/")})
+    if not keys:
+        return ""
+    return _try_figure(lambda: plots.metric_history(runs, keys, labels=labels,
+                                                    title="accuracy per probe group",
+                                                    ylabel="accuracy"), "accuracy per group")
 
 
 def _faithfulness_section(runs: Sequence[RunData], labels: Sequence[str]) -> str:
@@ -313,9 +334,30 @@ def _faithfulness_section(runs: Sequence[RunData], labels: Sequence[str]) -> str
     if not keys:
         return _section("faithfulness", note("no faithfulness/* metrics in the store(s): the "
                                              "faithfulness evaluation was not run"))
-    return _section("faithfulness", _try_figure(
-        lambda: plots.metric_history(runs, keys, labels=labels, title="faithfulness"),
-        "faithfulness"))
+    figures = [_try_figure(lambda kind=kind: plots.metric_history(
+        runs, [k for k in keys if k.endswith(f"/{kind}")], labels=labels,
+        title=f"{kind} (AOPC; {'higher' if kind == 'comprehensiveness' else 'lower'} is "
+              "more faithful)", ylabel=kind), f"faithfulness: {kind}")
+        for kind in ("comprehensiveness", "sufficiency")]
+    return _section("faithfulness", "".join(figures) + _cost_table(runs, labels, keys))
+
+
+def _cost_table(runs: Sequence[RunData], labels: Sequence[str], keys: Sequence[str]) -> str:
+    """Seconds per probe of each method at the last snapshot that measured it."""
+    rows = []
+    for run, label in zip(runs, labels, strict=True):
+        for key in (k for k in keys if k.endswith("/seconds_per_instance")):
+            series = plots.metric_series(run, key)
+            if series is not None:
+                rows.append({"run": label or run.path.parent.name, "method": key.split("/")[1],
+                             "step": series[0][-1], "seconds per probe": series[1][-1]})
+    if not rows:
+        return ""
+    frame = pd.DataFrame(rows)
+    if len(runs) == 1:
+        frame = frame.drop(columns="run")
+    return ('<p class="meta">Cost of each method (last snapshot that measured it):</p>'
+            + _table(frame, left=("run", "method")))
 
 
 def _section(key: str, body: str) -> str:
@@ -324,6 +366,17 @@ def _section(key: str, body: str) -> str:
 
 def _label_html(name: str, runs: int) -> str:
     return f'<div class="runlabel">{esc(name)}</div>' if runs > 1 else ""
+
+
+def _summary_html(runs: Sequence[RunData], names: Sequence[str]) -> str:
+    """The generated summary paragraph of each run, first thing on the page."""
+    out = []
+    for run, name in zip(runs, names, strict=True):
+        text = summary_paragraph(run)
+        if text:
+            lead = f"<b>{esc(name)}:</b> " if len(runs) > 1 else ""
+            out.append(f'<p class="summary">{lead}{esc(text)}</p>')
+    return "".join(out)
 
 
 def _runs_section(runs: Sequence[RunData], names: Sequence[str], step: int | None) -> str:
@@ -390,7 +443,9 @@ def _probe_run_html(run: RunData, probe_id: str, step: int | None, count) -> str
             out.append(f'<p class="meta">{esc(facts)} at step {at}</p>')
     figures = [_try_figure(lambda: plots.emergence_heatmap(run, probe_id),
                            f"{probe_id}: NormXLogit per token over training",
-                           "Emergence: each row is a snapshot, each column a token.")]
+                           "Emergence: each row is a snapshot, each column a token; each row "
+                           "is scaled to its own largest |score|, so early steps stay "
+                           "readable (compare sizes across steps in the headline table).")]
     count(probe_id)
     figures.append(_try_figure(lambda: plots.layer_view(run, probe_id, at),
                                f"{probe_id}: NormXLogit per layer at step {at}",

@@ -222,7 +222,7 @@ def test_coerce_accepts_set_list_and_paths(tmp_path: Path) -> None:
         ),
         (
             [{"text": "x y", "tgt": "z"}],
-            r"unknown key 'tgt'; valid keys are cues, foil, id, target, text",
+            r"unknown key 'tgt'; valid keys are cues, foil, group, id, target, text",
         ),
         (
             [{"text": "The keys", "foil": "is"}],

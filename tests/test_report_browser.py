@@ -7,6 +7,7 @@ not skip. Set NORMX_SCREENSHOT_DIR to keep the screenshot for a look.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import re
@@ -146,9 +147,9 @@ def test_notebook_api_returns_the_report_figures(tmp_path_factory):
     assert heat.get_ylabel() == "training step"
     assert [t.get_text() for t in heat.get_yticklabels()] == [str(s) for s in run.steps]
     assert "<" in [t.get_text() for t in heat.get_xticklabels()]
-    assert bar.get_ylabel() == "NormXLogit"
+    assert bar.get_ylabel() == "NormXLogit: score / largest |score| of its step"
     low, high = bar.get_ylim()
-    assert low == pytest.approx(-high)  # zero-centred scale
+    assert low == pytest.approx(-1.0) and high == pytest.approx(1.0)  # zero-centred, per step
     plots.close(fig)
     for make in (lambda: plots.alignment_curves(run), lambda: plots.norm_distribution(run),
                  lambda: plots.norm_frequency(run), lambda: plots.target_curve(run, "markup"),
@@ -159,3 +160,46 @@ def test_notebook_api_returns_the_report_figures(tmp_path_factory):
     with pytest.raises(ValueError, match="probe_id='nope' is not in .*'markup'"):
         plots.emergence_heatmap(run, "nope")
     assert plots.display_token("$x$\n") == "\\$x\\$\u21b5"
+
+
+def test_summary_paragraph_opens_the_page(rendered, tmp_path_factory):
+    from normx_callbacks import load_run
+    from normx_callbacks.summary import summary_paragraph
+
+    dom, _ = rendered
+    expected = summary_paragraph(load_run(tiny_run_dir(tmp_path_factory)))
+    assert "Probe accuracy" in expected and "Cue AP" in expected
+    found = re.search(r'<p class="summary">(.*?)</p>', dom, re.S)
+    assert found and html.unescape(found.group(1)) == expected
+    assert found.start() < dom.index('<section id="runs">')
+
+
+def _spines(dark: np.ndarray, axis: int, share: float) -> list[int]:
+    """Indices of pixel rows (axis=1) or columns (axis=0) that are mostly dark: axes frames."""
+    counts = dark.sum(axis=axis)
+    return [int(i) for i in np.flatnonzero(counts > share * dark.shape[axis])]
+
+
+def test_emergence_heatmap_is_readable_at_every_step(rendered, tmp_path_factory):
+    from normx_callbacks import load_run
+
+    dom, _ = rendered
+    alt = "markup: NormXLogit per token over training"
+    found = re.search(rf'<figure><img alt="{re.escape(alt)}" src="data:image/png;base64,'
+                      r'([A-Za-z0-9+/=]+)"><figcaption>([^<]*)</figcaption>', dom)
+    assert found, "no emergence heatmap of the markup probe"
+    assert "scaled to its own largest |score|" in html.unescape(found.group(2))
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(found.group(1)))).convert("RGB"),
+                        dtype=np.int64)
+    dark = pixels.max(axis=2) < 80
+    rows = _spines(dark, 1, 0.3)  # the heatmap's top and bottom frame lines
+    top, bottom = rows[0], rows[-1]
+    columns = _spines(dark[top:bottom + 1], 0, 0.8)  # its left and right frame (then the bar)
+    left = columns[0]
+    right = next(c for c in columns if c > left + 10)
+    steps = load_run(tiny_run_dir(tmp_path_factory)).steps
+    saturation = pixels.max(axis=2) - pixels.min(axis=2)
+    bands = np.linspace(top + 2, bottom - 2, len(steps) + 1).astype(int)
+    for step, (y0, y1) in zip(steps, zip(bands[:-1], bands[1:], strict=True), strict=True):
+        # Each step's strongest token reaches the end of the colour scale: not blank white.
+        assert saturation[y0 + 1:y1 - 1, left + 2:right - 2].max() > 60, f"step {step} is blank"

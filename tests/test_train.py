@@ -65,7 +65,22 @@ def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
     assert set(run.tables) >= {"tokens", "probes", "embedding", "metrics"}
     assert run.probes.probe_id.nunique() == 4
     err = capsys.readouterr().err
-    assert "snapshots:" in err and "Run finished." in err
+    assert "snapshots:" in err and "Run finished:" in err
+    # Headline numbers and the next commands for the logger actually used.
+    assert "Next:" in err
+    if config not in PROSE:  # the agreement probes have cue words and foils
+        assert "cue AP:" in err and "probe accuracy:" in err
+    if config == "tiny.yaml":  # no empty hp_metric card ahead of the normx ones
+        from tensorboard.backend.event_processing import event_accumulator as ea
+
+        acc = ea.EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
+        acc.Reload()
+        assert "normx/alignment/ap" in acc.Tags()["scalars"]
+        assert "hp_metric" not in acc.Tags()["scalars"]
+    if "wandb" in config:
+        assert " sync " in err and "tensorboard" not in err
+    else:
+        assert "tensorboard --logdir" in err or "make dashboard" in err
 
 
 def test_mlm_objective_trains_a_masked_model(tmp_path, cache):
@@ -128,3 +143,90 @@ def test_ddp_cpu_config_runs_two_processes(tmp_path, cache):
     assert run.steps == [0, 1, 2]
     # Rank 0 alone writes: one store, one file per table per step.
     assert len(list(tmp_path.rglob("_commits"))) == 1
+
+
+def _printed_commands(err: str) -> list[str]:
+    lines = err.split("Next:\n", 1)[1].splitlines()
+    return [line.strip() for line in lines if line.startswith("  ")]
+
+
+def test_end_of_run_commands_work_as_printed(tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a directory without the repository's Makefile
+    train.main(_args("tiny.yaml", tmp_path / "run", cache, steps=3))
+    err = capsys.readouterr().err
+    summary, report, dashboard = _printed_commands(err)[:3]
+    assert summary.split()[1] == "summary" and "tensorboard" in dashboard
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    outputs = []
+    for command in (summary, report + " --max-probes 1"):  # fewer figures: a faster test
+        proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        outputs.append(proc.stdout)
+    # `normx summary` prints the same generated paragraph as the end-of-run message.
+    assert "Probe accuracy" in outputs[0] and "Probe accuracy" in err
+    assert len(list(tmp_path.rglob("report.html"))) == 1
+
+
+def test_make_targets_are_printed_where_the_makefile_is(tmp_path):
+    from normx_callbacks.summary import next_commands
+
+    store = ROOT / "runs" / "x" / "version_0" / "normx"
+    lines = next_commands(store, tensorboard_dir=store.parent, cwd=ROOT)
+    assert [line.split("  #")[0] for line in lines] == [
+        "make summary RUN=runs/x/version_0", "make report RUN=runs/x/version_0",
+                     "make dashboard RUN=runs/x/version_0"]
+    proc = subprocess.run(["make", "-n", "summary", "report", "dashboard", "RUN=runs/x/version_0",
+                           "STAMP=Makefile"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '.venv/bin/normx summary "runs/x/version_0"' in proc.stdout
+    assert '.venv/bin/tensorboard --logdir "runs/x/version_0"' in proc.stdout
+
+
+def test_progress_bar_counts_steps_of_max_steps(tmp_path, cache, capsys):
+    args = [a for a in _args("tiny.yaml", tmp_path, cache, steps=3)]
+    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
+    train.main(args)
+    out = capsys.readouterr().out
+    assert "3/3" in out and "Step" in out
+    assert "Epoch 0/-2" not in out
+
+
+def _error_of(args: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return exit_info.value.code, err
+
+
+def test_misspelled_option_in_a_config_names_the_closest(tmp_path, cache, capsys):
+    text = (ROOT / "configs" / "tiny.yaml").read_text().replace("every_n_steps: 100",
+                                                                "every_n_step: 100")
+    (tmp_path / "typo.yaml").write_text(text)
+    args = _args("tiny.yaml", tmp_path, cache)
+    args[args.index("--config") + 1] = str(tmp_path / "typo.yaml")
+    code, err = _error_of(args, capsys)
+    assert code == 2
+    assert err[0] == "train.py: error: unknown option 'every_n_step'; did you mean 'every_n_steps'?"
+    assert len(err) == 2 and "--debug" in err[1]
+
+
+def test_misspelled_option_on_the_command_line_names_the_closest(tmp_path, cache, capsys):
+    code, err = _error_of(_args("tiny.yaml", tmp_path, cache) + ["--model.d_modle", "8"], capsys)
+    assert code == 2
+    assert err[0] == ("train.py: error: unknown option 'model.d_modle'; "
+                      "did you mean 'model.d_model'?")
+    assert len(err) == 2
+
+
+def test_invalid_choice_is_one_line_with_the_choices_and_debug_shows_the_traceback(
+        tmp_path, cache, capsys):
+    args = _args("tiny.yaml", tmp_path, cache) + [
+        "--trainer.callbacks.init_args.schedule", "logarithmic"]
+    code, err = _error_of(args, capsys)
+    assert code == 2
+    assert [e for e in err if "error" in e] == [
+        "train.py: error: schedule='logarithmic' is not one of ('log', 'interval', 'steps')"]
+    assert not any("Traceback" in e for e in err)
+    with pytest.raises(ValueError, match="logarithmic"):
+        train.main([*args, "--debug"])

@@ -1,0 +1,375 @@
+"""Replay: turn a series of saved checkpoints into the snapshot store a callback run writes.
+
+Each checkpoint is loaded (one at a time), given to a ``NormXLogitCallback`` and measured by
+the callback's own snapshot path (``setup`` then ``_snapshot``), so the store, its tables and
+its numbers are those the callback records at the same step. A ``Trainer`` object is built
+only as the context the callback reads (strategy, precision, loggers); it never fits.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoints import (
+    CheckpointError,
+    _find_tokenizer,
+    _hf_tokenizer_dir,
+    _load_hf_dir,
+    _load_lightning,
+    _load_tokenizer,
+)
+from .probes import ProbeSet
+from .store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HF_STEP = re.compile(r"(?:checkpoint-|step)(\d+)$")
+_CKPT_STEP = re.compile(r"step=(\d+)")
+
+
+class ReplayError(ValueError):
+    """Bad replay input; ``lines`` holds one message per bad input."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of the series: where it is and the training step it was saved at."""
+
+    path: Path
+    step: int
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _expand(entry: str | os.PathLike) -> tuple[list[Path], str | None]:
+    """The checkpoints an argument names (itself, a directory's children, a glob's matches)."""
+    path = Path(entry).expanduser()
+    if path.is_file() or _is_hf_dir(path):
+        return [path], None
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if _is_hf_dir(p) or p.suffix == ".ckpt")
+        if not found:
+            return [], (f"{path}: a directory with no checkpoint in it (no config.json, no "
+                        "*.ckpt, no checkpoint-N/ or stepN/ model directories)")
+        return found, None
+    matches = sorted(Path(p) for p in glob.glob(str(path)))
+    if not matches:
+        return [], f"{entry}: no such file, directory or glob match"
+    return [p for p in matches if p.is_file() or _is_hf_dir(p)], None
+
+
+def _step_of(path: Path) -> int | None:
+    if path.is_dir():
+        match = _HF_STEP.search(path.name)
+        return int(match.group(1)) if match else None
+    match = _CKPT_STEP.search(path.name)
+    if match:
+        return int(match.group(1))
+    try:  # Lightning writes the step into the checkpoint; mmap reads only that entry
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: reported when it is loaded, with the reason
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def resolve_checkpoints(
+    checkpoints: Sequence[str | os.PathLike] | str | os.PathLike,
+    steps: Sequence[int] | None = None,
+) -> list[Checkpoint]:
+    """The checkpoint series in step order.
+
+    Args:
+        checkpoints: HF ``save_pretrained`` directories, Lightning ``.ckpt`` files, directories
+            holding them, or globs.
+        steps: the step of each checkpoint, in the order found; default from the name
+            (``checkpoint-N``, ``stepN``, ``step=N``) or the ``.ckpt``'s ``global_step``.
+
+    Raises:
+        ReplayError: one line per bad input (missing path, no step, duplicate step).
+    """
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    paths: list[Path] = []
+    errors: list[str] = []
+    for entry in checkpoints:
+        found, error = _expand(entry)
+        paths += found
+        if error:
+            errors.append(error)
+    if not paths and not errors:
+        errors.append("no checkpoints given")
+    if steps is not None:
+        steps = list(steps)
+        if len(steps) != len(paths):
+            errors.append(f"--steps gives {len(steps)} steps for {len(paths)} checkpoints "
+                          f"({', '.join(map(str, paths[:3]))}{' ...' if len(paths) > 3 else ''})"
+                          "; give one step per checkpoint, in the order listed")
+            steps = None
+        elif any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in steps):
+            errors.append(f"--steps {steps}: steps must be non-negative integers")
+            steps = None
+    series: dict[int, Path] = {}
+    for i, path in enumerate(paths):
+        step = steps[i] if steps is not None else _step_of(path)
+        if step is None:
+            errors.append(f"{path}: cannot tell its training step (name it checkpoint-N or "
+                          "stepN, or pass --steps)")
+        elif step in series:
+            errors.append(f"{path}: step {step} is also the step of {series[step]}; each "
+                          "checkpoint needs its own step (pass --steps)")
+        else:
+            series[step] = path
+    if errors:
+        raise ReplayError(errors)
+    return [Checkpoint(path, step) for step, path in sorted(series.items())]
+
+
+def _import_class(spec: str) -> type:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ReplayError([f"--model-class {spec!r}: write it as pkg.module:ClassName"])
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ReplayError([f"--model-class {spec!r}: cannot import it ({error})"]) from None
+    import lightning.pytorch as pl
+
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise ReplayError([f"--model-class {spec!r} is not a LightningModule subclass"])
+    return cls
+
+
+class _Holder(nn.Module):
+    """A bare module around a Hugging Face model, where the callback looks for it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+def _load(checkpoint: Path, model_class: type | None) -> tuple[nn.Module, Path | None]:
+    """(the module the callback watches, the tokenizer directory the checkpoint names)."""
+    if checkpoint.is_dir():
+        model = _load_hf_dir(checkpoint)
+        try:
+            tokenizer_dir = _hf_tokenizer_dir(checkpoint)
+        except FileNotFoundError:
+            tokenizer_dir = None
+        return _Holder(model), tokenizer_dir
+    if model_class is not None:
+        try:
+            module = model_class.load_from_checkpoint(checkpoint, map_location="cpu",
+                                                      weights_only=True)
+        except Exception as error:  # any way the user's class can fail to rebuild
+            raise CheckpointError(f"{checkpoint}: {model_class.__name__}.load_from_checkpoint "
+                                  f"failed ({type(error).__name__}: "
+                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+                                  ) from error
+        return module, None
+    model, hints = _load_lightning(checkpoint)
+    try:
+        tokenizer_dir = _find_tokenizer(checkpoint, hints)
+    except FileNotFoundError:
+        tokenizer_dir = None
+    return _Holder(model), tokenizer_dir
+
+
+def _shape(callback) -> tuple[str, int | None, int]:
+    adapter = callback.adapter
+    return (type(adapter.module).__name__ if adapter.module is not None else "?",
+            adapter.num_layers, adapter.embedding.num_embeddings)
+
+
+def replay(
+    checkpoints: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    probes: ProbeSet | Sequence | str | os.PathLike,
+    store_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    layers: str | Sequence[int] | None = "all",
+    device: str | None = None,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    model_class: str | type | None = None,
+    steps: Sequence[int] | None = None,
+    faithfulness: bool = False,
+    norm: str = "layer0",
+    progress: bool = True,
+) -> list[int]:
+    """Measure every checkpoint of a series into a snapshot store, in step order.
+
+    The store is the one ``NormXLogitCallback`` writes (``load_run``, ``normx report`` read it
+    unchanged); its numbers are the callback's at the same step. Differences, by nature of a
+    replay: ``embedding/drift`` and ``stability/spearman`` compare with the previous replayed
+    checkpoint; token counts are 0 (no training batches are seen), so
+    ``embedding/norm_logfreq_spearman`` is NaN; faithfulness, when asked, runs at every step.
+    Steps already committed in the store are skipped (resume).
+
+    Args:
+        checkpoints: see `resolve_checkpoints`.
+        probes: what the callback accepts (a ProbeSet, a list, a file, ``"blimp:PATH"``).
+        store_dir: the snapshot store to write (created or appended to).
+        tokenizer: a fast tokenizer or a tokenizer directory; default the one each
+            checkpoint names (HF directory files, the demo DataModule's cache).
+        layers, norm: as for the callback.
+        device: "cpu", "cuda", "cuda:1", ...; default cuda when available.
+        dtype: "float32" (default), "bfloat16" or "float16": the model's weights are cast.
+        batch_size: probes per forward pass.
+        model_class: ``"pkg.mod:Class"`` (or the class), a LightningModule rebuilt from each
+            ``.ckpt`` with ``load_from_checkpoint(weights_only=True)``; default the demo's
+            ``LanguageModel``.
+        steps: the step of each checkpoint (see `resolve_checkpoints`).
+        faithfulness: also compute the AOPC faithfulness metrics at each step.
+        progress: a progress bar with ETA on stderr.
+
+    Returns:
+        The steps written by this call.
+
+    Raises:
+        ReplayError: bad inputs, one line each. Checkpoints that fail to load are reported
+            together after the others were replayed.
+    """
+    import lightning.pytorch as pl
+
+    from .callback import NormXLogitCallback
+
+    if dtype not in DTYPES:
+        raise ReplayError([f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}"])
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ReplayError([f"--batch-size {batch_size!r}: use a positive integer"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ReplayError([f"--device {device!r} is not usable here ({error})"]) from None
+    if isinstance(model_class, str):
+        model_class = _import_class(model_class)
+    try:
+        probe_set = ProbeSet.coerce(probes)
+    except (ValueError, OSError) as error:
+        raise ReplayError([f"--probes: {error}"]) from None
+    series = resolve_checkpoints(checkpoints, steps)
+    store = SnapshotStore(store_dir)
+    done = set(store.steps())
+    todo = [c for c in series if c.step not in done]
+    if done & {c.step for c in series}:
+        log.warning("replay: %d step(s) already in %s are skipped", len(series) - len(todo),
+                    store.root)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _load_tokenizer(Path(tokenizer).expanduser())
+    callback = NormXLogitCallback(
+        probe_set, tokenizer=tokenizer, layers=layers, norm=norm, schedule="steps",
+        steps=[c.step for c in series], store_dir=store_dir, media_probes=0,
+        probe_batch_size=batch_size, faithfulness_every=1 if faithfulness else None)
+    # The context the callback reads; it never fits, so it never moves or trains anything.
+    with _quiet("lightning.pytorch"):  # its "GPU available" lines are about no training here
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+    with _no_hf_progress():  # one bar: ours, not one per checkpoint load
+        return _replay_series(callback, trainer, series, todo, model_class, device, dtype,
+                              progress)
+
+
+@contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _no_hf_progress():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Checkpoint],
+                   model_class: type | None, device: str, dtype: str, progress: bool
+                   ) -> list[int]:
+    """Load, check and measure each checkpoint of ``todo``; the steps written."""
+    from tqdm.auto import tqdm
+
+    errors: list[str] = []
+    written: list[int] = []
+    first: tuple | None = None
+    bar = tqdm(todo, desc="replay", unit="ckpt", disable=not progress, file=sys.stderr)
+    for checkpoint in bar:
+        bar.set_postfix(step=checkpoint.step)
+        try:
+            module, tokenizer_dir = _load(checkpoint.path, model_class)
+        except (CheckpointError, FileNotFoundError, OSError) as error:
+            errors.append(f"{checkpoint.path}: {_one_line(error)}")
+            continue
+        module.to(device=device, dtype=DTYPES[dtype])
+        module.eval()
+        if callback.tokenizer is None:
+            if tokenizer_dir is None:
+                errors.append(f"{checkpoint.path}: no tokenizer found with it; pass "
+                              "--tokenizer DIR (tokenizer= in Python)")
+                continue
+            callback.tokenizer = _load_tokenizer(tokenizer_dir)
+        try:
+            callback.setup(trainer, module, "fit")
+        except (RuntimeError, ValueError) as error:
+            errors.append(f"{checkpoint.path}: {_one_line(error)}")
+            continue
+        shape = _shape(callback)
+        if first is None:
+            first = (checkpoint.path, shape)
+        elif shape != first[1]:
+            errors.append(f"{checkpoint.path}: another architecture ({shape[0]}, {shape[1]} "
+                          f"layers, {shape[2]} embedding rows) than {first[0]} ({first[1][0]}, "
+                          f"{first[1][1]} layers, {first[1][2]} embedding rows)")
+            continue
+        counts = torch.zeros(shape[2], dtype=torch.long)  # no training batches in a replay
+        before = len(callback.snapshot_steps)
+        callback._snapshot(trainer, checkpoint.step, counts,
+                           final=checkpoint is series[-1])
+        if len(callback.snapshot_steps) == before:  # the callback recorded it as missing
+            errors.append(f"{checkpoint.path}: the snapshot failed (see the warning; the "
+                          "store records the step as missing)")
+        else:
+            written.append(checkpoint.step)
+        del module  # one checkpoint in memory at a time
+        callback.adapter = None
+    bar.close()
+    if errors:
+        raise ReplayError(errors)
+    return written
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,158 @@
+"""`normx replay`: a checkpoint series becomes the store the callback writes, with its numbers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import lightning.pytorch as pl
+import pandas as pd
+import pytest
+import transformers as T
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from normx_callbacks import NormXLogitCallback, load_run
+from normx_callbacks.cli import main
+from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.replay import ReplayError, replay, resolve_checkpoints
+
+SAVED = (4, 8)
+# Metrics of one snapshot alone; drift, stability and the frequency correlation depend on
+# the snapshots before it and the batches seen, which a replay does not have.
+SAME_METRICS = ("probe/target_prob", "probe/target_logit", "probe/accuracy", "probe/contrast",
+                "alignment/ap", "alignment/dp", "alignment/ap_logat", "embedding/mean",
+                "embedding/max", "importance/norm_logat_spearman")
+
+
+class SaveHF(Callback):
+    """Saves the HF model and tokenizer like an HF Trainer's output_dir: checkpoint-N/."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in SAVED:
+            out = self.root / f"checkpoint-{trainer.global_step}"
+            pl_module.model.save_pretrained(out)
+            pl_module.tokenizer.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def dm(cache_dir) -> TextDataModule:
+    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
+                          batch_size=16, cache_dir=cache_dir)
+    data.setup("fit")
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained(dm, tmp_path_factory):
+    """A real run: the callback records while HF folders and .ckpt files are saved at 4, 8."""
+    root = tmp_path_factory.mktemp("run")
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0,
+                          vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
+                          tokenizer=dm.tokenizer)
+    callback = NormXLogitCallback(dm.probes, media_probes=0, faithfulness_every=None,
+                                  store_dir=root / "callback")
+    ckpts = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    pl.Trainer(accelerator="cpu", max_steps=8, logger=False,
+               callbacks=[callback, SaveHF(root / "hf"), ckpts], enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=0,
+               num_sanity_val_steps=0).fit(model, dm)
+    return root, load_run(root / "callback")
+
+
+def assert_same_scores(replayed, recorded, steps):
+    assert replayed.steps == list(steps)
+    for step in steps:
+        a = replayed["tokens"][replayed["tokens"].step == step].reset_index(drop=True)
+        b = recorded["tokens"][recorded["tokens"].step == step].reset_index(drop=True)
+        assert len(a) == len(b) > 0
+        pd.testing.assert_frame_equal(a[["probe_id", "layer", "position", "token"]],
+                                      b[["probe_id", "layer", "position", "token"]])
+        for col in ("norm", "logat", "score", "contrast"):
+            assert (a[col] - b[col]).abs().max() <= 1e-5, col
+        ma = replayed["metrics"][replayed["metrics"].step == step].set_index("key")["value"]
+        mb = recorded["metrics"][recorded["metrics"].step == step].set_index("key")["value"]
+        for key in SAME_METRICS:
+            assert abs(ma[key] - mb[key]) <= 1e-5, key
+
+
+def test_replay_of_hf_folders_equals_what_the_callback_recorded(trained, dm, tmp_path):
+    root, recorded = trained
+    code = main(["replay", str(root / "hf"), "-o", str(tmp_path / "store"), "--probes",
+                 str(_probe_file(dm, tmp_path)), "--device", "cpu", "-q"])
+    assert code == 0
+    replayed = load_run(tmp_path / "store")
+    assert_same_scores(replayed, recorded, SAVED)
+    assert set(replayed["probes"].columns) == set(recorded["probes"].columns)
+    assert set(replayed["embedding"]["count"]) == {0}  # no batches seen: counts say so
+
+
+def test_demo_ckpt_series_replays_and_a_second_call_skips_committed_steps(trained, dm, tmp_path,
+                                                                         caplog):
+    root, recorded = trained
+    store = tmp_path / "store"
+    series = resolve_checkpoints([root / "ckpt" / "*.ckpt"])
+    assert [c.step for c in series] == list(SAVED)
+    # Only the first: the second call must add step 8 and skip step 4.
+    assert replay([series[0].path], probes=dm.probes, store_dir=store, progress=False) == [4]
+    marker = _marker_ids(store)
+    assert replay([root / "ckpt"], probes=dm.probes, store_dir=store, progress=False) == [8]
+    assert replay([root / "ckpt"], probes=dm.probes, store_dir=store, progress=False) == []
+    assert "already in" in caplog.text
+    assert _marker_ids(store)[4] == marker[4]  # the committed snapshot was not rewritten
+    assert_same_scores(load_run(store), recorded, SAVED)
+
+
+def _marker_ids(store) -> dict[int, str]:
+    return {json.loads(p.read_text())["step"]: json.loads(p.read_text())["id"]
+            for p in (store / "_commits").glob("*.json")}
+
+
+def _probe_file(dm, tmp_path):
+    path = tmp_path / "probes.json"
+    path.write_text(json.dumps([{k: v for k, v in (p.__dict__ if not isinstance(p, dict)
+                                                   else p).items() if v not in ((), "", None)}
+                                for p in dm.probes]), "utf-8")
+    return path
+
+
+def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, capsys):
+    root, _ = trained
+    not_ckpt = tmp_path / "notes_step=3.ckpt"
+    not_ckpt.write_text("not a checkpoint", "utf-8")
+    other = tmp_path / "step12"  # another architecture: one layer
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=dm.vocab_size,
+                                   n_positions=64)).save_pretrained(other)
+    capsys.readouterr()
+    code = main(["replay", str(root / "hf" / "checkpoint-4"), str(other), str(not_ckpt),
+                 "-o", str(tmp_path / "store"), "--probes", str(_probe_file(dm, tmp_path)),
+                 "--tokenizer", str(root / "hf" / "checkpoint-4"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 2, err
+    assert "notes_step=3.ckpt is truncated, corrupt or not a PyTorch checkpoint" in err[0]
+    assert "step12: another architecture (GPT2LMHeadModel, 1 layers" in err[1]
+    assert load_run(tmp_path / "store").steps == [4]  # the good one is kept
+
+    big = copy.deepcopy(dm.tokenizer)
+    big.add_tokens([f"extra{i}" for i in range(40)])
+    code = main(["replay", str(root / "hf"), str(tmp_path / "nowhere"), "-o",
+                 str(tmp_path / "s2"), "--probes", str(_probe_file(dm, tmp_path)), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "nowhere: no such file, directory or glob" in err[0]
+    with pytest.raises(ReplayError, match=f"the tokenizer has {len(big)} tokens but the model's "
+                       f"embedding has {dm.vocab_size} rows"):
+        replay(root / "hf" / "checkpoint-4", probes=dm.probes, tokenizer=big,
+               store_dir=tmp_path / "s3", progress=False)
+    unnamed = tmp_path / "final_model"
+    shutil.copytree(root / "hf" / "checkpoint-4", unnamed)
+    with pytest.raises(ReplayError, match="final_model: cannot tell its training step"):
+        resolve_checkpoints([root / "hf" / "checkpoint-8", unnamed])
+    assert [c.step for c in resolve_checkpoints([unnamed], steps=[12])] == [12]
+    assert main(["replay", str(root / "hf"), "-o", str(tmp_path / "s4"), "--probes",
+                 "blimp:/nonexistent", "-q"]) == 1
+    assert "--probes: BLiMP path '/nonexistent' matches no .jsonl file" in capsys.readouterr().err
