@@ -21,7 +21,8 @@ SAVED = (4, 8)
 # Metrics of one snapshot alone; drift, stability and the frequency correlation depend on
 # the snapshots before it and the batches seen, which a replay does not have.
 SAME_METRICS = ("probe/target_prob", "probe/target_logit", "probe/accuracy", "probe/contrast",
-                "alignment/ap", "alignment/dp", "alignment/ap_logat", "embedding/mean",
+                "alignment/ap", "alignment/dp_raw", "alignment/dp_z", "alignment/ap_logat",
+                "embedding/mean",
                 "embedding/max", "importance/norm_logat_spearman")
 
 
