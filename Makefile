@@ -52,3 +52,7 @@ report: $(STAMP)
 dashboard: $(STAMP)
 	@test -n "$(RUN)" || (echo "make dashboard: set RUN=<TensorBoard log dir>" >&2; exit 2)
 	$(BIN)/tensorboard --logdir "$(RUN)" --samples_per_plugin images=200,text=200
+
+# Measure `make demo` and the tests; writes the times into README.md with the date.
+timings: $(STAMP)
+	$(BIN)/python docs/measure_timings.py

@@ -558,6 +558,8 @@ _RENAMED_METRICS = {"alignment/dp": "alignment/dp_raw"}
 def _current_metrics(frame: pd.DataFrame) -> pd.DataFrame:
     """A callback's metrics table from an older store under today's names, with ``low`` and
     ``high`` columns (NaN there). Tables of another shape are left alone."""
+    if "key" not in frame:  # not the callback's metrics table: leave it as written
+        return frame
     frame = frame.copy()
     frame["key"] = frame["key"].replace(_RENAMED_METRICS)
     for column in ("low", "high"):
