@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean browser summary report dashboard timings
+.PHONY: setup test lint demo tables clean browser summary report dashboard timings
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: lint browser
 
 demo: $(STAMP)
 	$(BIN)/python train.py fit --config configs/tiny.yaml
+
+# README's emergence and faithfulness tables, rewritten from fresh tiny.yaml and docs.yaml runs.
+tables: $(STAMP)
+	$(BIN)/python docs/make_tables.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -540,13 +540,13 @@ def load_run(path: str | os.PathLike, *, skip_corrupt: bool = False) -> RunData:
 
     Returns:
         ``RunData`` with one DataFrame per table (all steps, sorted by step), the committed
-        steps, ``meta.json`` and the ``missing`` table (step, reason, time). The ``metrics``
+        steps, ``meta.json`` and the ``missing`` table (step, reason, time). A callback's ``metrics``
         table always has ``low`` and ``high`` (95% interval; NaN where none was stored).
     """
     root = find_store(path)
     meta = _read_meta(root) if (root / _META).exists() else {}
     steps, tables = _load_tables(root, skip_corrupt)
-    if "metrics" in tables:
+    if "metrics" in tables and {"key", "value"} <= set(tables["metrics"].columns):
         tables["metrics"] = _current_metrics(tables["metrics"])
     return RunData(root, meta, steps, tables, _load_missing(root))
 
@@ -556,7 +556,8 @@ _RENAMED_METRICS = {"alignment/dp": "alignment/dp_raw"}
 
 
 def _current_metrics(frame: pd.DataFrame) -> pd.DataFrame:
-    """Older stores' metrics under today's names, with ``low``/``high`` columns (NaN there)."""
+    """A callback's metrics table from an older store under today's names, with ``low`` and
+    ``high`` columns (NaN there). Tables of another shape are left alone."""
     if "key" not in frame:  # not the callback's metrics table: leave it as written
         return frame
     frame = frame.copy()
