@@ -7,9 +7,11 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,14 @@ from .metrics import (
 from .probes import EncodedProbes, ProbeSet
 from .probes import _readable as readable_tokens
 from .schedule import SnapshotSchedule
-from .store import STORE_DIRNAME, SnapshotStore
+from .store import (
+    STORE_DIRNAME,
+    SnapshotStore,
+    holds_snapshots,
+    read_run_record,
+    sibling_root,
+    write_run_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +267,10 @@ class NormXLogitCallback(Callback):
         self._resumed_at: int | None = None
         self._sink: LoggerSink | None = None
         self._unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
+        self._run: dict | None = None  # run.json of the store being written (rank zero)
+        self._restored: dict | None = None  # run id and store a checkpoint restored, this fit
+        self._store_root: Path | None = None
+        self._run_meta: dict = {}
         self._intervals: dict[str, tuple[float, float]] = {}  # key -> 95% interval (low, high)
         self._warned_left_out: set[str] = set()  # probes already named in a warning
 
@@ -272,6 +285,7 @@ class NormXLogitCallback(Callback):
         Lightning's `configure_model` has built it."""
         if stage != "fit":
             return
+        self._restored = None  # load_state_dict runs after setup when a checkpoint is given
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
             raise RuntimeError(
@@ -373,18 +387,20 @@ class NormXLogitCallback(Callback):
         self._count_checked = False
         self._sink = LoggerSink(trainer.loggers)
         # On every rank: `trainer.log_dir` broadcasts, so calling it on rank 0 alone hangs DDP.
-        root = Path(self.store_dir) if self.store_dir else self._default_store(trainer)
+        self._store_root = Path(self.store_dir) if self.store_dir else self._default_store(trainer)
+        self._run_meta = {
+            "objective": objective,
+            "norm": self.norm,
+            "layers": self.layers,
+            "model": type(self.adapter.module).__name__ if self.adapter.module else None,
+            "num_layers": self.adapter.num_layers,
+            "vocab_size": vocab,
+            "tied_embeddings": self.adapter.tied,
+            "probes": len(self.probes),
+        }
         if trainer.is_global_zero:
-            self.store = SnapshotStore(root, run_meta={
-                "objective": objective,
-                "norm": self.norm,
-                "layers": self.layers,
-                "model": type(self.adapter.module).__name__ if self.adapter.module else None,
-                "num_layers": self.adapter.num_layers,
-                "vocab_size": vocab,
-                "tied_embeddings": self.adapter.tied,
-                "probes": len(self.probes),
-            })
+            SnapshotStore(self._store_root)  # a path that can never be a store fails here
+        # The store itself is chosen in on_train_start, once a checkpoint's run is restored.
 
     def _find_adapter(self, pl_module: pl.LightningModule) -> ModelAdapter:
         if self.model_attr:
@@ -472,9 +488,70 @@ class NormXLogitCallback(Callback):
         base = trainer.log_dir or trainer.default_root_dir
         return Path(base) / STORE_DIRNAME
 
+    # ------------------------------------------------------------------ run identity
+
+    def _open_store(self, trainer: pl.Trainer) -> None:
+        """Choose the store of this fit and record its run (``run.json``).
+
+        A resume writes into the store of the run its checkpoint came from; a fit that goes
+        on from the steps this callback already took (same callback, same trainer) keeps its
+        store; a fresh run gets a new run id and never writes into another run's store.
+        """
+        restored, self._restored = self._restored, None
+        root = self._store_root
+        if restored is None and self._run is not None and trainer.global_step > 0:
+            return  # fitting on in memory: the same run, the same store
+        if restored is not None and restored.get("run_id"):
+            old = Path(restored["store"]) if restored.get("store") else None
+            record = read_run_record(old) if old is not None else None
+            if record is not None and record["run_id"] == restored["run_id"]:
+                self._use_store(old, record)
+                return
+            run = self._new_run(trainer, continues=restored["run_id"])
+            root = self._free_root(root, run["run_id"], quiet=True)
+            log.warning("NormXLogitCallback: the store of run %s (%s) is gone; this resumed run "
+                        "writes a new store at %s that records which run it continues",
+                        restored["run_id"], old, root)
+        else:
+            run = self._new_run(trainer, continues=None)
+            if restored is not None and read_run_record(root) is None:
+                # A checkpoint from before stores recorded their run: its store is this one.
+                self._use_store(root, run)
+                return
+            root = self._free_root(root, run["run_id"])
+        self._use_store(root, run)
+
+    def _new_run(self, trainer: pl.Trainer, *, continues: str | None) -> dict:
+        loggers = [{"type": type(lg).__name__, "name": _attr_or_none(lg, "name"),
+                    "version": _attr_or_none(lg, "version")} for lg in trainer.loggers]
+        wandb = [lg["version"] for lg in loggers if lg["type"] == "WandbLogger"]
+        return {"run_id": uuid.uuid4().hex, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "loggers": loggers,
+                "wandb_run_id": wandb[0] if wandb else None, "continues": continues}
+
+    def _free_root(self, root: Path, run_id: str, *, quiet: bool = False) -> Path:
+        """``root``, or the store beside it when ``root`` already holds another run."""
+        record = read_run_record(root)
+        if (record is None or record["run_id"] != run_id) and holds_snapshots(root):
+            other = record["run_id"] if record else "without a run id"
+            beside = sibling_root(root, run_id)
+            if not quiet:
+                log.warning("NormXLogitCallback: %s holds another run's snapshots (run %s); "
+                            "this run (%s) writes its store beside it at %s", root, other,
+                            run_id, beside)
+            return beside
+        return root
+
+    def _use_store(self, root: Path, run: dict) -> None:
+        self.store = SnapshotStore(root, run_meta=self._run_meta)
+        write_run_record(root, run)
+        self._run = run
+
     # ------------------------------------------------------------------ hooks
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in setup: Lightning restores a checkpoint's callback state after setup.
+        if trainer.is_global_zero:
+            self._open_store(trainer)
         if self._resumed_at is not None and self.store is not None:
             # Snapshots a killed run wrote after its last checkpoint are re-taken now.
             self.store.truncate_after(trainer.global_step)
@@ -940,6 +1017,9 @@ class NormXLogitCallback(Callback):
             "counts": None if self._counter is None else self._counter.state_dict(),
             "prev_norms": self._prev_norms,
             "prev_scores": self._prev_scores,
+            # A resume writes into this run's store, wherever its new logger writes.
+            "run_id": self._run["run_id"] if self._run else None,
+            "store": str(self.store.root.resolve()) if self.store is not None else None,
         }
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -967,6 +1047,18 @@ class NormXLogitCallback(Callback):
         self._pending = None  # the checkpoint's counts already hold what was pending then
         self._prev_norms = state_dict["prev_norms"]
         self._prev_scores = state_dict["prev_scores"]
+        # Checkpoints written before runs had an id restore {"run_id": None, "store": None}.
+        self._restored = {"run_id": state_dict.get("run_id"), "store": state_dict.get("store")}
+
+
+def _attr_or_none(obj: Any, name: str) -> Any:
+    """A logger property for the run record; a logger whose property raises is not fatal."""
+    try:
+        return getattr(obj, name)
+    except Exception as error:  # third-party loggers: anything may raise
+        log.warning("NormXLogitCallback: %s.%s raised %s: %s; not recorded in run.json",
+                    type(obj).__name__, name, type(error).__name__, error)
+        return None
 
 
 def _trainable(module) -> bool:

@@ -26,7 +26,17 @@ from pathlib import Path
 
 from .heads import UnsupportedModelError
 from .probes import ProbeError
-from .store import STORE_DIRNAME, RunData, StoreError, load_run
+from .store import (
+    _META,
+    RUN_FILE,
+    STORE_DIRNAME,
+    RunData,
+    StoreError,
+    find_runs,
+    find_store,
+    load_store,
+    select_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ log = logging.getLogger(__name__)
 _EXPECTED = (StoreError, FileNotFoundError, ProbeError, UnsupportedModelError, ValueError,
              RuntimeError, OSError)
 _FORMATS = ("csv", "parquet", "jsonl")
+_STORE_FILES = (_META, RUN_FILE, "_commits")  # a store without these holds something
 _POSITIVE = (214, 39, 40)  # red: evidence for the prediction (as the report's colours)
 _NEGATIVE = (31, 119, 180)  # blue: evidence against it
 
@@ -52,37 +63,68 @@ def _walk_dirs(path: Path, depth: int):
             yield from _walk_dirs(child, depth - 1)
 
 
-def _diagnose(path: Path) -> str | None:
-    """A clearer message for a store that exists but holds no committed snapshot."""
-    if not path.is_dir():
+def _diagnose_store(folder: Path) -> str | None:
+    """Why ``folder`` (a store directory) shows nothing; None when it holds a committed
+    snapshot: an intact store is never called half-written."""
+    if any((folder / "_commits").glob("step=*.json")):
         return None
-    for folder in _walk_dirs(path, 3):
-        if folder.name != STORE_DIRNAME:
-            continue
-        tables = [p for p in folder.glob("*/step=*.parquet") if not p.parent.name.startswith("_")]
-        if tables:
-            return (f"{folder} is a half-written store: {len(tables)} table file(s) but no "
-                    "commit marker (_commits/step=*.json), so no snapshot is complete; the run "
-                    "crashed during its first snapshot or is still writing it")
-        if not any(folder.iterdir()):
-            return (f"{folder} is an empty store: the run has not written a snapshot yet "
-                    "(wait for the first one, or check the callback's store_dir)")
+    tables = [p for p in folder.glob("*/step=*.parquet") if not p.parent.name.startswith("_")]
+    if tables:
+        return (f"{folder} is a half-written store: {len(tables)} table file(s) but no "
+                "commit marker (_commits/step=*.json), so no snapshot is complete; the run "
+                "crashed during its first snapshot or is still writing it")
+    if all(p.name in _STORE_FILES for p in folder.iterdir()):
+        return (f"{folder} is an empty store: the run has not written a snapshot yet "
+                "(wait for the first one, or check the callback's store_dir)")
     return None
 
 
-def _load(path: str | os.PathLike) -> RunData:
-    """load_run, with one-line explanations for empty and half-written stores."""
+def _diagnose(path: Path) -> str | None:
+    """A note on the first store below ``path`` that holds no committed snapshot."""
+    if not path.is_dir():
+        return None
+    for folder in _walk_dirs(path, 3):
+        if folder.name == STORE_DIRNAME and (message := _diagnose_store(folder)):
+            return message
+    return None
+
+
+def _find(paths: Sequence[str | os.PathLike], selectors: Sequence[str] | None) -> list[Path]:
+    """The store directories the ``--run`` selectors pick among all runs at ``paths`` (one per
+    path without selectors), by store.py's discovery."""
+    if not selectors:
+        return [find_store(path) for path in paths]
+    runs = [info for path in paths for info in find_runs(path)]
+    picked = [info.path for s in selectors for info in select_runs(runs, s)]
+    return list(dict.fromkeys(picked))
+
+
+def _load(paths: Sequence[str | os.PathLike],
+          selectors: Sequence[str] | None = None) -> list[RunData]:
+    """The runs at ``paths``, with a note for empty and half-written stores added to (never
+    put in place of) the error."""
     try:
-        run = load_run(path)
+        roots = _find(paths, selectors)
     except StoreError as error:
-        message = _diagnose(Path(path))
-        if message:
-            raise StoreError(message) from error
+        notes = [m for path in paths if (m := _diagnose(Path(path)))]
+        if notes and "not a normx run directory" in str(error):
+            raise StoreError(f"{error}; note: {notes[0]}") from error
         raise
-    if not run.steps:
-        raise StoreError(_diagnose(run.path.parent) or
-                         f"{run.path} holds no committed snapshot yet: nothing to show")
-    return run
+    runs = []
+    for root in roots:
+        run = load_store(root)
+        if not run.steps:
+            raise StoreError(_diagnose_store(root) or
+                             f"{run.path} holds no committed snapshot yet: nothing to show")
+        runs.append(run)
+    return runs
+
+
+def _load_one(path: str | os.PathLike, selector: str | None) -> RunData:
+    runs = _load([path], [selector] if selector else None)
+    if len(runs) != 1:
+        raise StoreError(f"--run {selector} selects {len(runs)} runs; this command shows one")
+    return runs[0]
 
 
 # ------------------------------------------------------------------------------ report
@@ -113,7 +155,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.max_probes < 0:
         raise ValueError(f"--max-probes {args.max_probes} must be >= 0")
     start = time.monotonic()
-    runs = [_load(p) for p in args.run_dirs]
+    runs = _load(args.run_dirs, args.run)
     out = write_report(runs, args.output, step=args.step, max_probes=args.max_probes,
                        probes=args.probe, progress=None if args.quiet else _progress_printer())
     size = out.stat().st_size / 1e6
@@ -128,10 +170,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .report import headline_table
     from .summary import summary_paragraph
 
-    run = _load(args.run_dir)
+    run = _load_one(args.run_dir, args.run)
     meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
     probes = run["probes"]["probe_id"].nunique() if "probes" in run else "?"
     print(f"store:     {run.path}")
+    if run.run_record:
+        continues = run.run_record.get("continues")
+        print(f"run:       {run.run_record['run_id']}"
+              + (f" (continues run {continues})" if continues else ""))
     print(f"model:     {meta.get('model', '?')} ({meta.get('objective', '?')}, "
           f"{meta.get('num_layers', '?')} layers, vocabulary {meta.get('vocab_size', '?')})")
     print(f"snapshots: {len(run.steps)} (steps {run.steps[0]}..{run.steps[-1]}), "
@@ -159,7 +205,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    run = _load(args.run_dir)
+    run = _load_one(args.run_dir, args.run)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out} exists and is not a directory")
@@ -478,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="a snapshot store, or a log directory with a normx/ store below")
     p.add_argument("-o", "--output", default="report.html", help="HTML file (default: %(default)s)")
+    p.add_argument("--run", action="append", metavar="RUN",
+                   help="run(s) to show, among all runs at the RUN_DIRs: a run id, a unique "
+                   "prefix, 'latest' (written last) or 'all'; repeat to compare runs")
     p.add_argument("--step", type=int, default=None,
                    help="snapshot for the layer x token views (default: the last)")
     p.add_argument("--max-probes", type=int, default=12,
@@ -490,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", parents=[common], help="snapshots and headline metrics",
                        description="Print the snapshots of a run and their headline metrics.")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
+                   "id, a unique prefix of one, or 'latest' (the run written last)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("attribute", parents=[common], help="attribute one text with a checkpoint",
@@ -571,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
                        description="Write each table of a run (all steps) to one file.")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
+                   "id, a unique prefix of one, or 'latest' (the run written last)")
     p.add_argument("--format", choices=_FORMATS, default="csv",
                    help="file format (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")

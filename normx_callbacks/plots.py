@@ -7,6 +7,7 @@ colour bar. Functions return matplotlib figures; callers close them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import matplotlib
@@ -178,7 +179,10 @@ def run_labels(runs) -> list[str]:
     runs = _as_runs(runs)
     if len(runs) == 1:
         return [""]
-    parts = [run.path.resolve().parent.parts for run in runs]
+    # A run written beside another run's store (`normx-<8 hex>`) is named by its store too.
+    parts = [run.path.resolve().parent.parts
+             + ((run.path.name,) if re.search(r"-[0-9a-f]{8}$", run.path.name) else ())
+             for run in runs]
     for k in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-k:]) for p in parts]
         if len(set(labels)) == len(labels):

@@ -32,7 +32,7 @@ from .checkpoints import (
     _load_tokenizer,
 )
 from .probes import ProbeSet
-from .store import SnapshotStore, _read_meta
+from .store import SnapshotStore, _read_meta, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +382,10 @@ def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Check
         except (RuntimeError, ValueError) as error:
             errors.append(f"{checkpoint.path}: {_one_line(error)}")
             continue
+        if callback.store is None:  # a replay appends to its store: the run there goes on
+            root = Path(callback.store_dir)
+            callback._use_store(root, read_run_record(root) or callback._new_run(
+                trainer, continues=None))
         shape = _shape(callback)
         if first is None:
             first = (checkpoint.path, shape)

@@ -4,6 +4,9 @@ Schema (version 1)::
 
     <root>/                               default root: <log_dir>/normx
         meta.json                         {"schema_version", "created", "updated", "run_meta"}
+        run.json                          the run the store belongs to (written by the callback):
+                                          {"run_id", "created", "loggers", "wandb_run_id",
+                                          "continues"}
         <table>/step=000000100.parquet    one file per table per snapshot
         _commits/step=000000100.json      commit marker: {"schema_version", "step", "written",
                                           "tables": {<table>: {"file", "rows"}}}
@@ -56,14 +59,18 @@ STORE_DIRNAME = "normx"
 SCHEMA_VERSION = 1
 
 _META = "meta.json"
+RUN_FILE = "run.json"
 _COMMITS = "_commits"
 _MISSING = "_missing"
 _STEP_FILE = re.compile(r"^step=(\d+)\.(json|parquet)$")
 # Table names become directory names; "_" and "." prefixes are reserved for the store itself.
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 # These are RunData attributes; a table of the same name would be shadowed by them.
-_RESERVED_NAMES = frozenset({"path", "meta", "steps", "tables", "missing"})
+_RESERVED_NAMES = frozenset({"path", "meta", "steps", "tables", "missing", "run_record"})
 _SEARCH_DEPTH = 3
+# A fresh run that finds another run's store at its path writes beside it, into
+# `<name>-<first 8 hex digits of its run id>` (see `sibling_root`).
+_SIBLING = re.compile(r"^.+-[0-9a-f]{8}$")
 
 
 class StoreError(RuntimeError):
@@ -291,13 +298,15 @@ class SnapshotStore:
 @dataclass
 class RunData:
     """A loaded store. ``run["attributions"]`` or ``run.attributions`` gives one table
-    (all steps, ``step`` column first, sorted by step)."""
+    (all steps, ``step`` column first, sorted by step). ``run_record``: its ``run.json``
+    (run id, loggers, the run it continues), ``{}`` if it has none."""
 
     path: Path
     meta: dict
     steps: list[int]
     tables: dict[str, pd.DataFrame] = field(repr=False)
     missing: pd.DataFrame = field(repr=False)
+    run_record: dict = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         try:
@@ -361,7 +370,7 @@ def _read_meta(root: Path) -> dict:
 
 
 def _is_store(path: Path) -> bool:
-    return (path / _META).is_file() or (path / _COMMITS).is_dir()
+    return (path / _META).is_file() or (path / _COMMITS).is_dir() or (path / RUN_FILE).is_file()
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -371,20 +380,102 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def find_store(path: str | os.PathLike) -> Path:
-    """The store directory at ``path`` or in a ``normx/`` directory up to 3 levels below."""
+@dataclass(frozen=True)
+class RunInfo:
+    """One store found on disk and the run it belongs to (``run_id`` None: written before
+    stores recorded their run)."""
+
+    path: Path
+    run_id: str | None
+    created: str | None
+    loggers: str
+    continues: str | None
+    steps: int
+    last_write: float  # POSIX time of the last commit or missing record (0.0: none)
+
+    def describe(self) -> str:
+        when = (datetime.fromtimestamp(self.last_write, timezone.utc).isoformat(timespec="seconds")
+                if self.last_write else "never")
+        parts = [f"run {self.run_id or '(no run id)'}", self.loggers or "no logger",
+                 f"{self.steps} step(s)", f"last write {when}"]
+        if self.continues:
+            parts.append(f"continues run {self.continues}")
+        return f"{', '.join(parts)}: {self.path}"
+
+
+def read_run_record(root: str | os.PathLike) -> dict | None:
+    """The ``run.json`` of the store at ``root``; None if it has none (or it is unreadable)."""
+    try:
+        record = _read_json(Path(root) / RUN_FILE)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record.get("run_id"), str) else None
+
+
+def write_run_record(root: str | os.PathLike, record: Mapping) -> None:
+    """Write (atomically) ``run.json`` into the store at ``root``, creating the directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(root / RUN_FILE, dict(record))
+
+
+def holds_snapshots(root: str | os.PathLike) -> bool:
+    """Whether the store at ``root`` holds any committed snapshot or missing record."""
+    root = Path(root)
+    return bool(_list_steps(root / _COMMITS) or _list_steps(root / _MISSING))
+
+
+def sibling_root(root: str | os.PathLike, run_id: str) -> Path:
+    """Where a fresh run writes when ``root`` holds another run: ``<root>-<run_id[:8]>``."""
+    root = Path(root)
+    return root.with_name(f"{root.name}-{run_id[:8]}")
+
+
+def _last_write(root: Path) -> float:
+    times = []
+    for sub in (_COMMITS, _MISSING):
+        try:
+            times.append((root / sub).stat().st_mtime)  # a directory's mtime: its last add/remove
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def run_info(root: str | os.PathLike) -> RunInfo:
+    """What ``root`` (a store directory) holds: its run record, step count, last write."""
+    root = Path(root)
+    record = read_run_record(root) or {}
+    loggers = "; ".join(
+        " ".join(str(x) for x in (entry.get("type"), entry.get("version")) if x is not None)
+        for entry in record.get("loggers", []) if isinstance(entry, dict))
+    return RunInfo(root, record.get("run_id"), record.get("created"), loggers,
+                   record.get("continues"), len(_list_steps(root / _COMMITS)), _last_write(root))
+
+
+def _is_run_store(path: Path) -> bool:
+    # A store under another name (a `store_dir`) is known by the run record the callback wrote.
+    return (path.name == STORE_DIRNAME or (path / RUN_FILE).is_file()) and _is_store(path)
+
+
+def find_runs(path: str | os.PathLike) -> list[RunInfo]:
+    """Every store at ``path``: ``path`` itself with the stores written beside it by later
+    fresh runs (``<name>-<8 hex>``), or the stores up to 3 levels below ``path`` (named
+    ``normx`` or holding a run record). Sorted by path."""
     path = Path(path)
     if not path.is_dir():
         raise StoreError(
             f"{path} is not a normx run directory: it does not exist or is not a directory"
         )
     if _is_store(path):
-        return path
+        beside = [p for p in _subdirs(path.parent)
+                  if p.name.startswith(f"{path.name}-") and _SIBLING.match(p.name)
+                  and _is_store(p)]
+        return [run_info(p) for p in [path, *sorted(beside)]]
     found: list[Path] = []
     level = [path]
     for _ in range(_SEARCH_DEPTH):
         level = sorted(p for d in level for p in _subdirs(d))
-        found += [p for p in level if p.name == STORE_DIRNAME and _is_store(p)]
+        found += [p for p in level if _is_run_store(p)]
         # A store's table directories hold thousands of files: do not descend into them.
         level = [p for p in level if p not in found]
     if not found:
@@ -393,11 +484,50 @@ def find_store(path: str | os.PathLike) -> Path:
             f"to {_SEARCH_DEPTH} levels below; pass the directory the callback wrote "
             f"(its `store_dir`)"
         )
-    if len(found) > 1:
+    return [run_info(p) for p in sorted(found)]
+
+
+def select_runs(runs: list[RunInfo], run: str) -> list[RunInfo]:
+    """The runs a selector picks: ``all``, ``latest`` (the run written last), a full run id
+    or a unique prefix of one. Raises ``StoreError`` listing the runs if it picks none or
+    (a prefix) several."""
+    if not isinstance(run, str) or not run:
+        raise ValueError(f"run={run!r} must be a run id, a unique prefix of one, 'latest' or "
+                         "'all'")
+    if run == "all":
+        return list(runs)
+    if run == "latest":
+        return [max(runs, key=lambda r: (r.last_write, str(r.path)))]
+    exact = [r for r in runs if r.run_id == run]
+    picked = exact or [r for r in runs if r.run_id and r.run_id.startswith(run.lower())]
+    if len(picked) != 1:
+        how = "matches no run" if not picked else f"matches {len(picked)} runs"
+        raise StoreError(f"run {run!r} {how}; the runs are: " + _listing(runs)
+                         + "; pass a full run id, a unique prefix, 'latest' or 'all'")
+    return picked
+
+
+def _listing(runs: list[RunInfo]) -> str:
+    return "; ".join(f"({i}) {r.describe()}" for i, r in enumerate(runs, 1))
+
+
+def find_store(path: str | os.PathLike, run: str | None = None) -> Path:
+    """The one store at ``path`` (see ``find_runs``), or the one ``run`` selects (a run id,
+    a unique prefix of one, or ``latest``). Several stores and no ``run``: ``StoreError``
+    listing them."""
+    runs = find_runs(path)
+    if run is not None:
+        picked = select_runs(runs, run)
+        if len(picked) != 1:
+            raise StoreError(f"run {run!r} selects {len(picked)} runs where one is needed")
+        return picked[0].path
+    if len(runs) > 1:
         raise StoreError(
-            f"{path} holds {len(found)} normx stores: {[str(p) for p in found]}; pass one of them"
+            f"{path} holds {len(runs)} normx stores, one run each: " + _listing(runs)
+            + "; choose one: load_run(path, run=ID) or `normx ... --run ID` (a run id, a unique"
+            " prefix of one, or 'latest'), or pass a store directory"
         )
-    return found[0]
+    return runs[0].path
 
 
 def _corrupt(msg: str, step: int, root: Path, skip: bool, cause: BaseException) -> None:
@@ -529,12 +659,15 @@ def _load_missing(root: Path) -> pd.DataFrame:
     return df.astype({"step": "int64"})
 
 
-def load_run(path: str | os.PathLike, *, skip_corrupt: bool = False) -> RunData:
+def load_run(path: str | os.PathLike, *, run: str | None = None,
+             skip_corrupt: bool = False) -> RunData:
     """Load every committed snapshot of a run.
 
     Args:
         path: the store directory, or a run/log directory with a ``normx/`` store up to
             3 levels below (e.g. ``lightning_logs/version_0/normx``).
+        run: which run, when ``path`` holds several (``StoreError`` lists them otherwise):
+            a run id, a unique prefix of one, or ``latest`` (the run written last).
         skip_corrupt: log a warning and skip steps whose files are missing or unreadable,
             instead of raising ``StoreError``.
 
@@ -543,12 +676,20 @@ def load_run(path: str | os.PathLike, *, skip_corrupt: bool = False) -> RunData:
         steps, ``meta.json`` and the ``missing`` table (step, reason, time). A callback's ``metrics``
         table always has ``low`` and ``high`` (95% interval; NaN where none was stored).
     """
-    root = find_store(path)
+    return load_store(find_store(path, run), skip_corrupt=skip_corrupt)
+
+
+def load_store(root: str | os.PathLike, *, skip_corrupt: bool = False) -> RunData:
+    """``load_run`` of exactly the store directory ``root``, without discovery."""
+    root = Path(root)
+    if not _is_store(root):
+        raise StoreError(f"{root} is not a normx store: it holds no {_META}, {RUN_FILE} or "
+                         f"{_COMMITS}/")
     meta = _read_meta(root) if (root / _META).exists() else {}
     steps, tables = _load_tables(root, skip_corrupt)
     if "metrics" in tables and {"key", "value"} <= set(tables["metrics"].columns):
         tables["metrics"] = _current_metrics(tables["metrics"])
-    return RunData(root, meta, steps, tables, _load_missing(root))
+    return RunData(root, meta, steps, tables, _load_missing(root), read_run_record(root) or {})
 
 
 # Keys renamed since older stores were written: old name -> current name.

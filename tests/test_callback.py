@@ -668,17 +668,6 @@ def test_a_figure_that_cannot_be_drawn_does_not_stop_training(dm, tmp_path, capl
     assert len(failed) == 3 and "ValueError: cannot draw" in failed[0]
 
 
-def test_a_rerun_into_the_same_store_replaces_snapshots(dm, tmp_path):
-    # Sanity check on the store contract the resume test relies on.
-    for _ in range(2):
-        callback = NormXLogitCallback(dm.probes, every_n_steps=100, media_probes=0,
-                                      store_dir=tmp_path / "store")
-        fit(make_model(dm), dm, tmp_path, [callback], max_steps=2)
-    run = load_run(tmp_path / "store")
-    assert run.steps == [0, 1, 2]
-    assert not run["probes"].duplicated(["step", "probe_id"]).any()
-
-
 def test_a_reused_callback_watches_the_model_it_is_given(dm, tmp_path):
     callback = NormXLogitCallback(dm.probes, every_n_steps=100, media_probes=0,
                                   store_dir=tmp_path / "store")
