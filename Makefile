@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean browser summary report dashboard timings
+.PHONY: setup test lint demo tables clean browser summary report dashboard timings
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: lint browser
 demo: $(STAMP)
 	$(BIN)/python train.py fit --config configs/tiny.yaml
 
+# README's emergence and faithfulness tables, rewritten from fresh tiny.yaml and docs.yaml runs.
+tables: $(STAMP)
+	$(BIN)/python docs/make_tables.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 
@@ -48,3 +52,7 @@ report: $(STAMP)
 dashboard: $(STAMP)
 	@test -n "$(RUN)" || (echo "make dashboard: set RUN=<TensorBoard log dir>" >&2; exit 2)
 	$(BIN)/tensorboard --logdir "$(RUN)" --samples_per_plugin images=200,text=200
+
+# Measure `make demo` and the tests; writes the times into README.md with the date.
+timings: $(STAMP)
+	$(BIN)/python docs/measure_timings.py

@@ -3,6 +3,7 @@
     python train.py fit --config configs/tiny.yaml
     python train.py fit --config configs/tiny.yaml --trainer.max_steps 50
     python train.py fit --help
+    python train.py fit --config my.yaml --debug   # full parser output / tracebacks on errors
 
 The LightningModule (`LanguageModel`) and DataModule (`TextDataModule`) live in
 `normx_callbacks.demo`; the callback comes from the config's `trainer.callbacks`.
@@ -74,7 +75,7 @@ class NormXCLI(LightningCLI):
         print(end_of_run_message(trainer, log_dir, stores), file=sys.stderr)
 
 
-def _dashboard(trainer, log_dir: str) -> dict:
+def _dashboard(trainer) -> dict:
     """Where the run's dashboard is, as `summary.next_commands` keyword arguments."""
     where: dict = {}
     for logger in trainer.loggers:
@@ -92,7 +93,7 @@ def _dashboard(trainer, log_dir: str) -> dict:
 def end_of_run_message(trainer, log_dir: str, stores: list[Path]) -> str:
     """Headline numbers of each snapshot store and the next commands, as printed."""
     lines = ["", f"Run finished: {log_dir}"]
-    where = _dashboard(trainer, log_dir)
+    where = _dashboard(trainer)
     for root in stores:
         lines.append(f"  snapshots:      {root}")
         try:

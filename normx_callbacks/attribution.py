@@ -50,7 +50,10 @@ class Attribution:
     layers: tuple[int, ...] | None = None  # requested layer indices, 0..L
     layer_logat: Tensor | None = None  # (B, K, T)
     layer_scores: Tensor | None = None  # (B, K, T) ||x^0|| * LogAt_l
-    layer_each: Tensor | None = None  # (B, K, T) ||x^l|| * LogAt_l ("EachLayer")
+    # (B, K, T) ||h_l|| * LogAt_l ("EachLayer"), h_l the hidden state as the model returns
+    # it: the raw residual stream for l < L, the final-normed output at l = L (so the norm's
+    # kind changes at the last layer).
+    layer_each: Tensor | None = None
     layer_contrast: Tensor | None = None  # (B, K, T) LogAt_l(target) - LogAt_l(foil)
 
     def cpu(self) -> Attribution:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -60,7 +62,7 @@ PREFIX = "normx"
 # Forward-only methods are cheap enough to evaluate during training by default; gradient
 # methods (a backward pass per probe, x n_steps for IG) are opt-in.
 FORWARD_METHODS = ("normxlogit", "logat", "norm", "random")
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "XLA")
 # Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
 # before the next one; a few at most, so a disk that stays full cannot grow memory.
 MAX_UNWRITTEN = 3
@@ -279,6 +281,8 @@ class NormXLogitCallback(Callback):
     # ------------------------------------------------------------------ setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Checks the strategy, tokenizer and probes; the model is read at fit start, after
+        Lightning's `configure_model` has built it."""
         if stage != "fit":
             return
         self._restored = None  # load_state_dict runs after setup when a checkpoint is given
@@ -286,9 +290,45 @@ class NormXLogitCallback(Callback):
         if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
             raise RuntimeError(
                 f"NormXLogitCallback does not support {strategy}: sharded parameters would "
-                "need gathering for every probe. Use strategy='ddp' (or single device), or "
-                "remove the callback"
+                "need gathering for every probe. For sharded training use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+                "fully_shard in LightningModule.configure_model (FSDP2); else strategy='ddp' "
+                "(or single device), or remove the callback"
             )
+        if _sharded(trainer):
+            self._check_sharding(trainer, pl_module)
+        self._encoded = None  # no snapshot before `on_fit_start` has read the model
+        self._find_tokenizer(trainer, pl_module)
+        self._find_probes(trainer)
+
+    def _check_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ModelParallelStrategy: FSDP2 data parallelism only, forward-only methods."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if not is_overridden("configure_model", pl_module):
+            raise RuntimeError(
+                "NormXLogitCallback does not support ModelParallelStrategy: sharded parameters "
+                "must come from fully_shard in LightningModule.configure_model, which "
+                f"{type(pl_module).__name__} does not override; use strategy='ddp' otherwise")
+        tensor_parallel = trainer.strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise RuntimeError(
+                f"NormXLogitCallback does not support tensor parallelism (tensor_parallel_size="
+                f"{tensor_parallel}): each layer's vectors are split across ranks. Use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2 "
+                "data parallel)")
+        gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
+        if self.faithfulness_every and gradient:
+            raise RuntimeError(
+                f"NormXLogitCallback: faithfulness_methods {gradient} need a backward pass, "
+                "which under ModelParallelStrategy would reduce gradients into the sharded "
+                "parameters; use the forward-only methods there")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reads the model (built by now) and encodes the probes for it."""
         self.adapter = self._user_adapter or self._find_adapter(pl_module)
         if self._user_adapter is not None:
             try:  # the weights may have changed since the last fit: checked at every setup
@@ -305,14 +345,6 @@ class NormXLogitCallback(Callback):
             # Caught here, not at the first snapshot (which would record every one as missing).
             raise ValueError(f"NormXLogitCallback: {error}") from None
         tokenizer = self._find_tokenizer(trainer, pl_module)
-        if self.probes is None:
-            probes = getattr(trainer.datamodule, "probes", None)
-            if probes is None:
-                raise RuntimeError(
-                    "NormXLogitCallback has no probes: pass probes=[...] (texts, dicts, a "
-                    "ProbeSet or a YAML/JSONL path), or give the DataModule a `probes` attribute"
-                )
-            self.probes = ProbeSet.coerce(probes)
         objective = self.objective
         if objective == "auto":
             if self.adapter.kind not in ("causal", "masked"):
@@ -387,6 +419,9 @@ class NormXLogitCallback(Callback):
             # Outermost models only: a CausalLM contains its base model.
             outer = [(n, m) for n, m in found
                      if not any(n != o and n.startswith(o + ".") for o, _ in found if o)]
+            if not outer:
+                model = _plain_model(pl_module)
+                return self._resolve(model)
             # A frozen model (a teacher, a reference) is not the one being trained.
             trainable = [(n, m) for n, m in outer if _trainable(m)]
             if len(outer) > 1 and len(trainable) == 1:
@@ -402,10 +437,24 @@ class NormXLogitCallback(Callback):
                     "adapter=ModelAdapter(...)"
                 )
             model = _choose_model(pl_module, outer)
+        return self._resolve(model)
+
+    @staticmethod
+    def _resolve(model) -> ModelAdapter:
         try:
             return resolve_adapter(model)
         except UnsupportedModelError as error:
             raise RuntimeError(f"NormXLogitCallback cannot read the model: {error}") from error
+
+    def _find_probes(self, trainer: pl.Trainer) -> None:
+        if self.probes is None:
+            probes = getattr(trainer.datamodule, "probes", None)
+            if probes is None:
+                raise RuntimeError(
+                    "NormXLogitCallback has no probes: pass probes=[...] (texts, dicts, a "
+                    "ProbeSet or a YAML/JSONL path), or give the DataModule a `probes` attribute"
+                )
+            self.probes = ProbeSet.coerce(probes)
 
     def _find_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         tokenizer = self.tokenizer
@@ -540,7 +589,11 @@ class NormXLogitCallback(Callback):
         counts = self._reduce_counts(trainer)
         # The last step is final whether on_train_end or the schedule reaches it first.
         final = force or (trainer.max_steps is not None and 0 < trainer.max_steps <= step)
-        if trainer.is_global_zero:
+        if _sharded(trainer):
+            self._collective_snapshot(trainer, step, counts, final)
+        elif _distributed(trainer):
+            self._shared_snapshot(trainer, step, counts, final)
+        elif trainer.is_global_zero:
             self._snapshot(trainer, step, counts, final=final)
 
     def _reduce_counts(self, trainer: pl.Trainer) -> Tensor:
@@ -556,18 +609,72 @@ class NormXLogitCallback(Callback):
 
     # ------------------------------------------------------------------ snapshot
 
-    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor, final: bool = False) -> None:
-        import time
-
+    def _shared_snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor,
+                         final: bool) -> None:
+        """Every rank measures its share of the probes (and of the faithfulness probes); rank
+        0 gathers the shares, in probe order, and writes. A rank whose share fails sends the
+        error instead, so every rank reaches the gather and training goes on."""
         start = time.perf_counter()
+        rank, world = trainer.global_rank, trainer.world_size
+        due = trainer.strategy.broadcast(self._faithfulness_due(final), src=0)
         with _preserved_rng():
             try:
+                rows = _share(len(self._encoded), rank, world)
                 with trainer.precision_plugin.forward_context():
-                    attribution, embed = self._measure(counts)
+                    part = self._attribute(rows) if rows else None
+                faith_rows = _share(min(self.faithfulness_probes, len(self._encoded)), rank,
+                                    world)
+                faith = self._faithfulness_parts(trainer, faith_rows) if due else None
+                mine: object = (rows, part, faith)
+            except Exception as error:  # noqa: BLE001 - sent to rank 0, recorded as missing
+                mine = RuntimeError(f"rank {rank}: {type(error).__name__}: {error}")
+        gathered = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if rank == 0:
+            self._snapshot(trainer, step, counts, final=final, shares=(start, gathered, due))
+
+    def _collective_snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor,
+                             final: bool) -> None:
+        """FSDP2: every rank runs every probe forward, in the same order, so the all-gathers
+        of the sharded blocks match; a sharded embedding is gathered on every rank; rank 0
+        writes."""
+        start = time.perf_counter()
+        due = trainer.strategy.broadcast(self._faithfulness_due(final), src=0)
+        weight = None
+        with _preserved_rng():
+            try:
+                rows = list(range(len(self._encoded)))
+                with trainer.precision_plugin.forward_context():
+                    part = self._attribute(rows)
+                faith = (self._faithfulness_parts(
+                    trainer, range(min(self.faithfulness_probes, len(self._encoded))))
+                    if due else None)
+                weight = _full_tensor(self.adapter.embedding.weight.detach())
+                mine: object = (rows, part, faith)
+            except Exception as error:  # noqa: BLE001 - recorded as missing by rank 0
+                mine = error
+        if trainer.is_global_zero:
+            self._snapshot(trainer, step, counts, final=final, shares=(start, [mine], due),
+                           weight=weight)
+
+    def _snapshot(self, trainer: pl.Trainer, step: int, counts: Tensor, final: bool = False,
+                  shares: tuple | None = None, weight: Tensor | None = None) -> None:
+        start = time.perf_counter() if shares is None else shares[0]
+        with _preserved_rng():
+            try:
+                if shares is None:
+                    with trainer.precision_plugin.forward_context():
+                        attribution = self._attribute(range(len(self._encoded)))
+                    faith = (self._faithfulness_parts(
+                        trainer, range(min(self.faithfulness_probes, len(self._encoded))))
+                        if self._faithfulness_due(final) else None)
+                else:
+                    attribution, faith = _merge_shares(shares[1], shares[2])
+                embed = self._embeddings(counts, weight)
                 metrics = self._metrics(attribution, embed)
                 faithfulness = None
-                if self._faithfulness_due(final):
-                    found, faithfulness = self._faithfulness(trainer)
+                if faith is not None:
+                    found, faithfulness = self._faithfulness_summary(faith)
                     metrics.update(found)
                 metrics["snapshot/seconds"] = time.perf_counter() - start
                 tables = self._tables(step, attribution, embed, counts)
@@ -597,27 +704,40 @@ class NormXLogitCallback(Callback):
         every = self.faithfulness_every
         return bool(every) and (final or len(self.snapshot_steps) % every == 0)
 
-    def _faithfulness(self, trainer: pl.Trainer) -> tuple[dict[str, float], pd.DataFrame]:
-        """AOPC of each configured method on the first `faithfulness_probes` probes: the
-        scalars (intervals in `_intervals`) and the per-probe `faithfulness` table."""
-        n = self.faithfulness_probes
-        subset = self._encoded.select(range(min(n, len(self._encoded))))
-        protect = self._protect[:n].to(self.adapter.embedding.weight.device)
-        # A model that takes no attention mask sees padding as text: probes of each length
-        # are evaluated apart, and their per-probe rows summarised together.
+    def _faithfulness_parts(self, trainer: pl.Trainer, rows: Sequence[int]) -> list[pd.DataFrame]:
+        """Per-probe AOPC rows of the configured methods on the faithfulness probes at `rows`
+        (a subset of the first `faithfulness_probes`). A model that takes no attention mask
+        sees padding as text: probes of each length are evaluated apart."""
+        rows = list(rows)
+        if not rows:
+            return []
+        subset = self._encoded.select(rows)
+        protect = self._protect[rows].to(self.adapter.embedding.weight.device)
         groups = ([(list(range(len(subset))), subset)] if self.adapter.accepts_mask
                   else subset.equal_length_groups())
         parts = []
-        for rows, group in groups:
+        for group_rows, group in groups:
             with trainer.precision_plugin.forward_context():
                 parts.append(faithfulness_rows(
                     self.adapter, group, self.faithfulness_methods,
                     replacement=self._replacement,
-                    protect=protect[rows][:, : group.input_ids.shape[1]],
+                    protect=protect[group_rows][:, : group.input_ids.shape[1]],
                     batch_size=self.probe_batch_size))
+        return parts
+
+    def _faithfulness_summary(self, parts: list[pd.DataFrame]) -> tuple[dict[str, float],
+                                                                          pd.DataFrame]:
+        """The scalars (intervals in `_intervals`) and the per-probe `faithfulness` table from
+        the rows of every group and rank, put in method and probe order first: the seeded
+        bootstrap intervals depend on the order, which must not depend on the sharing."""
+        methods = {m: i for i, m in enumerate(self.faithfulness_methods)}
+        probes = {p: i for i, p in enumerate(self._encoded.ids)}
         rows = pd.concat(parts, ignore_index=True)
+        rows = rows.sort_values(["method", "probe_id"], kind="stable", key=lambda c: c.map(
+            methods if c.name == "method" else probes)).reset_index(drop=True)
         table = summarise_faithfulness(rows)
-        out = {"faithfulness/probes": float(len(subset))}
+        first = rows[rows["method"] == rows["method"].iloc[0]]
+        out = {"faithfulness/probes": float(len(first))}
         for row in table.itertuples(index=False):
             for name in ("comprehensiveness", "sufficiency"):
                 key = f"faithfulness/{row.method}/{name}"
@@ -626,22 +746,24 @@ class NormXLogitCallback(Callback):
                                         float(getattr(row, f"{name}_high")))
             out[f"faithfulness/{row.method}/seconds_per_instance"] = float(
                 row.seconds_per_instance)
-        first = rows[rows["method"] == rows["method"].iloc[0]]
         out["faithfulness/degenerate_cells"] = float(first["degenerate_cells"].sum())
         return out, rows
 
-    def _measure(self, counts: Tensor):
-        adapter, enc = self.adapter, self._encoded
-        enc = enc.to(adapter.embedding.weight.device)
-        attribution = normxlogit(
+    def _attribute(self, rows: Sequence[int]) -> Attribution:
+        """NormXLogit of the probes at `rows`, on the CPU."""
+        adapter = self.adapter
+        enc = self._encoded.select(list(rows)).to(adapter.embedding.weight.device)
+        return normxlogit(
             adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
-            targets=enc.targets, foils=enc.foils if bool((enc.foils >= 0).any()) else None,
-            layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
+            targets=enc.targets, foils=enc.foils if bool((self._encoded.foils >= 0).any())
+            else None, layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
         ).cpu()
-        weight = adapter.embedding.weight.detach()
-        embed = snapshot_embeddings(weight, counts=counts, previous=self._prev_norms,
-                                    top_k=self.top_k, tied=adapter.tied)
-        return attribution, embed
+
+    def _embeddings(self, counts: Tensor, weight: Tensor | None = None):
+        if weight is None:
+            weight = self.adapter.embedding.weight.detach()
+        return snapshot_embeddings(weight, counts=counts, previous=self._prev_norms,
+                                   top_k=self.top_k, tied=self.adapter.tied)
 
     def _metrics(self, attr: Attribution, embed) -> dict[str, float]:
         """The snapshot's scalars; probe-averaged ones also get an interval in `_intervals`."""
@@ -961,3 +1083,81 @@ def _choose_model(pl_module: pl.LightningModule, outer: list) -> Any:
             f"model_attr={name!r} to watch the frozen model on purpose"
         )
     return model
+
+
+def _sharded(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def _full_tensor(tensor: Tensor) -> Tensor:
+    """A DTensor gathered on every rank (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _distributed(trainer: pl.Trainer) -> bool:
+    return (trainer.world_size > 1 and torch.distributed.is_available()
+            and torch.distributed.is_initialized())
+
+
+def _share(n: int, rank: int, world: int) -> list[int]:
+    """Rank `rank`'s contiguous share of n items (sizes differ by at most one)."""
+    size, extra = divmod(n, world)
+    begin = rank * size + min(rank, extra)
+    return list(range(begin, begin + size + (rank < extra)))
+
+
+def _merge_shares(gathered: list, due: bool) -> tuple[Attribution, list[pd.DataFrame] | None]:
+    """One Attribution over all probes (in probe order) and the faithfulness tables of every
+    rank, from what each rank sent; a rank's error is raised here, on rank 0."""
+    for item in gathered:
+        if isinstance(item, Exception):
+            raise item
+    parts = [(rows, part) for rows, part, _ in gathered if part is not None]
+    order = torch.argsort(torch.tensor([r for rows, _ in parts for r in rows]))
+    first = parts[0][1]
+    merged = {}
+    for f in dataclasses.fields(first):
+        value = getattr(first, f.name)
+        if isinstance(value, Tensor):
+            value = torch.cat([getattr(p, f.name) for _, p in parts])[order]
+        merged[f.name] = value
+    tables = [t for _, _, faith in gathered for t in faith or []] if due else None
+    return Attribution(**merged), tables
+
+
+def _plain_model(pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The one plain PyTorch language model in `pl_module`: the outermost submodule holding
+    an `nn.Embedding` and an `nn.ModuleList` (the module itself when none does), preferring
+    the trainable one; discovered and verified by `resolve_adapter`."""
+
+    def is_lm(m: torch.nn.Module) -> bool:
+        kinds = {type(x) for x in m.modules()}
+        return any(issubclass(k, torch.nn.Embedding) for k in kinds) and any(
+            issubclass(k, torch.nn.ModuleList) for k in kinds)
+
+    found = [(n, m) for n, m in pl_module.named_modules() if n and is_lm(m)]
+    outer = [(n, m) for n, m in found
+             if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    if len(outer) > 1:
+        outer = [(n, m) for n, m in outer if _trainable(m)] or outer
+    if len(outer) > 1:
+        raise RuntimeError(
+            f"NormXLogitCallback found {len(outer)} language models in "
+            f"{type(pl_module).__name__} ({[n for n, _ in outer]}); pass model_attr='name' or "
+            "adapter=ModelAdapter(...)"
+        )
+    if outer:
+        return outer[0][1]
+    if is_lm(pl_module):
+        return pl_module
+    raise RuntimeError(
+        f"NormXLogitCallback found no language model in {type(pl_module).__name__}: no "
+        "Hugging Face model and no module holding an nn.Embedding and an nn.ModuleList of "
+        "blocks (if the model is built in configure_model, build it there, not in a hook "
+        "that runs later); pass model_attr='name' or adapter=ModelAdapter(...)"
+    )
+

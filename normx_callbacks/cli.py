@@ -418,7 +418,7 @@ def cmd_faithfulness(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, tokenizer=args.tokenizer)
     adapter = resolve_adapter(model)
     if args.probes:
-        probes = ProbeSet.from_file(args.probes) if Path(args.probes).suffix != ".txt" else \
+        probes = ProbeSet.coerce(args.probes) if Path(args.probes).suffix != ".txt" else \
             ProbeSet([line.strip() for line in Path(args.probes).read_text("utf-8").splitlines()
                       if line.strip()])
     else:
@@ -483,7 +483,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                          tokenizer=args.tokenizer, layers=None if layers == "last" else layers,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          model_class=args.model_class, steps=_parse_steps(args.steps),
-                         faithfulness=args.faithfulness, progress=not args.quiet)
+                         faithfulness=args.faithfulness, count_corpus=args.count_corpus,
+                         progress=not args.quiet)
     except ReplayError as error:
         if getattr(args, "debug", False):
             raise
@@ -568,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="Lightning .ckpt of normx_callbacks.demo.LanguageModel or an HF model dir")
     p.add_argument("--probes", metavar="FILE",
-                   help="probe file (.yaml/.jsonl/.json) or a .txt file with one text per line")
+                   help="probe file (.yaml/.jsonl/.json), blimp:PATH, or a .txt file with one "
+                   "text per line")
     p.add_argument("--suite", default="agreement",
                    help="built-in held-out probe suite when --probes is not given: agreement "
                    "or docs (default: %(default)s)")
@@ -612,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", help="comma-separated step of each checkpoint, in order")
     p.add_argument("--faithfulness", action="store_true",
                    help="also compute AOPC faithfulness at each step")
+    p.add_argument("--count-corpus", metavar="TEXT",
+                   help="text file whose token counts fill the count column (same at every step)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 

@@ -20,7 +20,8 @@ The only named special cases are logit post-processing that lives in a model's
 `forward` rather than in a module (`final_logit_softcapping`, `logit_scale`,
 `logits_scaling`) and the BERT-style pooler that a classifier applies first.
 
-Any other `nn.Module` works through a `ModelAdapter` the user builds.
+Any other language model (a nanoGPT- or litgpt-shaped `GPT`) is discovered by
+`adapters.discover_adapter`; anything else works through a `ModelAdapter` the user builds.
 """
 
 from __future__ import annotations
@@ -452,16 +453,28 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
-    """A verified `ModelAdapter` for a Hugging Face model (cached per model object)."""
+    """A verified `ModelAdapter` for a Hugging Face model, or for any other module whose
+    forward maps token ids to logits (`adapters.discover_adapter`); cached per model."""
     if isinstance(model, ModelAdapter):
         return model
     try:
         return _CACHE[model]
     except (KeyError, TypeError):
         pass
-    adapter = _resolve_hf(model)
+    if isinstance(model, nn.Module) and not _is_hf(model):
+        from .adapters import discover_adapter
+
+        adapter = discover_adapter(model)
+    else:
+        adapter = _resolve_hf(model)
     _CACHE[model] = adapter
     return adapter
+
+
+def _is_hf(model: nn.Module) -> bool:
+    """A Hugging Face model: it has `base_model` and `get_input_embeddings`."""
+    return getattr(model, "base_model", None) is not None and hasattr(
+        model, "get_input_embeddings")
 
 
 def _resolve_hf(model: nn.Module) -> ModelAdapter:
@@ -470,6 +483,12 @@ def _resolve_hf(model: nn.Module) -> ModelAdapter:
         "build a normx_callbacks.ModelAdapter(module=..., embedding=..., hidden_states=..., "
         "final_norm=..., head=...) and pass it instead of the model"
     )
+    if getattr(_text_config(model), "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder model: NormXLogit explains a decoder-only or "
+            f"encoder-only language model, whose every token has its own last-layer vector "
+            f"under the head; to explain one of its stacks, {how}"
+        )
     body = getattr(model, "base_model", None)
     get_in = getattr(model, "get_input_embeddings", None)
     if body is model and get_in is not None:

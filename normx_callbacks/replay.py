@@ -32,7 +32,7 @@ from .checkpoints import (
     _load_tokenizer,
 )
 from .probes import ProbeSet
-from .store import SnapshotStore, read_run_record
+from .store import SnapshotStore, _read_meta, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,23 @@ def _import_class(spec: str) -> type:
     return cls
 
 
+class _EncodedOnce(ProbeSet):
+    """A probe set encoded once per tokenizer, objective and length: every checkpoint of a
+    series shares them, so the work (and its warnings about skipped probes) happens once."""
+
+    def __init__(self, probes: ProbeSet) -> None:
+        self.__dict__.update(probes.__dict__)
+        self._cache: dict[tuple, Any] = {}
+
+    def encode(self, tokenizer: Any, *, objective: str = "causal",
+               max_length: int | None = None):
+        key = (id(tokenizer), objective, max_length)
+        if key not in self._cache:
+            self._cache = {key: super().encode(tokenizer, objective=objective,
+                                               max_length=max_length)}
+        return self._cache[key]
+
+
 class _Holder(nn.Module):
     """A bare module around a Hugging Face model, where the callback looks for it."""
 
@@ -215,6 +232,7 @@ def replay(
     steps: Sequence[int] | None = None,
     faithfulness: bool = False,
     norm: str = "layer0",
+    count_corpus: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> list[int]:
     """Measure every checkpoint of a series into a snapshot store, in step order.
@@ -223,7 +241,8 @@ def replay(
     unchanged); its numbers are the callback's at the same step. Differences, by nature of a
     replay: ``embedding/drift`` and ``stability/spearman`` compare with the previous replayed
     checkpoint; token counts are 0 (no training batches are seen), so
-    ``embedding/norm_logfreq_spearman`` is NaN; faithfulness, when asked, runs at every step.
+    ``embedding/norm_logfreq_spearman`` is NaN, unless ``count_corpus`` gives a text;
+    faithfulness, when asked, runs at every step.
     Steps already committed in the store are skipped (resume).
 
     Args:
@@ -241,6 +260,9 @@ def replay(
             ``LanguageModel``.
         steps: the step of each checkpoint (see `resolve_checkpoints`).
         faithfulness: also compute the AOPC faithfulness metrics at each step.
+        count_corpus: a UTF-8 text file whose token counts (each line tokenised without
+            special tokens) fill the ``count`` column and ``embedding/norm_logfreq_spearman``
+            at every step; the same counts at every step, not the batches seen up to it.
         progress: a progress bar with ETA on stderr.
 
     Returns:
@@ -265,8 +287,11 @@ def replay(
         raise ReplayError([f"--device {device!r} is not usable here ({error})"]) from None
     if isinstance(model_class, str):
         model_class = _import_class(model_class)
+    if count_corpus is not None and not Path(count_corpus).expanduser().is_file():
+        raise ReplayError([f"--count-corpus {str(count_corpus)!r}: no such file; give a UTF-8 "
+                           "text file (e.g. the training text)"])
     try:
-        probe_set = ProbeSet.coerce(probes)
+        probe_set = _EncodedOnce(ProbeSet.coerce(probes))
     except (ValueError, OSError) as error:
         raise ReplayError([f"--probes: {error}"]) from None
     series = resolve_checkpoints(checkpoints, steps)
@@ -289,7 +314,16 @@ def replay(
                              enable_checkpointing=False)
     with _no_hf_progress():  # one bar: ours, not one per checkpoint load
         return _replay_series(callback, trainer, series, todo, model_class, device, dtype,
-                              progress)
+                              progress, count_corpus, _stored_shape(store))
+
+
+def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
+    """The architecture a store already holds snapshots of, as `_shape` gives it; None if new."""
+    if not store.steps():
+        return None
+    meta = _read_meta(store.root).get("run_meta", {})
+    shape = (meta.get("model"), meta.get("num_layers"), meta.get("vocab_size"))
+    return (f"the store {store.root}", shape) if None not in shape else None
 
 
 @contextmanager
@@ -317,14 +351,15 @@ def _no_hf_progress():
 
 
 def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Checkpoint],
-                   model_class: type | None, device: str, dtype: str, progress: bool
-                   ) -> list[int]:
+                   model_class: type | None, device: str, dtype: str, progress: bool,
+                   count_corpus: str | os.PathLike | None = None,
+                   first: tuple[Any, tuple] | None = None) -> list[int]:
     """Load, check and measure each checkpoint of ``todo``; the steps written."""
     from tqdm.auto import tqdm
 
     errors: list[str] = []
     written: list[int] = []
-    first: tuple | None = None
+    counts: torch.Tensor | None = None
     bar = tqdm(todo, desc="replay", unit="ckpt", disable=not progress, file=sys.stderr)
     for checkpoint in bar:
         bar.set_postfix(step=checkpoint.step)
@@ -343,6 +378,7 @@ def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Check
             callback.tokenizer = _load_tokenizer(tokenizer_dir)
         try:
             callback.setup(trainer, module, "fit")
+            callback._prepare(trainer, module)  # reads the model, as at a fit's start
         except (RuntimeError, ValueError) as error:
             errors.append(f"{checkpoint.path}: {_one_line(error)}")
             continue
@@ -358,7 +394,9 @@ def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Check
                           f"layers, {shape[2]} embedding rows) than {first[0]} ({first[1][0]}, "
                           f"{first[1][1]} layers, {first[1][2]} embedding rows)")
             continue
-        counts = torch.zeros(shape[2], dtype=torch.long)  # no training batches in a replay
+        if counts is None:
+            counts = (_count(count_corpus, callback.tokenizer, shape[2]) if count_corpus
+                      else torch.zeros(shape[2], dtype=torch.long))  # no batches in a replay
         before = len(callback.snapshot_steps)
         callback._snapshot(trainer, checkpoint.step, counts,
                            final=checkpoint is series[-1])
@@ -373,6 +411,19 @@ def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Check
     if errors:
         raise ReplayError(errors)
     return written
+
+
+def _count(path: str | os.PathLike, tokenizer: Any, vocab: int) -> torch.Tensor:
+    """``(vocab,)`` token counts of a text file, each line tokenised without special tokens."""
+    try:
+        lines = Path(path).expanduser().read_text("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReplayError([f"--count-corpus {str(path)!r}: cannot read it ({error})"]) from None
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for ids in tokenizer([line for line in lines if line.strip()],
+                         add_special_tokens=False)["input_ids"]:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
+    return counts
 
 
 def _one_line(error: BaseException) -> str:

@@ -673,7 +673,7 @@ def load_run(path: str | os.PathLike, *, run: str | None = None,
 
     Returns:
         ``RunData`` with one DataFrame per table (all steps, sorted by step), the committed
-        steps, ``meta.json`` and the ``missing`` table (step, reason, time). The ``metrics``
+        steps, ``meta.json`` and the ``missing`` table (step, reason, time). A callback's ``metrics``
         table always has ``low`` and ``high`` (95% interval; NaN where none was stored).
     """
     return load_store(find_store(path, run), skip_corrupt=skip_corrupt)
@@ -687,7 +687,7 @@ def load_store(root: str | os.PathLike, *, skip_corrupt: bool = False) -> RunDat
                          f"{_COMMITS}/")
     meta = _read_meta(root) if (root / _META).exists() else {}
     steps, tables = _load_tables(root, skip_corrupt)
-    if "metrics" in tables:
+    if "metrics" in tables and {"key", "value"} <= set(tables["metrics"].columns):
         tables["metrics"] = _current_metrics(tables["metrics"])
     return RunData(root, meta, steps, tables, _load_missing(root), read_run_record(root) or {})
 
@@ -697,7 +697,10 @@ _RENAMED_METRICS = {"alignment/dp": "alignment/dp_raw"}
 
 
 def _current_metrics(frame: pd.DataFrame) -> pd.DataFrame:
-    """Older stores' metrics under today's names, with ``low``/``high`` columns (NaN there)."""
+    """A callback's metrics table from an older store under today's names, with ``low`` and
+    ``high`` columns (NaN there). Tables of another shape are left alone."""
+    if "key" not in frame:  # not the callback's metrics table: leave it as written
+        return frame
     frame = frame.copy()
     frame["key"] = frame["key"].replace(_RENAMED_METRICS)
     for column in ("low", "high"):

@@ -112,9 +112,12 @@ def norm_frequency(run: RunData) -> str | None:
         return (f"Embedding norms and log token frequency: Spearman {_fmt(last.value)} "
                 f"at step {last.step}.")
     verb = "tracked" if last.value >= 0.3 else "did not clearly track"
-    return (f"Embedding norms {verb} token frequency: Spearman(norm, log frequency) over "
-            f"tokens seen in training went from {_fmt(first.value)} at step {first.step} to "
-            f"{_fmt(last.value)} at step {last.step}.")
+    peak = max(points, key=lambda p: p.value)
+    extra = (f" (highest {_fmt(peak.value)} at step {peak.step})"
+             if peak.value - last.value > 0.1 else "")
+    return (f"Embedding norms {verb} token frequency at the last snapshot: Spearman(norm, log "
+            f"frequency) over tokens seen in training went from {_fmt(first.value)} at step "
+            f"{first.step} to {_fmt(last.value)} at step {last.step}{extra}.")
 
 
 def summary_paragraph(run: RunData) -> str:

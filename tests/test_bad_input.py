@@ -203,8 +203,9 @@ CASES = {
         r"pass the tokenizer the model was built for", "setup"),
     "unsupported strategy": Case(
         lambda c: train(c, strategy=ModelParallelStrategy()),
-        RuntimeError, r"NormXLogitCallback does not support ModelParallelStrategy",
-        r"Use strategy='ddp' \(or single device\), or remove the callback", "setup"),
+        RuntimeError, r"NormXLogitCallback does not support ModelParallelStrategy: sharded "
+                      r"parameters must come from fully_shard in LightningModule.configure_model",
+        r"which LanguageModel does not override; use strategy='ddp' otherwise", "setup"),
     "missing optional backend (Captum)": Case(
         without_captum,
         ImportError, r"method='integrated_gradients' needs Captum, which is not installed",

@@ -527,7 +527,8 @@ def _setup_error_cases(dm):
         "no probes": (lambda: make_model(dm), {"probes": None}, "dataloader",
                       RuntimeError, r"has no probes: pass probes=\[\.\.\.\]"),
         "no HF model": (lambda: PlainLM(tok, v), {}, "datamodule",
-                        RuntimeError, r"found 0 Hugging Face models in PlainLM \(\[\]\); pass "
+                        RuntimeError, r"found no language model in PlainLM: no Hugging Face "
+                                      r"model and no module holding an nn.Embedding .* pass "
                                       r"model_attr="),
         "two HF models": (lambda: TwoModelLM(tok, v), {}, "datamodule",
                           RuntimeError, r"found 2 Hugging Face models in TwoModelLM "

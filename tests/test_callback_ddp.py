@@ -1,8 +1,8 @@
 """NormXLogitCallback under real DDP: two CPU processes (gloo), launched from a subprocess.
 
-Checks that only rank 0 writes the store, that snapshots happen at the same steps and
-give the same attributions as a single-process run, and that token frequencies add up
-the batches of both ranks.
+Checks that each rank measures half of the probes and rank 0 alone writes the store,
+that snapshots happen at the same steps and give the same attributions and faithfulness
+as a single-process run, and that token frequencies add up the batches of both ranks.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def main():
                        tokenizer=dm.tokenizer, **MODEL)
     # No store_dir: the default <log_dir>/normx needs `trainer.log_dir` on every rank.
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=1)
+    shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
+    attribute = callback._attribute
+    callback._attribute = lambda rows: (shares.append(list(rows)), attribute(rows))[1]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps={max_steps},
         logger=TensorBoardLogger(root, name="ddp"), callbacks=[callback],
@@ -57,6 +61,7 @@ def main():
     trainer.fit(lm, dm)
     with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
         json.dump({{"steps": callback.snapshot_steps, "global_step": trainer.global_step,
+                   "shares": shares, "metrics": callback.last_metrics,
                    "store": None if callback.store is None else str(callback.store.root),
                    "world_size": trainer.world_size}}, f)
 
@@ -130,7 +135,10 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [MAX_STEPS, MAX_STEPS]
     assert EXPECTED_STEPS == SnapshotSchedule("log", every_n_steps=4).upto(MAX_STEPS)
-    # Only rank 0 takes snapshots and holds a store; exactly one store on disk.
+    # The probes are shared: each rank measured its half at every snapshot.
+    assert ranks[0]["shares"] == [[0, 1]] * len(EXPECTED_STEPS)
+    assert ranks[1]["shares"] == [[2, 3]] * len(EXPECTED_STEPS)
+    # Only rank 0 writes snapshots and holds a store; exactly one store on disk.
     assert ranks[0]["steps"] == single.snapshot_steps == EXPECTED_STEPS
     assert ranks[1]["steps"] == [] and ranks[1]["store"] is None
     store = find_store(root)  # raises if two stores were written
@@ -149,8 +157,23 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     one0 = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
     one0 = one0.reset_index(drop=True)
     assert ddp0[key + ["token", "is_cue"]].equals(one0[key + ["token", "is_cue"]])
-    for column in ("norm", "logat", "score"):
+    for column in ("norm", "logat", "score", "each", "contrast"):
         np.testing.assert_allclose(ddp0[column], one0[column], rtol=1e-5, atol=1e-6)
+    # Faithfulness (due at step 0) is shared too: per-instance means of both ranks' halves
+    # equal the one-process means ("random" draws its scores per batch shape, so differs).
+    # Their bootstrap intervals too: the rows are put in probe order before resampling.
+    metrics = run["metrics"]
+    ddp_m = metrics[metrics.step == 0].set_index("key")
+    one_m = reference["metrics"][reference["metrics"].step == 0].set_index("key")
+    keys = [k for k in one_m.index if k.startswith("faithfulness/") and "/random/" not in k
+            and k.endswith(("comprehensiveness", "sufficiency"))]
+    assert len(keys) == 6, keys
+    for column in ("value", "low", "high"):
+        np.testing.assert_allclose(ddp_m.loc[keys, column], one_m.loc[keys, column],
+                                   rtol=1e-5, atol=1e-6)
+    for key in ("probe/target_logit", "probe/target_prob", "alignment/ap"):
+        np.testing.assert_allclose(ddp_m.loc[key, "value"], one_m.loc[key, "value"], rtol=1e-5,
+                                   atol=1e-6)
 
     # Token frequencies are the sum over both ranks' batches, at every snapshot.
     embedding = run["embedding"]
@@ -164,3 +187,52 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
                                      minlength=dm.vocab_size)
     assert torch.equal(ddp_counts(dm, MAX_STEPS), every_document)
 
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_write_one_store(tmp_path, cache_dir):
+    """configs/ddp-cpu.yaml on two single-process "nodes" (torchrun --nnodes 2, static
+    rendezvous on 127.0.0.1), as SLURM or torchrun would start them on two machines."""
+    from test_train import _args
+
+    # The tokenizer is trained before the nodes start, so they never train it concurrently.
+    dm = TextDataModule(corpus="agreement", objective="causal", bpe_vocab_size=512,
+                        num_train=300, seed=0, cache_dir=cache_dir)
+    assert dm.vocab_size <= 512
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                        "NODE_RANK")}
+    env.update(PYTHONPATH=str(Path(__file__).parents[1]), WANDB_MODE="offline")
+    port = str(_free_port())
+    train_args = [*_args("ddp-cpu.yaml", tmp_path, Path(cache_dir), steps=2),
+                  "--trainer.devices", "1", "--trainer.num_nodes", "2"]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+         str(Path(__file__).parents[1] / "train.py"), *train_args],
+        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True) for rank in range(2)]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=240))
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.communicate()
+        pytest.fail("the two-node run hung")
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+    # Node 1 ran rank 1 of a world of 2; rank 0 alone wrote one store, every step once.
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][0] + outputs[1][1]
+    assert len(list(tmp_path.rglob("_commits"))) == 1
+    assert len(list(tmp_path.rglob("meta.json"))) == 1
+    store = find_store(tmp_path)
+    assert load_run(store).steps == [0, 1, 2]
+    for name in ("embedding", "metrics", "probes", "tokens"):
+        assert len(list((store / name).glob("*.parquet"))) == 3, name

@@ -18,11 +18,10 @@ from normx_callbacks.demo import LanguageModel, TextDataModule
 from normx_callbacks.replay import ReplayError, replay, resolve_checkpoints
 
 SAVED = (4, 8)
-# Metrics of one snapshot alone; drift, stability and the frequency correlation depend on
-# the snapshots before it and the batches seen, which a replay does not have.
-SAME_METRICS = ("probe/target_prob", "probe/target_logit", "probe/accuracy", "probe/contrast",
-                "alignment/ap", "alignment/dp", "alignment/ap_logat", "embedding/mean",
-                "embedding/max", "importance/norm_logat_spearman")
+# Metrics that depend on the snapshots before (drift, stability), the batches seen (the
+# frequency correlation) or the clock; a replay has none of these. Every other must agree.
+HISTORY_METRICS = ("embedding/drift", "stability/", "embedding/norm_logfreq_spearman",
+                   "snapshot/seconds")
 
 
 class SaveHF(Callback):
@@ -76,8 +75,11 @@ def assert_same_scores(replayed, recorded, steps):
             assert (a[col] - b[col]).abs().max() <= 1e-5, col
         ma = replayed["metrics"][replayed["metrics"].step == step].set_index("key")["value"]
         mb = recorded["metrics"][recorded["metrics"].step == step].set_index("key")["value"]
-        for key in SAME_METRICS:
-            assert abs(ma[key] - mb[key]) <= 1e-5, key
+        same = [k for k in mb.index if not k.startswith(HISTORY_METRICS)]
+        assert {"probe/accuracy", "probe/contrast", "alignment/ap"} <= set(same)
+        assert set(same) <= set(ma.index)
+        for key in same:
+            assert ma[key] == pytest.approx(mb[key], abs=1e-5, nan_ok=True), key
 
 
 def test_replay_of_hf_folders_equals_what_the_callback_recorded(trained, dm, tmp_path):
@@ -89,6 +91,18 @@ def test_replay_of_hf_folders_equals_what_the_callback_recorded(trained, dm, tmp
     assert_same_scores(replayed, recorded, SAVED)
     assert set(replayed["probes"].columns) == set(recorded["probes"].columns)
     assert set(replayed["embedding"]["count"]) == {0}  # no batches seen: counts say so
+    text = tmp_path / "corpus.txt"
+    text.write_text("the keys near the cabinet are red\n\nthe key is red\n", "utf-8")
+    replay(root / "hf" / "checkpoint-8", probes=dm.probes, store_dir=tmp_path / "counted",
+           count_corpus=text, progress=False)
+    counted = load_run(tmp_path / "counted")
+    ids = dm.tokenizer(["the keys near the cabinet are red", "the key is red"],
+                       add_special_tokens=False)["input_ids"]
+    expected = pd.Series([i for line in ids for i in line]).value_counts()
+    got = counted["embedding"].set_index("token_id")["count"]
+    assert got[got > 0].sort_index().to_dict() == expected.sort_index().to_dict()
+    rho = counted["metrics"].set_index("key")["value"]["embedding/norm_logfreq_spearman"]
+    assert rho == rho  # defined once counts exist
 
 
 def test_demo_ckpt_series_replays_and_a_second_call_skips_committed_steps(trained, dm, tmp_path,
@@ -137,6 +151,9 @@ def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, 
     assert "notes_step=3.ckpt is truncated, corrupt or not a PyTorch checkpoint" in err[0]
     assert "step12: another architecture (GPT2LMHeadModel, 1 layers" in err[1]
     assert load_run(tmp_path / "store").steps == [4]  # the good one is kept
+    with pytest.raises(ReplayError, match=r"step12: another architecture .* than the store"):
+        replay(other, probes=dm.probes, store_dir=tmp_path / "store", progress=False,
+               tokenizer=root / "hf" / "checkpoint-4")
 
     big = copy.deepcopy(dm.tokenizer)
     big.add_tokens([f"extra{i}" for i in range(40)])
@@ -153,6 +170,38 @@ def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, 
     with pytest.raises(ReplayError, match="final_model: cannot tell its training step"):
         resolve_checkpoints([root / "hf" / "checkpoint-8", unnamed])
     assert [c.step for c in resolve_checkpoints([unnamed], steps=[12])] == [12]
+    assert main(["replay", str(root / "hf"), "-o", str(tmp_path / "s5"), "--probes",
+                 str(_probe_file(dm, tmp_path)), "--count-corpus", "nope.txt", "-q"]) == 1
+    assert "--count-corpus 'nope.txt': no such file" in capsys.readouterr().err
     assert main(["replay", str(root / "hf"), "-o", str(tmp_path / "s4"), "--probes",
                  "blimp:/nonexistent", "-q"]) == 1
     assert "--probes: BLiMP path '/nonexistent' matches no .jsonl file" in capsys.readouterr().err
+
+
+def test_blimp_suite_replays_through_a_model_class_and_reaches_the_report(trained, dm, tmp_path):
+    from test_blimp import PARADIGMS, write_blimp
+
+    root, _ = trained
+    blimp = write_blimp(tmp_path / "blimp")
+    store = tmp_path / "store"
+    code = main(["replay", str(root / "ckpt"), "-o", str(store), "--probes", f"blimp:{blimp}",
+                 "--model-class", "normx_callbacks.demo:LanguageModel", "--tokenizer",
+                 str(root / "hf" / "checkpoint-4"), "--layers", "last", "-q"])
+    assert code == 0
+    run = load_run(store)
+    assert run.steps == list(SAVED)
+    metrics = run["metrics"][run["metrics"].step == 8].set_index("key")["value"]
+    probes = run["probes"][run["probes"].step == 8]
+    for group in PARADIGMS:
+        rows = probes[probes.group == group]
+        assert metrics[f"probe/accuracy/{group}"] == pytest.approx(float((rows.contrast > 0).mean()))
+    assert set(run["tokens"]["layer"]) == {2}  # --layers last
+    assert main(["report", str(store), "-o", str(tmp_path / "r.html"), "-q"]) == 0
+    assert 'alt="accuracy per group"' in (tmp_path / "r.html").read_text("utf-8")
+    assert main(["replay", str(root / "ckpt"), "-o", str(store), "--probes", f"blimp:{blimp}",
+                 "--model-class", "normx_callbacks.demo:Nope", "-q"]) == 1
+    ckpt = next((root / "ckpt").glob("*step=8.ckpt"))
+    assert main(["faithfulness", str(ckpt), "--probes", f"blimp:{blimp}", "--methods",
+                 "normxlogit,random", "--tokenizer", str(root / "hf" / "checkpoint-4"),
+                 "-o", str(tmp_path / "f.csv")]) == 0
+    assert set(pd.read_csv(tmp_path / "f.csv")["method"]) == {"normxlogit", "random"}

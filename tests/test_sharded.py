@@ -1,0 +1,141 @@
+"""NormXLogitCallback under FSDP2 (Lightning's ModelParallelStrategy, data parallel) on two
+CPU processes (gloo), launched from a subprocess: a litgpt-shaped GPT sharded with
+`fully_shard` in `configure_model`. One launch fits to step 2 with a checkpoint, then
+resumes to step 4; a one-process run of the same weights is the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lm_shapes import Config, GPTModule, LitGPT
+
+from normx_callbacks import NormXLogitCallback, load_run
+from normx_callbacks.demo import TextDataModule
+
+DATA = dict(corpus="agreement", bpe_vocab_size=512, num_train=64, num_probes=4, batch_size=8)
+
+SCRIPT = """
+import json, sys
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, {tests!r})
+from lm_shapes import Config, GPTModule, LitGPT
+from normx_callbacks import NormXLogitCallback
+from normx_callbacks.demo import TextDataModule
+
+root, cache = sys.argv[1], sys.argv[2]
+
+
+class Sharded(GPTModule):
+    def configure_model(self):
+        if self.model is not None:
+            return
+        torch.manual_seed(0)
+        self.model = LitGPT(Config(vocab_size=self.tokenizer_size, block_size=64))
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def fit(max_steps, ckpt_path=None):
+    pl.seed_everything(0, verbose=False)
+    dm = TextDataModule(cache_dir=cache, **{data!r})
+    module = Sharded(tokenizer=dm.tokenizer)
+    module.tokenizer_size = dm.vocab_size
+    callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
+                                  faithfulness_every=1, store_dir=root + "/store")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_steps=max_steps, logger=False, callbacks=[callback],
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root,
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer, callback
+
+
+trainer, first = fit(2)
+trainer.save_checkpoint(root + "/step2.ckpt")
+trainer, second = fit(4, ckpt_path=root + "/step2.ckpt")
+with open(root + f"/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump({{"first": first.snapshot_steps, "second": second.snapshot_steps,
+               "global_step": trainer.global_step}}, f)
+"""
+
+
+def single_process(cache_dir: str, root: Path):
+    pl.seed_everything(0, verbose=False)
+    dm = TextDataModule(cache_dir=cache_dir, **DATA)
+    torch.manual_seed(0)
+    module = GPTModule(LitGPT(Config(vocab_size=dm.vocab_size, block_size=64)),
+                       tokenizer=dm.tokenizer)
+    callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
+                                  faithfulness_every=1, store_dir=root / "store")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False,
+                         callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0,
+                         default_root_dir=str(root))
+    trainer.fit(module, dm)
+    return load_run(root / "store")
+
+
+def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(cache_dir, tmp_path):
+    reference = single_process(cache_dir, tmp_path / "single")  # also caches the tokenizer
+    root = tmp_path / "fsdp"
+    root.mkdir()
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                        "NODE_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, str(script), str(root), cache_dir], env=env,
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the FSDP2 run hung (a collective reached by one rank only?)")
+    assert proc.returncode == 0, stderr[-4000:]
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["first"] == [0, 1, 2] and ranks[0]["second"] == [0, 1, 2, 4]  # restored
+    # Rank 1 never writes: it records no step itself, and holds what the checkpoint restored.
+    assert ranks[1]["first"] == [] and ranks[1]["second"] == [0, 1, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    run = load_run(root / "store")
+    assert run.steps == [0, 1, 2, 4] and not len(run.missing)
+    for name in ("embedding", "metrics", "probes", "tokens"):
+        assert len(list((root / "store" / name).glob("*.parquet"))) == 4, name  # each once
+    # Step 0: the same weights, sharded over two ranks, give the one-process numbers.
+    key = ["probe_id", "layer", "position"]
+    got = run["tokens"][run["tokens"].step == 0].sort_values(key).reset_index(drop=True)
+    want = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
+    want = want.reset_index(drop=True)
+    assert got[key + ["token"]].equals(want[key + ["token"]])
+    for column in ("norm", "logat", "score", "each"):
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-5, atol=1e-5)
+    emb = [r["embedding"][r["embedding"].step == 0].sort_values("token_id") for r in (run,
+                                                                                 reference)]
+    np.testing.assert_allclose(emb[0]["norm"], emb[1]["norm"], rtol=1e-6)
+    metrics = [r["metrics"][r["metrics"].step == 0].set_index("key")["value"]
+               for r in (run, reference)]
+    keys = [k for k in metrics[1].index if k.startswith("faithfulness/normxlogit/")
+            and "seconds" not in k]
+    assert keys
+    np.testing.assert_allclose(metrics[0][keys], metrics[1][keys], rtol=1e-5, atol=1e-5)
