@@ -23,7 +23,7 @@ probes run in groups of equal length, so padding never reaches them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .heads import (
     ModelAdapter,
     UnsupportedModelError,
+    _apply_chain,
     _dummy_tokens,
     _first_tensor,
     _logits_of,
@@ -231,18 +232,6 @@ class _StackReader:
         return states
 
 
-def _apply(chain: Sequence[nn.Module]) -> Callable[[Tensor], Tensor] | None:
-    if not chain:
-        return None
-
-    def final_norm(x: Tensor) -> Tensor:
-        for m in chain:
-            x = m(x)
-        return x
-
-    return final_norm
-
-
 def discover_adapter(model: nn.Module) -> ModelAdapter:
     """A verified `ModelAdapter` for any module whose forward maps token ids to logits."""
     name = type(model).__name__
@@ -273,7 +262,7 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
         stack = _block_stack(model, calls, name)
         head = _head_call(calls, stack, logits, name)
         chain = _final_chain(calls, stack, head, name)
-        final = _apply(chain)
+        final = _apply_chain(chain)
         reader = _StackReader(model, stack, head.module, final)
         linear: nn.Linear = head.module
         adapter = ModelAdapter(

@@ -372,7 +372,15 @@ class NormXLogitCallback(Callback):
             gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
             if gradient:
                 require_captum(gradient[0])  # a missing optional backend fails here, not mid-run
-            self._replacement = resolve_replacement(tokenizer, self.faithfulness_replacement)
+            self._replacement = resolve_replacement(tokenizer, self.faithfulness_replacement,
+                                                    attention=self.adapter.accepts_mask)
+            if self.faithfulness_replacement == "auto" and self._replacement.strategy in (
+                    "unk", "pad"):
+                log.warning("NormXLogitCallback: the tokenizer has no mask or eos token and the "
+                            "model takes no attention mask, so faithfulness replaces tokens with "
+                            "%s %r, which training may never have shown the model; pass "
+                            "faithfulness_replacement= to choose", self._replacement.strategy,
+                            self._replacement.token)
             if self._replacement.strategy == "attention" and not self.adapter.accepts_mask:
                 raise ValueError("NormXLogitCallback: faithfulness_replacement resolves to "
                                  "'attention' but the model takes no attention mask; pass "

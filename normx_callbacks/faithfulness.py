@@ -81,18 +81,22 @@ class Replacement:
         return f"{self.strategy} token{name} (id {self.token_id})"
 
 
-def resolve_replacement(tokenizer: Any, strategy: str = "auto") -> Replacement:
+def resolve_replacement(tokenizer: Any, strategy: str = "auto", *,
+                        attention: bool = True) -> Replacement:
     """The removal `strategy` for `tokenizer` (one of `REPLACEMENTS`).
 
     "mask" / "unk" / "pad" / "eos": that token of the tokenizer (ValueError naming what
     it has if it lacks it); "attention": deletion by attention mask; "auto": the first of
-    `AUTO_ORDER` the tokenizer offers (mask token, else eos token, else attention).
+    `AUTO_ORDER` the tokenizer offers (mask token, else eos token, else attention). For a
+    model that takes no attention mask (``attention=False``) "auto" falls back to the unk,
+    then the pad token instead of attention, and fails if the tokenizer has neither.
     """
     if strategy not in REPLACEMENTS:
         raise ValueError(f"replacement strategy {strategy!r} is not one of {REPLACEMENTS}")
     if strategy == "auto":
-        strategy = next(s for s in AUTO_ORDER if s == "attention"
-                        or isinstance(getattr(tokenizer, f"{s}_token_id", None), int))
+        order = AUTO_ORDER if attention else (*AUTO_ORDER[:-1], "unk", "pad")
+        strategy = next((s for s in order if s == "attention"
+                         or isinstance(getattr(tokenizer, f"{s}_token_id", None), int)), "eos")
     if strategy == "attention":
         return Replacement("attention")
     token_id = getattr(tokenizer, f"{strategy}_token_id", None)

@@ -25,3 +25,14 @@ def one_intra_op_thread():
 def cache_dir(tmp_path_factory) -> str:
     # Shared by every test that builds a TextDataModule: the tokenizer is trained once per session.
     return str(tmp_path_factory.getbasetemp() / "tokenizer_cache")
+
+
+@pytest.fixture(scope="module")
+def dm(cache_dir):
+    """The agreement corpus with 4 probes, batches of 16 (a test module may define its own)."""
+    from normx_callbacks.demo import TextDataModule
+
+    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
+                          batch_size=16, cache_dir=cache_dir)
+    data.setup("fit")
+    return data

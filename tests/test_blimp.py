@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from normx_callbacks import NormXLogitCallback, ProbeError, load_run
-from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.demo import LanguageModel
 from normx_callbacks.metrics import group_contrast
 from normx_callbacks.probes import ProbeSet
 
@@ -50,14 +50,6 @@ def write_blimp(root, *, extras: bool = False):
                          "one_prefix_method": False})
         (root / f"{uid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
     return root
-
-
-@pytest.fixture(scope="module")
-def dm(cache_dir) -> TextDataModule:
-    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
-                          batch_size=16, cache_dir=cache_dir)
-    data.setup("fit")
-    return data
 
 
 def test_from_blimp_and_the_blimp_string_load_one_probe_per_pair(tmp_path):

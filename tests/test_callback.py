@@ -40,23 +40,6 @@ HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: a second intra-op thread only adds contention on a busy CI box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dm(cache_dir) -> TextDataModule:
-    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
-                          batch_size=16, cache_dir=cache_dir)
-    data.setup("fit")
-    return data
-
-
 def make_model(dm: TextDataModule, *, dropout: float = 0.0, **kwargs) -> LanguageModel:
     pl.seed_everything(0, verbose=False)
     options = dict(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=dropout,

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from launch import run_ranks, train_args
 from torch.utils.data import DistributedSampler
 
 from normx_callbacks import NormXLogitCallback, SnapshotSchedule, load_run
@@ -114,22 +115,7 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     # The tokenizer is cached before the ranks start, so they never train it concurrently.
     dm, single = single_process_run(cache_dir, tmp_path / "single")
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-                        "NODE_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    # Own session: a hung run is killed with both ranks (Lightning launches rank 1 itself).
-    proc = subprocess.Popen([sys.executable, str(script), str(root), cache_dir], env=env,
-                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the DDP run hung (a collective reached by one rank only?)")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_ranks(script, str(root), cache_dir, cwd=tmp_path, timeout=180, what="DDP")
 
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -198,8 +184,6 @@ def _free_port() -> int:
 def test_two_nodes_under_torchrun_write_one_store(tmp_path, cache_dir):
     """configs/ddp-cpu.yaml on two single-process "nodes" (torchrun --nnodes 2, static
     rendezvous on 127.0.0.1), as SLURM or torchrun would start them on two machines."""
-    from test_train import _args
-
     # The tokenizer is trained before the nodes start, so they never train it concurrently.
     dm = TextDataModule(corpus="agreement", objective="causal", bpe_vocab_size=512,
                         num_train=300, seed=0, cache_dir=cache_dir)
@@ -209,12 +193,12 @@ def test_two_nodes_under_torchrun_write_one_store(tmp_path, cache_dir):
                         "NODE_RANK")}
     env.update(PYTHONPATH=str(Path(__file__).parents[1]), WANDB_MODE="offline")
     port = str(_free_port())
-    train_args = [*_args("ddp-cpu.yaml", tmp_path, Path(cache_dir), steps=2),
+    arguments = [*train_args("ddp-cpu.yaml", tmp_path, Path(cache_dir), steps=2),
                   "--trainer.devices", "1", "--trainer.num_nodes", "2"]
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
          "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
-         str(Path(__file__).parents[1] / "train.py"), *train_args],
+         str(Path(__file__).parents[1] / "train.py"), *arguments],
         env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True) for rank in range(2)]
     outputs = []

@@ -320,6 +320,17 @@ def test_resolve_replacement_and_special_token_mask():
         resolve_replacement(bert, "pad")
     with pytest.raises(ValueError, match="not one of"):
         resolve_replacement(bert, "zero")
+
+
+def test_auto_replacement_for_a_model_without_attention_mask_falls_back_to_a_token():
+    # A word-level tokenizer with only [UNK] and [PAD], as a hand-written run may have.
+    words = SimpleNamespace(unk_token_id=0, unk_token="[UNK]", pad_token_id=1, pad_token="[PAD]")
+    assert resolve_replacement(words).strategy == "attention"
+    assert resolve_replacement(words, attention=False) == Replacement("unk", 0, "[UNK]")
+    pad_only = SimpleNamespace(pad_token_id=1, pad_token="[PAD]")
+    assert resolve_replacement(pad_only, attention=False) == Replacement("pad", 1, "[PAD]")
+    with pytest.raises(ValueError, match="no eos token"):
+        resolve_replacement(SimpleNamespace(), attention=False)
     tok = SimpleNamespace(all_special_ids=[0, 2, 2])
     assert special_token_mask(torch.tensor([[0, 1, 2, 3]]), tok).tolist() == [
         [True, False, True, False]

@@ -17,17 +17,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
 from normx_callbacks import NormXLogitCallback, load_run
-from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.demo import LanguageModel
 
 STEPS = [0, 1, 2, 4]  # the log schedule up to max_steps=4
-
-
-@pytest.fixture(scope="module")
-def dm(cache_dir) -> TextDataModule:
-    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
-                          batch_size=16, cache_dir=cache_dir)
-    data.setup("fit")
-    return data
 
 
 def _fit(dm, root: Path, logger) -> NormXLogitCallback:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from normx_callbacks import NormXLogitCallback, load_run
 from normx_callbacks.cli import main
-from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.demo import LanguageModel
 from normx_callbacks.replay import ReplayError, replay, resolve_checkpoints
 
 SAVED = (4, 8)
@@ -35,14 +35,6 @@ class SaveHF(Callback):
             out = self.root / f"checkpoint-{trainer.global_step}"
             pl_module.model.save_pretrained(out)
             pl_module.tokenizer.save_pretrained(out)
-
-
-@pytest.fixture(scope="module")
-def dm(cache_dir) -> TextDataModule:
-    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
-                          batch_size=16, cache_dir=cache_dir)
-    data.setup("fit")
-    return data
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
@@ -26,14 +25,6 @@ from normx_callbacks.store import RUN_FILE, find_runs, load_store
 from normx_callbacks.summary import next_commands
 
 CALLBACK_LOG = "normx_callbacks.callback"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,12 @@ resumes to step 4; a one-process run of the same weights is the reference."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
-import pytest
 import torch
+from launch import run_ranks
 from lm_shapes import Config, GPTModule, LitGPT
 
 from normx_callbacks import NormXLogitCallback, load_run
@@ -98,21 +94,7 @@ def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(cache_dir, tmp_pat
     root.mkdir()
     script = tmp_path / "fsdp_run.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-                        "NODE_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, str(script), str(root), cache_dir], env=env,
-                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the FSDP2 run hung (a collective reached by one rank only?)")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_ranks(script, str(root), cache_dir, cwd=tmp_path, timeout=240, what="FSDP2")
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["first"] == [0, 1, 2] and ranks[0]["second"] == [0, 1, 2, 4]  # restored
     # Rank 1 never writes: it records no step itself, and holds what the checkpoint restored.

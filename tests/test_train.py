@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import PROSE
+from launch import train_args as _args
 
 import train
 from normx_callbacks import load_run
@@ -16,31 +18,6 @@ from normx_callbacks.demo import LanguageModel, TextDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-SHRINK = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "2",
-          "--data.num_probes", "4", "--data.batch_size", "8", "--data.num_workers", "0"]
-PROSE = ("docs.yaml", "gpt2-small.yaml", "llama-1b.yaml")  # keep their vocabulary and context
-
-
-def _args(config: str, tmp: Path, cache: Path, steps: int = 3) -> list[str]:
-    args = ["fit", "--config", str(ROOT / "configs" / config),
-            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp),
-            "--trainer.log_every_n_steps", "1",
-            "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-            "--data.cache_dir", str(cache), *SHRINK]
-    if config != "ddp-cpu.yaml":
-        args += ["--trainer.devices", "1", "--trainer.strategy", "auto"]
-    args += ["--trainer.logger.init_args.save_dir", str(tmp)]
-    if config in PROSE:
-        # One shared docs tokenizer (same corpus slice and vocabulary) trains once.
-        args += ["--data.num_train", "200", "--data.bpe_vocab_size", "2048"]
-    else:
-        args += ["--data.num_train", "300", "--model.context", "32",
-                 "--data.bpe_vocab_size", "512"]
-    return args
-
-
 @pytest.fixture(autouse=True)
 def plain_argv(monkeypatch):
     # LightningCLI(args=...) warns when pytest's own flags sit in sys.argv.
@@ -134,18 +111,6 @@ def test_demo_model_shapes_match_the_tokenizer(cache):
     batch = next(iter(dm.train_dataloader()))
     out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert torch.isfinite(out.loss)
-
-
-def test_ddp_cpu_config_runs_two_processes(tmp_path, cache):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"),
-                           *_args("ddp-cpu.yaml", tmp_path, cache, steps=2)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = load_run(tmp_path)
-    assert run.steps == [0, 1, 2]
-    # Rank 0 alone writes: one store, one file per table per step.
-    assert len(list(tmp_path.rglob("_commits"))) == 1
 
 
 def _printed_commands(err: str) -> list[str]:
