@@ -77,9 +77,16 @@ def ap_emergence(run: RunData) -> str | None:
                     f"snapshot, step {last.step}: {_fmt(last.value)}, interval "
                     f"[{_fmt(last.low)}, {_fmt(last.high)}], random {_fmt(r.value)}).")
         p, r = first
-        return (f"Cue AP first rose above its random baseline at step {p.step} "
+        text = (f"Cue AP first rose above its random baseline at step {p.step} "
                 f"({_fmt(p.value)}, 95% interval [{_fmt(p.low)}, {_fmt(p.high)}] vs random "
-                f"{_fmt(r.value)}).")
+                f"{_fmt(r.value)})")
+        last, r = pairs[-1]
+        if last.step != p.step and not last.low > r.value:
+            # The first crossing is not the end of the story: say where the run ended.
+            text += (f", but at the last snapshot (step {last.step}) it is no longer above it "
+                     f"({_fmt(last.value)}, interval [{_fmt(last.low)}, {_fmt(last.high)}] "
+                     f"vs random {_fmt(r.value)})")
+        return text + "."
     above = next(((p, r) for p, r in pairs if p.value > r.value), None)
     if above is None:
         last, r = pairs[-1]

@@ -45,6 +45,15 @@ def test_rose_above_random_only_where_the_interval_says_so(tmp_path):
     assert headline_lines(run)[0].startswith("cue AP:         0.41 [0.30, 0.50] (random 0.40)")
 
 
+def test_a_rise_that_does_not_last_is_said_to_end(tmp_path):
+    run = _run(tmp_path, ap=[0.41, 0.6, 0.45], low=[0.3, 0.5, 0.38], high=[0.5, 0.7, 0.52],
+               accuracy=[0.5, 0.6, 0.7], spearman=[0.0, 0.6, 0.1])
+    text = summary_paragraph(run)
+    assert "first rose above its random baseline at step 10" in text
+    assert ("but at the last snapshot (step 100) it is no longer above it (0.45, interval "
+            "[0.38, 0.52] vs random 0.40)") in text
+
+
 def test_never_above_random_with_intervals(tmp_path):
     run = _run(tmp_path, ap=[0.41, 0.5, 0.55], low=[0.3, 0.35, 0.39], high=[0.5, 0.6, 0.7],
                accuracy=[0.5, 0.6, 0.7], spearman=[0.0, 0.6, 0.1])
