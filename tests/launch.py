@@ -19,26 +19,29 @@ PROSE = ("docs.yaml", "gpt2-small.yaml", "llama-1b.yaml")  # keep their vocabula
 _RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
 
 
-def run_ranks(script: Path, *args: str, cwd: Path, timeout: float, what: str) -> None:
+def run_ranks(script: Path, *args: str, cwd: Path, timeout: float, what: str,
+              env: dict[str, str] | None = None) -> tuple[str, str]:
     """Run ``python script *args`` (which launches its own ranks) in its own session.
 
     The environment loses any rank variables of the calling process and gets the repository
     on ``PYTHONPATH``. A run that outlives ``timeout`` seconds is killed with all its ranks
     and fails the test naming ``what``; a non-zero exit fails it with the end of stderr.
+    ``env`` replaces that environment. Returns (stdout, stderr).
     """
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]),
-                                         env.get("PYTHONPATH", "")])
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=str(cwd),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"the {what} run hung (a collective reached by one rank only?)")
     assert proc.returncode == 0, stderr[-4000:]
+    return stdout, stderr
 
 
 def train_args(config: str, tmp: Path, cache: Path, steps: int = 3) -> list[str]:

@@ -15,14 +15,13 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from launch import run_ranks
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import build, random_ids
@@ -89,17 +88,8 @@ def clean_env() -> dict[str, str]:
 
 def run_script(script: Path, args: list[str], cwd: Path, timeout: float) -> tuple[str, str]:
     """Run a driver script in its own session; a hang kills every process it started."""
-    proc = subprocess.Popen([sys.executable, str(script), *args], env=clean_env(), cwd=str(cwd),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{script.name} hung (deadlock?)")
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout, stderr
+    return run_ranks(script, *args, cwd=cwd, timeout=timeout, what=script.name,
+                     env=clean_env())
 
 
 # =========================================================================== 1. faults
