@@ -10,7 +10,7 @@ from .faithfulness import (
     resolve_replacement,
     special_token_mask,
 )
-from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
+from .adapters import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .methods import METHODS, attribute
 from .probes import Probe, ProbeError, ProbeSet
 from .schedule import SnapshotSchedule

@@ -9,7 +9,7 @@ layer except the last, which already carries it:
     LogAt_l(i) = HoT(norm(x_i^l))[y],  NormXLogit_l = ||x_i^0|| * LogAt_l,
     EachLayer_l = ||x_i^l|| * LogAt_l.
 
-See ../shared/PAPER.md for the definitions; `heads.py` for how a model is read.
+See docs/method.md for the definitions; `adapters.py` for how a model is read.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from .heads import ModelAdapter, probe_mode, resolve_adapter
+from .adapters import ModelAdapter, probe_mode, resolve_adapter
 
 NORMS = ("layer0", "word")
 

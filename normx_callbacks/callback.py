@@ -33,7 +33,7 @@ from .faithfulness import (
     special_token_mask,
     summarise_faithfulness,
 )
-from .heads import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
+from .adapters import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .loggers import LoggerSink, norm_extremes, token_html
 from .methods import GRADIENT_METHODS, METHODS, require_captum
 from .metrics import (

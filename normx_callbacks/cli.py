@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .heads import UnsupportedModelError
+from .adapters import UnsupportedModelError
 from .probes import ProbeError
 from .store import (
     _META,
@@ -301,7 +301,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
     from .attribution import normxlogit
     from .checkpoints import load_model_and_tokenizer
-    from .heads import resolve_adapter
+    from .adapters import resolve_adapter
     from .probes import ProbeSet
 
     if args.foil is not None and args.target is None:
@@ -406,7 +406,7 @@ def cmd_faithfulness(args) -> int:
     """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
     from .checkpoints import load_model_and_tokenizer
     from .faithfulness import faithfulness_table, resolve_replacement
-    from .heads import resolve_adapter
+    from .adapters import resolve_adapter
     from .methods import METHODS
     from .probes import ProbeSet
 

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import prepare_inputs
-from .heads import ModelAdapter, probe_mode, resolve_adapter
+from .adapters import ModelAdapter, probe_mode, resolve_adapter
 from .methods import METHODS, attribute, batched_logits, resolve_targets
 from .metrics import bootstrap_interval
 

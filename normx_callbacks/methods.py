@@ -6,7 +6,7 @@ Forward-only methods read `normxlogit()`: "normxlogit" (||x_i^0|| * LogAt),
 "logat" (signed), "norm" (||x_i^0||, unsigned). "random" draws uniform scores from
 its own `torch.Generator`, i.e. a random permutation, never touching the global RNG.
 
-Gradient methods (PAPER.md section 2) use Captum: "saliency" (|gradient|),
+Gradient methods (see docs/method.md) use Captum: "saliency" (|gradient|),
 "input_x_gradient", "integrated_gradients" (zero baseline, `n_steps`), all taken
 with respect to the output of the model's input embedding module, i.e. the word
 embedding *before* position/type embeddings are added (what HF calls
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .attribution import _as_rows, normxlogit, prepare_inputs
-from .heads import ModelAdapter, probe_mode, resolve_adapter
+from .adapters import ModelAdapter, probe_mode, resolve_adapter
 
 METHODS = (
     "normxlogit",

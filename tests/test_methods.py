@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from normx_callbacks import normxlogit, resolve_adapter
-from normx_callbacks.heads import ModelAdapter
+from normx_callbacks.adapters import ModelAdapter
 from normx_callbacks.methods import (
     GRADIENT_METHODS,
     METHODS,

@@ -1,0 +1,281 @@
+"""Discovery for any PyTorch language model, not only Hugging Face ones.
+
+`discover_adapter(model)` reads a module whose forward takes token ids alone and returns
+logits (a tensor, the first element of a tuple, or an output with `.logits`), such as a
+nanoGPT- or litgpt-shaped `GPT`. It runs the model once on a few dummy ids with temporary
+hooks on every submodule and finds, from what actually ran:
+
+- the embedding: the `nn.Embedding` that received the ids themselves;
+- the blocks: the one `nn.ModuleList` whose every entry ran exactly once, in order;
+- `hidden_states[0]`: the input of the first block, so position embeddings, scaling and
+  dropout count exactly as the model applies them;
+- the final transform: the modules that map the last block's output, in order, to the
+  head's input (`ln_f`, `norm`);
+- the head: the `nn.Linear` onto the vocabulary that produced the logits, tied or not.
+
+The adapter is then verified: its head on its last hidden state must reproduce the
+model's own logits, or the model is refused with the largest difference. Logit
+post-processing done in `forward` outside a module (soft-capping, a log-softmax) and
+encoder-decoder models are refused with a message that says how to build a
+`ModelAdapter` instead. Discovered models take no attention mask (`accepts_mask=False`):
+probes run in groups of equal length, so padding never reaches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import (
+    ModelAdapter,
+    UnsupportedModelError,
+    _apply_chain,
+    _dummy_tokens,
+    _first_tensor,
+    _logits_of,
+    _verify,
+    context_length_of,
+    probe_mode,
+)
+
+HOW = ("build a normx_callbacks.ModelAdapter(module=..., embedding=..., hidden_states=..., "
+       "final_norm=..., head=...) and pass it as adapter=...")
+_ENCODER_DECODER = (nn.Transformer, nn.TransformerDecoder, nn.TransformerDecoderLayer)
+
+
+class _Stop(Exception):
+    """Raised from the head's pre-hook: a probe needs the head's input, not all logits."""
+
+
+class _Call:
+    """One module call seen by the tracing hooks."""
+
+    __slots__ = ("module", "x", "out", "order")
+
+    def __init__(self, module: nn.Module, x: Tensor | None, order: int):
+        self.module, self.x, self.out, self.order = module, x, None, order
+
+
+def _first_arg(args, kwargs) -> Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
+def _trace(model: nn.Module, ids: Tensor) -> tuple[list[_Call], object]:
+    """Every module call of `model(ids)` in the order the calls started, and the output."""
+    calls: list[_Call] = []
+    open_calls: dict[int, list[_Call]] = {}
+
+    def pre(module, args, kwargs):
+        call = _Call(module, _first_arg(args, kwargs), len(calls))
+        calls.append(call)
+        open_calls.setdefault(id(module), []).append(call)
+
+    def post(module, args, kwargs, output):
+        stack = open_calls.get(id(module))
+        if stack:
+            stack.pop().out = output
+
+    handles = []
+    try:
+        for m in model.modules():
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
+        output = model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, output
+
+
+def _refuse_encoder_decoder(model: nn.Module, name: str) -> None:
+    config = getattr(model, "config", None)
+    found = next((m for m in model.modules() if isinstance(m, _ENCODER_DECODER)), None)
+    if getattr(config, "is_encoder_decoder", False) or found is not None:
+        part = f" (it contains {type(found).__name__})" if found is not None else ""
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder model{part}: NormXLogit explains a decoder-only or "
+            "encoder-only language model, whose every token has its own last-layer vector "
+            f"under the head. To explain one of its stacks, {HOW}"
+        )
+
+
+def _block_stack(model: nn.Module, calls: list[_Call], name: str) -> nn.ModuleList:
+    """The outermost `nn.ModuleList` whose entries each ran once, in index order."""
+    count: dict[int, list[int]] = {}
+    for call in calls:
+        count.setdefault(id(call.module), []).append(call.order)
+    stacks = []
+    for m in model.modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        orders = [count.get(id(child), []) for child in m]
+        if all(len(o) == 1 for o in orders) and orders == sorted(orders):
+            stacks.append(m)
+    inside = {id(sub) for s in stacks for child in s for sub in child.modules()}
+    outer = [s for s in stacks if id(s) not in inside]
+    if not outer:
+        raise UnsupportedModelError(
+            f"{name} has no nn.ModuleList of blocks that its forward runs once each, in order "
+            f"(blocks shared or called twice, or kept in another container); {HOW}"
+        )
+    if len(outer) > 1:
+        raise UnsupportedModelError(
+            f"{name} runs {len(outer)} separate stacks of blocks ({[len(s) for s in outer]} "
+            f"blocks): an encoder-decoder or a multi-stack model is not one layer stack; {HOW}"
+        )
+    return outer[0]
+
+
+def _same(a: Tensor | None, b: Tensor) -> bool:
+    return isinstance(a, Tensor) and (a is b or (a.shape == b.shape and torch.equal(a, b)))
+
+
+def _final_chain(calls: list[_Call], stack: nn.ModuleList, head: _Call,
+                 name: str) -> list[nn.Module]:
+    """Modules applied, in order, to the last block's output to give the head's input."""
+    last = max((c for c in calls if c.module is stack[-1]), key=lambda c: c.order)
+    raw = _first_tensor(last.out)
+    end = max(c.order for c in calls if any(c.module is m for m in stack[-1].modules()))
+    between = [c for c in calls if end < c.order < head.order and isinstance(c.out, Tensor)]
+    # Outermost calls only: a norm's own submodules are not separate steps.
+    spans = []
+    chain, current = [], raw
+    for call in between:
+        if any(a < call.order <= b for a, b in spans):
+            continue
+        inner = [c.order for c in between if any(c.module is s for s in call.module.modules())]
+        spans.append((call.order, max(inner)))
+        if _same(call.x, current) and call.out.shape[:-1] == current.shape[:-1]:
+            chain.append(call.module)
+            current = call.out
+    head_in = head.x
+    if not (_same(head_in, current) or (head_in is not None and head_in.dim() == current.dim()
+                                        and _same(head_in, current[..., -head_in.shape[-2]:, :]))):
+        raise UnsupportedModelError(
+            f"could not identify the final transform of {name}: no chain of modules maps the "
+            f"last block's output to the input of its head; {HOW}"
+        )
+    return chain
+
+
+def _head_call(calls: list[_Call], stack: nn.ModuleList, logits: Tensor, name: str) -> _Call:
+    """The last `nn.Linear` call after the blocks whose output has the logits' width."""
+    end = max(c.order for c in calls if c.module is stack[-1])
+    width = logits.shape[-1]
+    found = [c for c in calls if c.order > end and isinstance(c.module, nn.Linear)
+             and c.module.out_features == width]
+    if not found:
+        raise UnsupportedModelError(
+            f"{name} applies no nn.Linear onto its {width} logits after its last block; {HOW}"
+        )
+    return found[-1]
+
+
+def _is_causal(model: nn.Module, ids: Tensor, logits: Tensor) -> bool:
+    """Whether earlier positions ignore a change to the last token (a causal LM)."""
+    if logits.dim() != 3 or logits.shape[1] != ids.shape[1]:
+        return True  # returns the last position only: a generative forward
+    changed = ids.clone()
+    changed[0, -1] = ids[0, 0] if int(ids[0, -1]) != int(ids[0, 0]) else ids[0, 1]
+    other = _logits_of(model(changed), type(model).__name__)
+    return torch.allclose(other[:, :-1].float(), logits[:, :-1].float(), atol=1e-5, rtol=1e-4)
+
+
+class _StackReader:
+    """`(input_ids, mask) -> L+1 hidden states` for a discovered model, read with temporary
+    hooks; the head is never applied (its pre-hook stops the forward)."""
+
+    def __init__(self, model: nn.Module, stack: nn.ModuleList, head: nn.Module,
+                 final: Callable[[Tensor], Tensor] | None):
+        self.model, self.stack, self.head, self.final = model, stack, head, final
+        # Stopping a forward early would skip FSDP2's post-forward hooks: sharded models
+        # (DTensor parameters) run to the end.
+        self.stop_at_head = not any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
+        states: list[Tensor | None] = [None] * (len(self.stack) + 1)
+
+        def grab_input(module, args, kwargs):
+            states[0] = _first_arg(args, kwargs)
+
+        def grab_output(i):
+            def hook(module, args, output):
+                states[i + 1] = _first_tensor(output)
+
+            return hook
+
+        def stop(module, args):
+            raise _Stop
+
+        handles = [self.stack[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+        handles += [b.register_forward_hook(grab_output(i)) for i, b in enumerate(self.stack)]
+        if self.stop_at_head:
+            handles.append(self.head.register_forward_pre_hook(stop))
+        try:
+            self.model(input_ids)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if any(s is None for s in states):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} did not run every block of its layer stack"
+            )
+        if self.final is not None:
+            states[-1] = self.final(states[-1])
+        return states
+
+
+def discover_adapter(model: nn.Module) -> ModelAdapter:
+    """A verified `ModelAdapter` for any module whose forward maps token ids to logits."""
+    name = type(model).__name__
+    _refuse_encoder_decoder(model, name)
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        raise UnsupportedModelError(f"{name} has no nn.Embedding for token ids; {HOW}")
+    smallest = min(embeddings, key=lambda e: e.num_embeddings)
+    dummy, mask = _dummy_tokens(smallest, context_length_of(model))
+    with probe_mode(model):
+        try:
+            calls, output = _trace(model, dummy)
+        except Exception as error:  # noqa: BLE001 - reported with the way out
+            raise UnsupportedModelError(
+                f"calling {name}(input_ids) on ids of shape {tuple(dummy.shape)} failed "
+                f"({type(error).__name__}: {error}): discovery needs a forward that takes token "
+                f"ids alone and returns logits; {HOW}"
+            ) from error
+        logits = _logits_of(output, name)
+        receiving = {id(c.module): c.module for c in calls
+                     if isinstance(c.module, nn.Embedding) and _same(c.x, dummy)}
+        if len(receiving) != 1:
+            raise UnsupportedModelError(
+                f"{name}: {len(receiving)} nn.Embedding modules received the token ids "
+                f"(expected exactly one); {HOW}"
+            )
+        embedding = next(iter(receiving.values()))
+        stack = _block_stack(model, calls, name)
+        head = _head_call(calls, stack, logits, name)
+        chain = _final_chain(calls, stack, head, name)
+        final = _apply_chain(chain)
+        reader = _StackReader(model, stack, head.module, final)
+        linear: nn.Linear = head.module
+        adapter = ModelAdapter(
+            module=model,
+            embedding=embedding,
+            hidden_states=reader,
+            head=lambda x: ModelAdapter.full_logits(adapter, x),
+            final_norm=final,
+            kind="causal" if _is_causal(model, dummy, logits) else "masked",
+            unembedding=(lambda x: x, linear.weight, linear.bias, None),
+            num_layers=len(stack),
+            output_embedding=linear,
+            accepts_mask=False,
+        )
+        _verify(logits, adapter, dummy, mask, name)
+    return adapter
