@@ -54,9 +54,9 @@ def train_series(root: Path, every: int, count: int):
 
 
 def floor(paths, probes) -> None:
+    from normx_callbacks.adapters import resolve_adapter
     from normx_callbacks.attribution import normxlogit
     from normx_callbacks.checkpoints import load_model_and_tokenizer
-    from normx_callbacks.adapters import resolve_adapter
     from normx_callbacks.probes import ProbeSet
 
     probe_set, enc = ProbeSet(probes), None

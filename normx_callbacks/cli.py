@@ -299,9 +299,9 @@ def _quietly(args: argparse.Namespace, fn, *fn_args):
 def cmd_attribute(args: argparse.Namespace) -> int:
     import torch
 
+    from .adapters import resolve_adapter
     from .attribution import normxlogit
     from .checkpoints import load_model_and_tokenizer
-    from .adapters import resolve_adapter
     from .probes import ProbeSet
 
     if args.foil is not None and args.target is None:
@@ -404,9 +404,9 @@ def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
 
 def cmd_faithfulness(args) -> int:
     """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
+    from .adapters import resolve_adapter
     from .checkpoints import load_model_and_tokenizer
     from .faithfulness import faithfulness_table, resolve_replacement
-    from .adapters import resolve_adapter
     from .methods import METHODS
     from .probes import ProbeSet
 

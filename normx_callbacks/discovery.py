@@ -23,6 +23,7 @@ probes run in groups of equal length, so padding never reaches them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,8 @@ from .adapters import (
 HOW = ("build a normx_callbacks.ModelAdapter(module=..., embedding=..., hidden_states=..., "
        "final_norm=..., head=...) and pass it as adapter=...")
 _ENCODER_DECODER = (nn.Transformer, nn.TransformerDecoder, nn.TransformerDecoderLayer)
+
+log = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
@@ -279,3 +282,109 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
         )
         _verify(logits, adapter, dummy, mask, name)
     return adapter
+
+
+# --------------------------------------------------------------------------- finding the model
+
+
+def find_model(owner_module: nn.Module, model_attr: str | None = None, *,
+               who: str = "NormXLogitCallback") -> ModelAdapter:
+    """The adapter of the language model being trained inside ``owner_module`` (a
+    LightningModule, or any module wrapping the model; the model itself works too).
+
+    ``model_attr`` (a dotted attribute path) names it; else the one outermost Hugging Face
+    model, the trainable one when a frozen one sits beside it (a teacher, a reference);
+    else the one plain PyTorch LM (a module holding an `nn.Embedding` and an
+    `nn.ModuleList`), read by `discover_adapter`. Ambiguity and a frozen model while
+    something else trains are refused with a message naming the fix.
+    """
+    from transformers import PreTrainedModel
+
+    from .adapters import resolve_adapter
+
+    name = type(owner_module).__name__
+    if model_attr:
+        model = owner_module
+        try:
+            for part in model_attr.split("."):
+                model = getattr(model, part)
+        except AttributeError:
+            raise RuntimeError(f"{who}(model_attr={model_attr!r}): {name} has no such "
+                               "attribute") from None
+    else:
+        found = [(n, m) for n, m in owner_module.named_modules() if isinstance(m, PreTrainedModel)]
+        # Outermost models only: a CausalLM contains its base model.
+        outer = [(n, m) for n, m in found
+                 if not any(n != o and n.startswith(o + ".") for o, _ in found if o)]
+        if not outer:
+            model = _plain_model(owner_module, who)
+        else:
+            # A frozen model (a teacher, a reference) is not the one being trained.
+            trainable = [(n, m) for n, m in outer if _trainable(m)]
+            if len(outer) > 1 and len(trainable) == 1:
+                log.info("%s: watching %r, the only Hugging Face model with trainable "
+                         "parameters (frozen: %s)", who, trainable[0][0],
+                         [n for n, m in outer if m is not trainable[0][1]])
+                outer = trainable
+            if len(outer) != 1:
+                names = [n or "<the module itself>" for n, _ in outer]
+                raise RuntimeError(
+                    f"{who} found {len(outer)} Hugging Face models in {name} ({names}); pass "
+                    "model_attr='name' or adapter=ModelAdapter(...)")
+            model = _choose_model(owner_module, outer, who)
+    try:
+        return resolve_adapter(model)
+    except UnsupportedModelError as error:
+        raise RuntimeError(f"{who} cannot read the model: {error}") from error
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _choose_model(owner_module: nn.Module, outer: list, who: str) -> nn.Module:
+    """The one Hugging Face model found, unless it is frozen while another module trains."""
+    name, model = outer[0]
+    if _trainable(model):
+        return model
+    inside = {id(p) for p in model.parameters()}
+    training = [n for n, child in owner_module.named_children()
+                if any(p.requires_grad and id(p) not in inside for p in child.parameters())]
+    if training:
+        raise RuntimeError(
+            f"{who}: the only Hugging Face model, {name!r} ({type(model).__name__}), has no "
+            f"trainable parameters, while {training[0]!r} "
+            f"({type(getattr(owner_module, training[0])).__name__}) trains; its embeddings "
+            "would never move. Watch the trained model with "
+            f"adapter=ModelAdapter(module=pl_module.{training[0]}, ...), or pass "
+            f"model_attr={name!r} to watch the frozen model on purpose")
+    return model
+
+
+def _plain_model(owner_module: nn.Module, who: str) -> nn.Module:
+    """The one plain PyTorch language model in ``owner_module``: the outermost submodule
+    holding an `nn.Embedding` and an `nn.ModuleList` (the module itself when none does),
+    preferring the trainable one."""
+
+    def is_lm(m: nn.Module) -> bool:
+        kinds = {type(x) for x in m.modules()}
+        return any(issubclass(k, nn.Embedding) for k in kinds) and any(
+            issubclass(k, nn.ModuleList) for k in kinds)
+
+    found = [(n, m) for n, m in owner_module.named_modules() if n and is_lm(m)]
+    outer = [(n, m) for n, m in found if not any(n != o and n.startswith(o + ".") for o, _ in found)]
+    if len(outer) > 1:
+        outer = [(n, m) for n, m in outer if _trainable(m)] or outer
+    if len(outer) > 1:
+        raise RuntimeError(
+            f"{who} found {len(outer)} language models in {type(owner_module).__name__} "
+            f"({[n for n, _ in outer]}); pass model_attr='name' or adapter=ModelAdapter(...)")
+    if outer:
+        return outer[0][1]
+    if is_lm(owner_module):
+        return owner_module
+    raise RuntimeError(
+        f"{who} found no language model in {type(owner_module).__name__}: no Hugging Face "
+        "model and no module holding an nn.Embedding and an nn.ModuleList of blocks (if the "
+        "model is built in configure_model, build it there, not in a hook that runs later); "
+        "pass model_attr='name' or adapter=ModelAdapter(...)")

@@ -10,7 +10,6 @@ norm with log-frequency in the training data seen so far.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +32,9 @@ class EmbeddingSnapshot:
     stats: dict[str, float]  # mean, std (population), min, max, median, p05, p95 of norms
     top: list[tuple[int, float]]  # k largest (token_id, norm), largest first
     bottom: list[tuple[int, float]]  # k smallest (token_id, norm), smallest first
-    drift: float | None  # relative change since `previous`; None at the first snapshot
+    drift: float | None  # relative change of the norm vector since `previous`; None at first
     norm_logfreq_spearman: float  # Spearman(norm, log count) over seen tokens; NaN if < 3
     tied: bool  # whether input and output embeddings share one matrix
-    drift_kind: str | None = None  # "matrix" or "norms": what `drift` was measured on
 
 
 def _row_chunks(weight: Tensor) -> list[Tensor]:
@@ -65,42 +63,16 @@ def embedding_norms(weight: Tensor) -> Tensor:
     return norms.to("cpu", torch.float32)
 
 
-@torch.no_grad()
-def _matrix_drift(weight: Tensor, previous: Tensor) -> float:
-    """||W - W_prev||_F / ||W_prev||_F, streaming ``weight`` to ``previous``'s device by chunks."""
-    diff_sq = 0.0
-    prev_sq = 0.0
-    start = 0
-    for chunk in _row_chunks(weight):
-        prev = previous[start : start + chunk.shape[0]].to(torch.float64)
-        cur = chunk.to(device=previous.device, dtype=torch.float64)
-        diff_sq += float(torch.sum((cur - prev) ** 2))
-        prev_sq += float(torch.sum(prev**2))
-        start += chunk.shape[0]
-    return math.sqrt(diff_sq / prev_sq) if prev_sq > 0 else math.nan
-
-
-def _drift(weight: Tensor, norms: Tensor, previous: Tensor) -> tuple[float, str]:
+def _drift(norms: Tensor, previous: Tensor) -> float:
+    """``||n_t - n_prev|| / ||n_prev||`` over the row-norm vectors."""
     previous = previous.detach()
-    if previous.ndim == 2:
-        if previous.shape != weight.shape:
-            raise ValueError(
-                f"previous matrix must have the weight's shape {tuple(weight.shape)}, "
-                f"got {tuple(previous.shape)}"
-            )
-        return _matrix_drift(weight, previous), "matrix"
-    if previous.ndim == 1:
-        if previous.shape[0] != norms.shape[0]:
-            raise ValueError(
-                f"previous norms must have shape ({norms.shape[0]},), got {tuple(previous.shape)}"
-            )
-        prev = previous.to("cpu", torch.float64)
-        denom = float(torch.linalg.vector_norm(prev))
-        num = float(torch.linalg.vector_norm(norms.double() - prev))
-        return (num / denom if denom > 0 else math.nan), "norms"
-    raise ValueError(
-        f"previous must be a (V, d) matrix or a (V,) norms vector, got shape {tuple(previous.shape)}"
-    )
+    if tuple(previous.shape) != tuple(norms.shape):
+        raise ValueError(f"previous norms must have shape ({norms.shape[0]},), got "
+                         f"{tuple(previous.shape)}")
+    prev = previous.to("cpu", torch.float64)
+    denom = float(torch.linalg.vector_norm(prev))
+    num = float(torch.linalg.vector_norm(norms.double() - prev))
+    return num / denom if denom > 0 else math.nan
 
 
 def _stats(norms: Tensor) -> dict[str, float]:
@@ -127,35 +99,40 @@ def snapshot_embeddings(
     top_k: int = 20,
     tied: bool = False,
 ) -> EmbeddingSnapshot:
-    """Summarise the input embedding matrix ``weight`` ``(V, d)``.
+    """Summarise the input embedding matrix ``weight`` ``(V, d)`` (see `summarise_norms`)."""
+    return summarise_norms(embedding_norms(weight), counts=counts, previous=previous,
+                           top_k=top_k, tied=tied)
+
+
+def summarise_norms(
+    norms: Tensor,
+    *,
+    counts: Tensor | None = None,
+    previous: Tensor | None = None,
+    top_k: int = 20,
+    tied: bool = False,
+) -> EmbeddingSnapshot:
+    """Summarise the row norms ``(V,)`` of an input embedding matrix (CPU work only: the
+    snapshot worker calls this on norms the training thread measured).
 
     Args:
         counts: ``(V,)`` token counts (e.g. :attr:`TokenCounter.counts`); None
             leaves ``norm_logfreq_spearman`` NaN.
-        previous: what ``drift`` is measured against, by its shape:
-            a ``(V,)`` norms vector (the cheap choice: pass the previous
-            snapshot's ``norms``) gives ``||n_t - n_prev|| / ||n_prev||``;
-            a ``(V, d)`` matrix gives ``||W_t - W_prev||_F / ||W_prev||_F``.
-            Keep that matrix copy on CPU (``weight.detach().to("cpu", torch.float32)``):
-            the comparison runs on ``previous``'s device, streaming ``weight``
-            to it by chunks. None gives ``drift=None``.
+        previous: the previous snapshot's ``norms``: ``drift`` is
+            ``||n_t - n_prev|| / ||n_prev||``; None gives ``drift=None``.
         top_k: how many largest and smallest rows to list.
         tied: recorded as is; whether the matrix is shared with the LM head.
     """
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    weight = _check_matrix(weight)
-    norms = embedding_norms(weight)
+    norms = norms.detach().to("cpu", torch.float32)
     vocab = norms.shape[0]
-
     k = min(top_k, vocab)
     hi = torch.topk(norms, k, largest=True, sorted=True)
     lo = torch.topk(norms, k, largest=False, sorted=True)
     top = [(int(i), float(v)) for i, v in zip(hi.indices, hi.values, strict=True)]
     bottom = [(int(i), float(v)) for i, v in zip(lo.indices, lo.values, strict=True)]
-
-    drift, drift_kind = (None, None) if previous is None else _drift(weight, norms, previous)
-
+    drift = None if previous is None else _drift(norms, previous)
     rho = math.nan
     if counts is not None:
         if tuple(counts.shape) != (vocab,):
@@ -163,25 +140,16 @@ def snapshot_embeddings(
         counts = counts.detach().to("cpu")
         seen = counts > 0
         rho = spearman(norms[seen], torch.log(counts[seen].double()))
-
-    return EmbeddingSnapshot(
-        norms=norms,
-        stats=_stats(norms),
-        top=top,
-        bottom=bottom,
-        drift=drift,
-        norm_logfreq_spearman=rho,
-        tied=tied,
-        drift_kind=drift_kind,
-    )
+    return EmbeddingSnapshot(norms=norms, stats=_stats(norms), top=top, bottom=bottom,
+                             drift=drift, norm_logfreq_spearman=rho, tied=tied)
 
 
 class TokenCounter:
     """Token frequencies of the training batches seen so far.
 
-    ``counts`` is a ``(V,)`` int64 CPU tensor. :meth:`batch_counts` reads one training
-    batch and returns its ``(V,)`` histogram on the batch's device without a host sync
-    (the callback adds these up and reduces them across ranks at each snapshot).
+    ``counts`` is a ``(V,)`` int64 CPU tensor. :meth:`update` counts one training batch
+    into ``pending`` on the batch's device without a host sync; :meth:`collect` folds
+    ``pending`` into ``counts`` at each snapshot (summed over ranks when given a reduce).
 
     Which tokens a batch holds (:meth:`batch_tokens`):
 
@@ -220,7 +188,8 @@ class TokenCounter:
         self.mask_token_id = mask_token_id
         self.count_fn = count_fn
         self.counts = torch.zeros(vocab_size, dtype=torch.int64)
-        self._warned = False
+        self.pending: Tensor | None = None  # batches counted since the last `collect`
+        self.device = torch.device("cpu")  # where `collect` puts an empty pending histogram
 
     # ------------------------------------------------------------ reading a batch
 
@@ -275,41 +244,46 @@ class TokenCounter:
         counts = torch.zeros(self.vocab_size, dtype=torch.long, device=ids.device)
         return counts.scatter_add_(0, ids.clamp(0, self.vocab_size - 1), weights.long())
 
-    @torch.no_grad()
-    def update(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
-        """Add one batch. Masked positions (``attention_mask == 0``) are skipped;
-        ids outside ``[0, vocab_size)`` are skipped with a one-time warning."""
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        ids = input_ids.detach().reshape(-1)
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            ids = ids[attention_mask.detach().reshape(-1).to(ids.device).bool()]
-        in_range = (ids >= 0) & (ids < self.vocab_size)
-        if not bool(in_range.all()):
-            if not self._warned:
-                bad = ids[~in_range]
-                warnings.warn(
-                    f"TokenCounter: input_ids hold ids outside [0, vocab_size={self.vocab_size}) "
-                    f"(min {int(bad.min())}, max {int(bad.max())}); they are not counted. "
-                    "Does the tokenizer's vocabulary match the embedding matrix?",
-                    stacklevel=2,
-                )
-                self._warned = True
-            ids = ids[in_range]
-        self.counts += torch.bincount(ids, minlength=self.vocab_size).to("cpu", torch.int64)
+    def update(self, batch: Any) -> None:
+        """Count one training batch: its histogram is added to :attr:`pending` on the
+        batch's device, with no host sync (:meth:`collect` folds it into :attr:`counts`)."""
+        counts = self.batch_counts(batch)
+        if counts is not None:
+            self.pending = counts if self.pending is None else self.pending + counts
 
-    def not_counted_message(self, batch: Any) -> str:
-        """Why a batch gave no counts, with its structure, for the one warning."""
+    def collect(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Fold the pending histogram into :attr:`counts` and return them. ``reduce`` sums a
+        ``(V,)`` tensor over ranks (every rank must call this together when given)."""
+        pending = self.pending
+        if pending is None:
+            pending = torch.zeros(self.vocab_size, dtype=torch.long, device=self.device)
+        if reduce is not None:
+            pending = reduce(pending)
+        self.merge_(pending)
+        self.pending = None
+        return self.counts
+
+    def first_batch_problem(self, batch: Any) -> str | None:
+        """What is wrong with counting this batch (one host sync; call it once per fit):
+        no tokens found, or ids outside the vocabulary (not counted); None when fine."""
         how = ("pass batch_key=<the key or index of the token ids> (mask_key= for the "
                "attention mask), or count_fn=<batch -> token ids> for other batch formats")
-        return (f"no tokens were counted in the first training batch (batch_key="
-                f"{self.batch_key!r}); the batch is {_describe(batch)}. Token counts stay 0 "
-                f"and embedding/norm_logfreq_spearman NaN: {how}")
+        found = self.batch_tokens(batch)
+        if found is None or self.pending is None or int(self.pending.sum()) == 0:
+            return (f"no tokens were counted in the first training batch (batch_key="
+                    f"{self.batch_key!r}); the batch is {_describe(batch)}. Token counts stay 0 "
+                    f"and embedding/norm_logfreq_spearman NaN: {how}")
+        ids, keep = found
+        ids = ids.detach().reshape(-1)
+        if keep is not None:
+            ids = ids[keep.reshape(-1).to(ids.device)]
+        bad = ids[(ids >= self.vocab_size) | ((ids < 0) & (ids != -100))]
+        if bad.numel():
+            return (f"the first training batch holds token ids outside [0, vocab_size="
+                    f"{self.vocab_size}) (min {int(bad.min())}, max {int(bad.max())}); they "
+                    "are not counted. Does the tokenizer's vocabulary match the embedding "
+                    "matrix?")
+        return None
 
     def merge_(self, other_counts: Tensor) -> None:
         """Add ``other_counts`` ``(V,)`` in place, e.g. the other ranks' counts."""

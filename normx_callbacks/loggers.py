@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import html
 import logging
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -267,3 +269,58 @@ class LoggerSink:
             return wandb.Html(page, inject=False)
 
         self._media(tag, step, tensorboard=lambda w: None, wandb=wb)
+
+
+PREFIX = "normx"
+
+
+class SnapshotLogger:
+    """Logs each snapshot to the loggers: scalars, the norm histogram and extremes, and for
+    the first ``media_probes`` probes the layer and history heatmaps, the token table and
+    (W&B) the coloured tokens. Keeps the score history the history heatmaps draw (the last
+    ``history_length`` snapshots). Runs on the snapshot worker, one snapshot at a time."""
+
+    def __init__(self, loggers: Sequence[Logger], ctx, *, media_probes: int,
+                 history_length: int) -> None:
+        self.sink = LoggerSink(loggers)
+        self.ctx = ctx
+        self.media_probes = media_probes
+        self.history: deque = deque(maxlen=history_length)
+
+    def log(self, step: int, built, attr, counts) -> None:
+        with self.sink.snapshot(step):  # W&B: one log call for the snapshot's media
+            self._log(step, built, attr, counts)
+
+    def _log(self, step: int, built, attr, counts) -> None:
+        sink, ctx = self.sink, self.ctx
+        norms = built.embed.norms.numpy()
+        sink.scalars({f"{PREFIX}/{k}": v for k, v in built.metrics.items()}, step)
+        sink.histogram(f"{PREFIX}/embedding/norms", norms, step)
+        seen, never_seen = norm_extremes(norms, counts.numpy(), ctx.top_k, ctx.text_of)
+        sink.table(f"{PREFIX}/embedding/top", seen, step)  # tokens seen in training, counts
+        sink.table(f"{PREFIX}/embedding/top_never_seen", never_seen, step)
+        enc = ctx.encoded
+        self.history.append((step, attr.scores[: self.media_probes].numpy()))
+        tokens_table = built.tables["tokens"]
+        last_layer = tokens_table[tokens_table.layer == tokens_table.layer.max()]
+        for b in range(min(self.media_probes, len(enc))):
+            probe_id = enc.ids[b]
+            n = int(enc.attention_mask[b].sum())
+            tokens = ctx.tokens[b][:n]
+            cues = enc.cue_mask[b, :n].tolist()
+            # Images are drawn lazily: only when some logger shows images.
+            if attr.layer_scores is not None:
+                image = partial(plots.layer_heatmap, attr.layer_scores[b, :, :n].numpy(), tokens,
+                                attr.layers, title=f"{probe_id} at step {step}", cues=cues)
+                sink.figure(f"{PREFIX}/heatmap/{probe_id}/layers", image, step)
+            steps = [s for s, _ in self.history]
+            history = np.stack([scores[b, :n] for _, scores in self.history])
+            image = partial(plots.history_heatmap, history, tokens, steps,
+                            title=f"{probe_id}: NormXLogit over training", cues=cues)
+            sink.figure(f"{PREFIX}/heatmap/{probe_id}/history", image, step)
+            rows = last_layer[last_layer.probe_id == probe_id]
+            sink.table(f"{PREFIX}/tokens/{probe_id}",
+                       rows[["position", "token", "is_cue", "norm", "logat", "score"]], step)
+            sink.html(f"{PREFIX}/html/{probe_id}",
+                      token_html(tokens, attr.scores[b, :n].tolist(),
+                                 title=f"{probe_id} step {step}"), step)

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .attribution import _as_rows, normxlogit, prepare_inputs
 from .adapters import ModelAdapter, probe_mode, resolve_adapter
+from .attribution import _as_rows, normxlogit, prepare_inputs
 
 METHODS = (
     "normxlogit",
@@ -43,6 +43,9 @@ METHODS = (
     "integrated_gradients",
 )
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+# Forward-only methods are cheap enough to evaluate during training by default; gradient
+# methods (a backward pass per probe, x n_steps for IG) are opt-in.
+FORWARD_METHODS = tuple(m for m in METHODS if m not in GRADIENT_METHODS)
 INSTALL_HINT = "pip install 'normx-callbacks[baselines]'"
 
 

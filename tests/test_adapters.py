@@ -12,9 +12,9 @@ from lm_shapes import Config, GPTModule, LitGPT, NanoGPT
 from torch import nn
 
 from normx_callbacks import NormXLogitCallback, UnsupportedModelError, normxlogit
-from normx_callbacks.discovery import discover_adapter
-from normx_callbacks.demo import TextDataModule
 from normx_callbacks.adapters import probe_mode
+from normx_callbacks.demo import TextDataModule
+from normx_callbacks.discovery import discover_adapter
 
 
 def full_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_trainer_attaches_to_a_plain_gpt_without_an_adapter(dm, tmp_path, cls,
     assert trainer.global_step == 2 and callback.snapshot_steps == [0, 1, 2]
     assert callback.adapter.module is module.model
     # The last snapshot's last-layer logits are the trained model's own, probe by probe.
-    enc, attr = callback._encoded, callback.last_attribution
+    enc, attr = callback.engine.ctx.encoded, callback.last_attribution
     module.model.eval()
     for b in range(len(enc)):
         n = int(enc.attention_mask[b].sum())

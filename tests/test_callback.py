@@ -137,7 +137,7 @@ def test_tensorboard_receives_scalars_histograms_images_and_markdown(tb_run, dm)
     tags = acc.Tags()
 
     for tag in ("normx/alignment/ap", "normx/embedding/mean", "normx/probe/target_prob",
-                "normx/embedding/track/is", "normx/snapshot/seconds"):
+                "normx/embedding/track/is", "normx/snapshot/train_seconds", "normx/snapshot/worker_seconds"):
         assert [e.step for e in acc.Scalars(tag)] == EXPECTED_STEPS, tag
     # Drift and stability need a previous snapshot.
     assert [e.step for e in acc.Scalars("normx/stability/spearman")] == EXPECTED_STEPS[1:]

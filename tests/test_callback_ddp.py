@@ -51,8 +51,8 @@ def main():
     # No store_dir: the default <log_dir>/normx needs `trainer.log_dir` on every rank.
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=1)
     shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
-    attribute = callback._attribute
-    callback._attribute = lambda rows: (shares.append(list(rows)), attribute(rows))[1]
+    attribute = callback.engine.attribute
+    callback.engine.attribute = lambda rows: (shares.append(list(rows)), attribute(rows))[1]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps={max_steps},
         logger=TensorBoardLogger(root, name="ddp"), callbacks=[callback],

@@ -112,7 +112,7 @@ def test_a_probe_left_out_of_alignment_is_named_once(dm, tmp_path, caplog):
               # Its only cue is a special token: never ranked, so it cannot enter AP.
               {"text": "<|endoftext|> the keys near the cabinet", "target": "are",
                "foil": "is", "cues": ["<|endoftext|>"], "id": "special-cue"}]
-    with caplog.at_level(logging.WARNING, logger="normx_callbacks.callback"):
+    with caplog.at_level(logging.WARNING, logger="normx_callbacks"):
         callback = _fit(dm, tmp_path, probes=probes)
     named = [r for r in caplog.records if "special-cue" in r.getMessage()]
     assert len(named) == 1 and "left out of alignment" in named[0].getMessage()

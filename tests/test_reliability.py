@@ -327,13 +327,17 @@ class DiskSwitch(Callback):
         return run.steps, run.missing.step.tolist()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # The worker writes in the background: wait for it, so the disk is full exactly
+        # while the snapshots at `full_steps` are written.
+        self.callback.engine.flush()
         step = trainer.global_step
         self.seen[step] = self._look()
-        self.held.append(len(self.callback._unwritten))
+        self.held.append(len(self.callback.engine._unwritten))
         self.disk.full = step in self.full_steps
 
     def on_train_end(self, trainer, pl_module):
-        self.at_end = (len(self.callback._unwritten), load_run(self.store).missing)
+        self.callback.engine.flush()
+        self.at_end = (len(self.callback.engine._unwritten), load_run(self.store).missing)
 
 
 def test_a_full_disk_delays_snapshots_which_are_retried_and_written(dm, tmp_path, caplog,
@@ -365,7 +369,7 @@ def test_a_full_disk_delays_snapshots_which_are_retried_and_written(dm, tmp_path
 
 def test_a_disk_that_stays_full_records_every_lost_snapshot_as_missing(dm, tmp_path, caplog,
                                                                        monkeypatch):
-    from normx_callbacks.callback import MAX_UNWRITTEN
+    from normx_callbacks.engine import MAX_UNWRITTEN
 
     caplog.set_level(logging.WARNING, logger="normx_callbacks")
     store = tmp_path / "store"

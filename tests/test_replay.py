@@ -21,7 +21,7 @@ SAVED = (4, 8)
 # Metrics that depend on the snapshots before (drift, stability), the batches seen (the
 # frequency correlation) or the clock; a replay has none of these. Every other must agree.
 HISTORY_METRICS = ("embedding/drift", "stability/", "embedding/norm_logfreq_spearman",
-                   "snapshot/seconds")
+                   "snapshot/")
 
 
 class SaveHF(Callback):

@@ -24,7 +24,7 @@ from normx_callbacks.demo import LanguageModel, TextDataModule
 from normx_callbacks.store import RUN_FILE, find_runs, load_store
 from normx_callbacks.summary import next_commands
 
-CALLBACK_LOG = "normx_callbacks.callback"
+CALLBACK_LOG = "normx_callbacks.engine"
 
 
 @pytest.fixture(scope="module")

@@ -427,7 +427,7 @@ def test_a_model_without_mask_support_scores_padded_probes_as_alone(causal_dm, t
                                   faithfulness_every=1, faithfulness_methods=("normxlogit",),
                                   store_dir=tmp_path / "store")
     trainer_for(tmp_path, callback, max_steps=3).fit(model, causal_dm)
-    enc = callback._encoded
+    enc = callback.engine.ctx.encoded
     lengths = enc.attention_mask.sum(1)
     assert len(set(lengths.tolist())) > 1  # the batch really is padded
     batched = callback.last_attribution
@@ -440,8 +440,8 @@ def test_a_model_without_mask_support_scores_padded_probes_as_alone(causal_dm, t
         assert torch.isnan(batched.logat[b, n:]).all()
     # Faithfulness too: the mean over probes each evaluated alone.
     alone = [faithfulness_table(adapter, enc.select([b], n), ("normxlogit",),
-                                replacement=callback._replacement,
-                                protect=callback._protect[[b], :n])
+                                replacement=callback.engine.replacement,
+                                protect=callback.engine.ctx.protect[[b], :n])
              for b, n in enumerate(lengths.tolist())]
     for key in ("comprehensiveness", "sufficiency"):
         expected = sum(float(t[key].iloc[0]) for t in alone) / len(alone)

@@ -74,5 +74,5 @@ def test_without_intervals_only_point_values_are_stated(tmp_path):
 
 
 def test_store_without_these_metrics_says_nothing(tmp_path):
-    run = _store(tmp_path, {0: {"snapshot/seconds": (0.1, NAN, NAN)}})
+    run = _store(tmp_path, {0: {"snapshot/train_seconds": (0.1, NAN, NAN)}})
     assert summary_paragraph(run) == "" and headline_lines(run) == []

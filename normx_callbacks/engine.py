@@ -1,0 +1,728 @@
+"""The engine: probes in, snapshots out to the store and the loggers, with no Trainer in it.
+
+Every driver runs the same engine: the Lightning callback (`callback.py`), the Fabric /
+plain-loop monitor (`monitor.py`) and `normx replay` (`replay.py`). A driver
+
+1. builds an `Engine` from the user's arguments (checked at once: bad input fails before
+   any training step);
+2. calls `prepare(adapter, tokenizer, ...)` once the model exists, which encodes the probes
+   for it and fixes everything the builders need (`snapshot.ProbeContext`);
+3. on rank 0, calls `open_run(...)` to choose the store and record the run (`run.json`);
+4. feeds every training batch to `count(batch)` and calls `snapshot(step)` at the steps
+   `due(step)` names (every rank together in a distributed run);
+5. calls `flush()` before a checkpoint is saved and `close()` when training ends.
+
+`snapshot(step)` does on the calling (training) thread only what needs the model's weights
+at that step: the probe forward inside the run's precision context with every RNG saved and
+restored, the embedding row norms and, when due, the faithfulness forwards, all moved to the
+CPU (a `snapshot.Snapshot`). The snapshot worker (`pipeline.Pipeline`) then builds metrics and
+tables, writes the store (retrying a failed write at the next snapshot) and calls the
+loggers, while training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .adapters import ModelAdapter
+from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
+from .embeddings import TokenCounter, embedding_norms
+from .faithfulness import REPLACEMENTS, faithfulness_rows, resolve_replacement, special_token_mask
+from .loggers import SnapshotLogger
+from .methods import FORWARD_METHODS, GRADIENT_METHODS, METHODS, require_captum
+from .pipeline import Pipeline
+from .probes import ProbeSet
+from .probes import _readable as readable_tokens
+from .schedule import SnapshotSchedule
+from .snapshot import ProbeContext, Snapshot, SnapshotBuilder, metrics_table
+from .store import (
+    SnapshotStore,
+    holds_snapshots,
+    read_run_record,
+    sibling_root,
+    write_run_record,
+)
+
+log = logging.getLogger(__name__)
+
+# Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
+# before the next one; a few at most, so a disk that stays full cannot grow memory.
+MAX_UNWRITTEN = 3
+MODES = ("single", "shared", "collective")
+
+
+@contextmanager
+def preserved_rng():
+    """Snapshots must not shift any random stream the training run draws from."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _positive(name: str, value: Any, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        kind = "positive" if least else "non-negative"
+        raise ValueError(f"{name}={value!r} must be a {kind} integer")
+
+
+class Engine:
+    """The measurement and everything after it, for one run (see the module docstring).
+
+    The arguments are `NormXLogitCallback`'s, which documents them; ``owner`` names the
+    driver in messages. ``max_pending`` bounds how many snapshots wait for the worker.
+    """
+
+    def __init__(
+        self,
+        probes: ProbeSet | Sequence | str | os.PathLike | None = None,
+        *,
+        schedule: str = "log",
+        every_n_steps: int = 100,
+        steps: Sequence[int] | None = None,
+        log_base: int = 2,
+        layers: str | Sequence[int] | None = "all",
+        norm: str = "layer0",
+        objective: str = "auto",
+        track_tokens: Sequence[str] = (),
+        top_k: int = 20,
+        batch_key: str | int = "input_ids",
+        mask_key: str | int | None = "attention_mask",
+        count_fn: Callable[[Any], Tensor] | None = None,
+        media_probes: int = 2,
+        probe_batch_size: int = 32,
+        history_length: int = 64,
+        faithfulness_every: int | None = 4,
+        faithfulness_methods: Sequence[str] = FORWARD_METHODS,
+        faithfulness_probes: int = 16,
+        faithfulness_replacement: str = "auto",
+        max_pending: int = 8,
+        owner: str = "NormXLogitCallback",
+    ) -> None:
+        self.owner = owner
+        self.probes = None if probes is None else ProbeSet.coerce(probes)
+        self.schedule = SnapshotSchedule(schedule, every_n_steps=every_n_steps, steps=steps,
+                                         base=log_base)
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+        if objective not in ("auto", "causal", "masked"):
+            raise ValueError(f"objective={objective!r} is not one of ('auto', 'causal', 'masked')")
+        if isinstance(layers, str) and layers != "all":
+            raise ValueError(f"layers={layers!r}: use 'all', None or a list of layer indices")
+        if isinstance(layers, (list, tuple)) and (
+            not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        ):
+            raise ValueError(f"layers={layers!r}: use 'all', None or a non-empty list of layer "
+                             "indices (ints)")
+        for name, value in (("top_k", top_k), ("media_probes", media_probes),
+                            ("history_length", history_length)):
+            _positive(name, value, 0)
+        for name, value in (("probe_batch_size", probe_batch_size),
+                            ("faithfulness_probes", faithfulness_probes),
+                            ("faithfulness_every", faithfulness_every or 1),
+                            ("max_pending", max_pending)):
+            _positive(name, value, 1)
+        unknown = [m for m in faithfulness_methods if m not in METHODS]
+        if unknown or not faithfulness_methods:
+            raise ValueError(f"faithfulness_methods={list(faithfulness_methods)!r}: unknown "
+                             f"{unknown}; valid names are {METHODS}")
+        if faithfulness_replacement not in REPLACEMENTS:
+            raise ValueError(f"faithfulness_replacement={faithfulness_replacement!r} is not one "
+                             f"of {REPLACEMENTS}")
+        if count_fn is not None and not callable(count_fn):
+            raise ValueError(f"count_fn={count_fn!r} must be a callable batch -> token ids")
+        self.layers = list(layers) if isinstance(layers, (list, tuple)) else layers
+        self.norm = norm
+        self.objective = objective
+        self.track_tokens = list(track_tokens)
+        self.top_k = top_k
+        self.batch_key = batch_key
+        self.mask_key = mask_key
+        self.count_fn = count_fn
+        self.media_probes = media_probes
+        self.probe_batch_size = probe_batch_size
+        self.history_length = history_length
+        self.faithfulness_every = faithfulness_every
+        self.faithfulness_methods = tuple(faithfulness_methods)
+        self.faithfulness_probes = faithfulness_probes
+        self.faithfulness_replacement = faithfulness_replacement
+        self.max_pending = max_pending
+
+        # Results of the last snapshot, as plain attributes that tests and users read.
+        self.last_metrics: dict[str, float] = {}
+        self.last_attribution: Attribution | None = None
+        self.snapshot_steps: list[int] = []
+        self.store: SnapshotStore | None = None
+        self.adapter: ModelAdapter | None = None
+        self.ctx: ProbeContext | None = None
+        self.counter: TokenCounter | None = None
+        self.builder: SnapshotBuilder | None = None
+        self.pipeline: Pipeline | None = None
+        self.run: dict | None = None  # run.json of the store being written (rank zero)
+        self.run_meta: dict = {}
+        self.mode = "single"
+        self.rank, self.world = 0, 1
+        self.is_writer = True
+        self._forward_context: Callable[[], AbstractContextManager] = nullcontext
+        self._logger: SnapshotLogger | None = None
+        self._unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
+        self._count_checked = False
+        self._prev_state: dict | None = None  # builder state restored before `prepare`
+
+    # ------------------------------------------------------------------ setup
+
+    def check_methods_for(self, mode: str) -> None:
+        if mode == "collective":
+            gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
+            if self.faithfulness_every and gradient:
+                raise RuntimeError(
+                    f"{self.owner}: faithfulness_methods {gradient} need a backward pass, "
+                    "which under ModelParallelStrategy would reduce gradients into the sharded "
+                    "parameters; use the forward-only methods there")
+
+    def prepare(self, adapter: ModelAdapter, tokenizer: Any, *, loggers: Sequence = (),
+                mode: str = "single", is_writer: bool = True,
+                forward_context: Callable[[], AbstractContextManager] | None = None) -> None:
+        """Encode the probes for the model and fix what the builders need.
+
+        Args:
+            adapter: the model, read (`resolve_adapter`, `discover_adapter`) or hand-built.
+            tokenizer: the run's tokenizer (fast HF tokenizer).
+            loggers: Lightning or Fabric loggers the snapshots go to.
+            mode: "single" (one process writes), "shared" (DDP: every rank measures a share
+                of the probes, rank 0 gathers and writes) or "collective" (FSDP2: every rank
+                runs every probe so the sharded all-gathers match; rank 0 writes).
+            is_writer: whether this process writes the store and the loggers (rank 0).
+            forward_context: the run's precision context (autocast) for the probe forwards.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        if self.probes is None:
+            raise RuntimeError(f"{self.owner} has no probes: pass probes=[...] (texts, dicts, a "
+                               "ProbeSet, a YAML/JSONL path or 'blimp:PATH')")
+        self.check_methods_for(mode)
+        self.mode = mode
+        self.is_writer = is_writer
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank = torch.distributed.get_rank()
+            self.world = torch.distributed.get_world_size()
+        self._forward_context = forward_context or nullcontext
+        if adapter.num_layers is None:
+            raise RuntimeError(f"{self.owner}: the ModelAdapter's num_layers is not set; pass "
+                               "ModelAdapter(..., num_layers=L)")
+        try:
+            _resolve_layers(self.layers, adapter.num_layers)
+        except ValueError as error:
+            # Caught here, not at the first snapshot (which would record every one as missing).
+            raise ValueError(f"{self.owner}: {error}") from None
+        objective = self.objective
+        if objective == "auto":
+            if adapter.kind not in ("causal", "masked"):
+                raise RuntimeError(
+                    f"{self.owner} instruments language-model pre-training, but the model is a "
+                    f"{adapter.kind} model; use normxlogit() directly for classifiers")
+            objective = adapter.kind
+        vocab = adapter.embedding.num_embeddings
+        if len(tokenizer) > vocab:
+            raise RuntimeError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                f"{vocab} rows: pass the tokenizer the model was built for")
+        self.adapter = adapter
+        encoded = self.probes.encode(tokenizer, objective=objective,
+                                     max_length=adapter.context_length)
+        self.ctx = ProbeContext(
+            encoded=encoded,
+            objective=objective,
+            # One rule for special tokens: never ranked by alignment, never removed by AOPC.
+            protect=special_token_mask(encoded.input_ids, tokenizer),
+            tokens=encoded.tokens,
+            token_strings=tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))),
+            text_of=partial(readable_tokens, tokenizer),
+            track_ids=self._resolve_tracked(tokenizer),
+            num_layers=adapter.num_layers,
+            faithfulness_methods=self.faithfulness_methods,
+            top_k=self.top_k,
+            tied=adapter.tied,
+        )
+        if self.faithfulness_every:
+            self._prepare_faithfulness(tokenizer)
+        counter = TokenCounter(vocab, batch_key=self.batch_key, mask_key=self.mask_key,
+                               masked=objective == "masked",
+                               mask_token_id=getattr(tokenizer, "mask_token_id", None),
+                               count_fn=self.count_fn)
+        counter.device = adapter.embedding.weight.device
+        if self.counter is not None and self.counter.vocab_size == vocab:
+            counter.counts = self.counter.counts  # loaded from a checkpoint
+        self.counter = counter
+        self._count_checked = False
+        previous = self.builder
+        self.builder = SnapshotBuilder(self.ctx)
+        if previous is not None:  # a second fit with the same driver goes on from the first
+            self.builder.prev_norms, self.builder.prev_scores = (previous.prev_norms,
+                                                                 previous.prev_scores)
+        if self._prev_state is not None:
+            self.builder.prev_norms = self._prev_state["prev_norms"]
+            self.builder.prev_scores = self._prev_state["prev_scores"]
+            self._prev_state = None
+        self.run_meta = {
+            "objective": objective,
+            "norm": self.norm,
+            "layers": self.layers,
+            "model": type(adapter.module).__name__ if adapter.module else None,
+            "num_layers": adapter.num_layers,
+            "vocab_size": vocab,
+            "tied_embeddings": adapter.tied,
+            "probes": len(self.probes),
+        }
+        if is_writer:
+            self._logger = SnapshotLogger(loggers, self.ctx, media_probes=self.media_probes,
+                                          history_length=self.history_length)
+            if self.pipeline is None:
+                self.pipeline = Pipeline(self._job_failed, max_pending=self.max_pending)
+
+    def _prepare_faithfulness(self, tokenizer: Any) -> None:
+        gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
+        if gradient:
+            require_captum(gradient[0])  # a missing optional backend fails here, not mid-run
+        self.replacement = resolve_replacement(tokenizer, self.faithfulness_replacement,
+                                                attention=self.adapter.accepts_mask)
+        if self.faithfulness_replacement == "auto" and self.replacement.strategy in (
+                "unk", "pad"):
+            log.warning("%s: the tokenizer has no mask or eos token and the model takes no "
+                        "attention mask, so faithfulness replaces tokens with %s %r, which "
+                        "training may never have shown the model; pass "
+                        "faithfulness_replacement= to choose", self.owner,
+                        self.replacement.strategy, self.replacement.token)
+        if self.replacement.strategy == "attention" and not self.adapter.accepts_mask:
+            raise ValueError(f"{self.owner}: faithfulness_replacement resolves to 'attention' "
+                             "but the model takes no attention mask; pass "
+                             "faithfulness_replacement='eos' (or another token)")
+
+    def _resolve_tracked(self, tokenizer: Any) -> dict[str, int]:
+        tracked = {}
+        for word in self.track_tokens:
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise RuntimeError(
+                    f"track_tokens: {word!r} is not a single token for this tokenizer "
+                    f"(it splits into {len(ids)}); track single-token words")
+            tracked[word] = ids[0]
+        return tracked
+
+    @property
+    def prepared(self) -> bool:
+        return self.ctx is not None
+
+    # ------------------------------------------------------------------ run identity
+
+    def open_run(self, root: Path, *, restored: dict | None, loggers: Sequence = (),
+                 going_on: bool = False) -> None:
+        """Choose the store of this run and record the run (``run.json``); writer only.
+
+        A resume (``restored``: the run id and store a checkpoint recorded) writes into the
+        store of the run it came from; ``going_on`` (the same driver fitting on from steps it
+        already took) keeps its store; a fresh run gets a new run id and never writes into
+        another run's store: it goes beside it (``<root>-<8 hex>``).
+        """
+        self.flush()
+        if restored is None and self.run is not None and going_on:
+            return  # fitting on in memory: the same run, the same store
+        if restored is not None and restored.get("run_id"):
+            old = Path(restored["store"]) if restored.get("store") else None
+            record = read_run_record(old) if old is not None else None
+            if record is not None and record["run_id"] == restored["run_id"]:
+                self._use_store(old, record)
+                return
+            run = self._new_run(loggers, continues=restored["run_id"])
+            root = self._free_root(root, run["run_id"], quiet=True)
+            log.warning("%s: the store of run %s (%s) is gone; this resumed run writes a new "
+                        "store at %s that records which run it continues", self.owner,
+                        restored["run_id"], old, root)
+        else:
+            run = self._new_run(loggers, continues=None)
+            if restored is not None and read_run_record(root) is None:
+                # A checkpoint from before stores recorded their run: its store is this one.
+                self._use_store(root, run)
+                return
+            root = self._free_root(root, run["run_id"])
+        self._use_store(root, run)
+
+    def _new_run(self, loggers: Sequence, *, continues: str | None) -> dict:
+        described = [{"type": type(lg).__name__, "name": _attr_or_none(lg, "name"),
+                      "version": _attr_or_none(lg, "version")} for lg in loggers]
+        wandb = [lg["version"] for lg in described if lg["type"] == "WandbLogger"]
+        return {"run_id": uuid.uuid4().hex,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "loggers": described, "wandb_run_id": wandb[0] if wandb else None,
+                "continues": continues}
+
+    def _free_root(self, root: Path, run_id: str, *, quiet: bool = False) -> Path:
+        """``root``, or the store beside it when ``root`` already holds another run."""
+        record = read_run_record(root)
+        if (record is None or record["run_id"] != run_id) and holds_snapshots(root):
+            other = record["run_id"] if record else "without a run id"
+            beside = sibling_root(root, run_id)
+            if not quiet:
+                log.warning("%s: %s holds another run's snapshots (run %s); this run (%s) "
+                            "writes its store beside it at %s", self.owner, root, other,
+                            run_id, beside)
+            return beside
+        return root
+
+    def _use_store(self, root: Path, run: dict) -> None:
+        self.store = SnapshotStore(root, run_meta=self.run_meta)
+        write_run_record(root, run)
+        self.run = run
+
+    def truncate_after(self, step: int) -> None:
+        """Drop snapshots a killed run wrote after its last checkpoint (they are re-taken)."""
+        self.flush()
+        if self.store is not None:
+            self.store.truncate_after(step)
+
+    # ------------------------------------------------------------------ counting
+
+    def count(self, batch: Any) -> None:
+        """Count one training batch's tokens (on its device, no host sync)."""
+        self.counter.update(batch)
+
+    def check_counted(self, batch: Any) -> None:
+        """Once per fit, after the first batch: one host sync, so a batch format the counter
+        cannot read (or ids outside the vocabulary) do not leave counts wrong without a
+        word."""
+        if self._count_checked:
+            return
+        self._count_checked = True
+        problem = self.counter.first_batch_problem(batch)
+        if problem:
+            log.warning("%s: %s", self.owner, problem)
+
+    def collect_counts(self) -> Tensor:
+        """Fold the counted batches into the counts, summed over ranks (every rank calls)."""
+        reduce = None
+        if self.world > 1:
+            def reduce(t: Tensor) -> Tensor:
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+                return t
+        return self.counter.collect(reduce)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def due(self, step: int) -> bool:
+        return step in self.schedule
+
+    def snapshot(self, step: int, *, final: bool = False) -> None:
+        """Measure at ``step`` (every rank together when distributed) and hand the snapshot
+        to the worker. Never raises for a probe: a failure is recorded as missing."""
+        start = time.perf_counter()
+        counts = self.collect_counts()
+        if self.mode == "single":
+            faith_due = self._faithfulness_due(final)
+            snap = self._measure(step, final, range(len(self.ctx.encoded)), faith_due)
+        else:
+            faith_due = self._broadcast(self._faithfulness_due(final) if self.rank == 0 else None)
+            snap = self._measure_distributed(step, final, faith_due)
+        if not self.is_writer or snap is None:
+            return
+        snap.counts = counts.clone()
+        snap.train_seconds = time.perf_counter() - start
+        if snap.error is None:
+            self.snapshot_steps.append(step)
+        self.pipeline.submit(step, self._process, snap)
+
+    def _faithfulness_due(self, final: bool) -> bool:
+        every = self.faithfulness_every
+        return bool(every) and (final or len(self.snapshot_steps) % every == 0)
+
+    def _broadcast(self, value: Any) -> Any:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _measure(self, step: int, final: bool, rows: Sequence[int], faith_due: bool,
+                 weight: Tensor | None = None) -> Snapshot:
+        with preserved_rng():
+            try:
+                with self._forward_context():
+                    attribution = self.attribute(rows)
+                faith = (self.faithfulness_parts(range(min(self.faithfulness_probes,
+                                                           len(self.ctx.encoded))))
+                         if faith_due else None)
+                norms = embedding_norms(self.adapter.embedding.weight if weight is None
+                                        else weight)
+            except Exception as error:  # the training run must never die for a probe
+                return Snapshot(step, final, error=f"{type(error).__name__}: {error}")
+        return Snapshot(step, final, attribution=attribution, norms=norms, faithfulness=faith)
+
+    def _measure_distributed(self, step: int, final: bool, faith_due: bool) -> Snapshot | None:
+        """"shared": each rank measures its share of the probes and of the faithfulness
+        probes, rank 0 gathers them in probe order. "collective" (FSDP2): every rank runs
+        every probe in the same order, a sharded embedding is gathered on every rank, and
+        rank 0 keeps its own result. A rank's failure is sent as an error, so every rank
+        reaches the gather and training goes on."""
+        n = len(self.ctx.encoded)
+        n_faith = min(self.faithfulness_probes, n)
+        weight = None
+        with preserved_rng():
+            try:
+                if self.mode == "shared":
+                    rows, faith_rows = (_share(n, self.rank, self.world),
+                                        _share(n_faith, self.rank, self.world))
+                else:
+                    rows, faith_rows = list(range(n)), list(range(n_faith))
+                    weight = _full_tensor(self.adapter.embedding.weight.detach())
+                with self._forward_context():
+                    part = self.attribute(rows) if rows else None
+                faith = self.faithfulness_parts(faith_rows) if faith_due else None
+                mine: object = (rows, part, faith)
+            except Exception as error:  # noqa: BLE001 - recorded as missing by rank 0
+                mine = RuntimeError(f"rank {self.rank}: {type(error).__name__}: {error}")
+        if self.mode == "collective":
+            gathered = [mine]
+        else:
+            gathered = [None] * self.world if self.rank == 0 else None
+            torch.distributed.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        try:
+            attribution, faith = _merge_shares(gathered, faith_due)
+            with preserved_rng():
+                norms = embedding_norms(self.adapter.embedding.weight if weight is None
+                                        else weight)
+        except Exception as error:  # noqa: BLE001 - a rank's failure: the step is missing
+            return Snapshot(step, final, error=f"{type(error).__name__}: {error}")
+        return Snapshot(step, final, attribution=attribution, norms=norms, faithfulness=faith)
+
+    def attribute(self, rows: Sequence[int]) -> Attribution:
+        """NormXLogit of the probes at `rows`, on the CPU."""
+        adapter = self.adapter
+        encoded = self.ctx.encoded
+        enc = encoded.select(list(rows)).to(adapter.embedding.weight.device)
+        return normxlogit(
+            adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
+            targets=enc.targets, foils=enc.foils if bool((encoded.foils >= 0).any()) else None,
+            layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
+        ).cpu()
+
+    def faithfulness_parts(self, rows: Sequence[int]) -> list[pd.DataFrame]:
+        """Per-probe AOPC rows of the configured methods on the faithfulness probes at `rows`
+        (a subset of the first `faithfulness_probes`). A model that takes no attention mask
+        sees padding as text: probes of each length are evaluated apart."""
+        rows = list(rows)
+        if not rows:
+            return []
+        subset = self.ctx.encoded.select(rows)
+        protect = self.ctx.protect[rows].to(self.adapter.embedding.weight.device)
+        groups = ([(list(range(len(subset))), subset)] if self.adapter.accepts_mask
+                  else subset.equal_length_groups())
+        parts = []
+        for group_rows, group in groups:
+            with self._forward_context():
+                parts.append(faithfulness_rows(
+                    self.adapter, group, self.faithfulness_methods,
+                    replacement=self.replacement,
+                    protect=protect[group_rows][:, : group.input_ids.shape[1]],
+                    batch_size=self.probe_batch_size))
+        return parts
+
+    # ------------------------------------------------------------------ worker side
+
+    def _process(self, snap: Snapshot) -> None:
+        """On the worker: metrics and tables, the store write, then the loggers."""
+        if snap.error is not None:
+            self._failed(snap.step, snap.error)
+            return
+        start = time.perf_counter()
+        built = self.builder.build(snap)
+        built.metrics["snapshot/worker_seconds"] = time.perf_counter() - start
+        built.tables["metrics"] = metrics_table(built.metrics, built.intervals)
+        self._write(snap.step, built.tables)
+        self.last_metrics = built.metrics
+        self.last_attribution = snap.attribution
+        try:
+            self._logger.log(snap.step, built, snap.attribution, snap.counts)
+        except Exception as error:  # e.g. a figure that cannot be drawn: the store has it
+            log.warning("%s: logging the snapshot at step %d failed (%s: %s); it is in the "
+                        "snapshot store", self.owner, snap.step, type(error).__name__, error)
+
+    def _job_failed(self, step: Any, error: BaseException) -> None:
+        if isinstance(step, int):
+            self._failed(step, f"{type(error).__name__}: {error}")
+        else:
+            log.warning("%s: the snapshot worker's %s job failed (%s: %s)", self.owner, step,
+                        type(error).__name__, error)
+
+    def _failed(self, step: int, reason: str) -> None:
+        log.warning("%s: snapshot at step %d failed (%s); recorded as missing", self.owner,
+                    step, reason)
+        self._mark_missing(step, reason)
+
+    def _write(self, step: int, tables: dict[str, pd.DataFrame]) -> None:
+        if self.store is None:
+            return
+        self._retry_unwritten()
+        try:
+            self.store.write(step, tables)
+        except ValueError as error:  # a table Parquet cannot hold: a retry would fail alike
+            log.warning("%s: snapshot %d cannot be stored (%s); recorded as missing",
+                        self.owner, step, error)
+            self._mark_missing(step, f"cannot be stored: {error}")
+        except OSError as error:
+            log.warning("%s: could not write snapshot %d to %s (%s); kept in memory and "
+                        "retried at the next snapshot, training continues", self.owner, step,
+                        self.store.root, error)
+            self._unwritten[step] = tables
+            # Recorded now, so a run killed before the retry still says what it lacks.
+            self._mark_missing(step, f"write failed: {error} (will retry)")
+            while len(self._unwritten) > MAX_UNWRITTEN:
+                oldest = next(iter(self._unwritten))
+                del self._unwritten[oldest]
+                self._give_up(oldest, error)
+
+    def _retry_unwritten(self, *, last_chance: bool = False) -> None:
+        """Write the snapshots whose write failed; on the last chance, give up on the rest."""
+        if self.store is None:
+            return
+        for step in list(self._unwritten):
+            try:
+                self.store.write(step, self._unwritten[step])  # clears its missing record
+            except OSError as error:
+                if last_chance:
+                    del self._unwritten[step]
+                    self._give_up(step, error)
+                continue
+            del self._unwritten[step]
+            log.info("%s: snapshot %d written on retry", self.owner, step)
+
+    def _give_up(self, step: int, error: OSError) -> None:
+        log.warning("%s: snapshot %d could not be written after retries (%s); recorded as "
+                    "missing", self.owner, step, error)
+        self._mark_missing(step, f"write failed after retries: {error}")
+
+    def _mark_missing(self, step: int, reason: str) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.mark_missing(step, reason)
+        except OSError:
+            log.warning("%s: the store at %s is not writable at all", self.owner,
+                        self.store.root)
+
+    # ------------------------------------------------------------------ flushing
+
+    def flush(self) -> None:
+        """Wait until every snapshot taken so far is written and logged."""
+        if self.pipeline is not None:
+            self.pipeline.flush()
+
+    def finish(self) -> None:
+        """End of training: flush, then a last try at writes that failed."""
+        if self.pipeline is not None:
+            self.pipeline.submit("retry", partial(self._retry_unwritten, last_chance=True))
+            self.pipeline.flush()
+
+    def close(self) -> None:
+        """Flush and stop the worker (a later `prepare` starts a new one)."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (flushes first: a checkpoint is never ahead of the
+        snapshots before it)."""
+        self.flush()
+        builder = self.builder
+        return {
+            "snapshot_steps": list(self.snapshot_steps),
+            "counts": None if self.counter is None else self.counter.state_dict(),
+            "prev_norms": builder.prev_norms if builder else None,
+            "prev_scores": builder.prev_scores if builder else None,
+            # A resume writes into this run's store, wherever its new logger writes.
+            "run_id": self.run["run_id"] if self.run else None,
+            "store": str(self.store.root.resolve()) if self.store is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.snapshot_steps = list(state["snapshot_steps"])
+        if state["counts"] is not None:
+            # Restored after setup: keep the counter setup configured for this batch format.
+            if self.counter is None or self.counter.vocab_size != state["counts"]["vocab_size"]:
+                self.counter = TokenCounter(state["counts"]["vocab_size"])
+            self.counter.load_state_dict(state["counts"])
+            self.counter.pending = None  # the checkpoint's counts hold what was pending then
+        prev = {"prev_norms": state["prev_norms"], "prev_scores": state["prev_scores"]}
+        if self.builder is not None:
+            self.builder.prev_norms, self.builder.prev_scores = (prev["prev_norms"],
+                                                                 prev["prev_scores"])
+        else:
+            self._prev_state = prev
+
+
+def _attr_or_none(obj: Any, name: str) -> Any:
+    """A logger property for the run record; a logger whose property raises is not fatal."""
+    try:
+        return getattr(obj, name)
+    except Exception as error:  # third-party loggers: anything may raise
+        log.warning("%s.%s raised %s: %s; not recorded in run.json", type(obj).__name__, name,
+                    type(error).__name__, error)
+        return None
+
+
+def _full_tensor(tensor: Tensor) -> Tensor:
+    """A DTensor gathered on every rank (collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _share(n: int, rank: int, world: int) -> list[int]:
+    """Rank `rank`'s contiguous share of n items (sizes differ by at most one)."""
+    size, extra = divmod(n, world)
+    begin = rank * size + min(rank, extra)
+    return list(range(begin, begin + size + (rank < extra)))
+
+
+def _merge_shares(gathered: list, due: bool) -> tuple[Attribution, list[pd.DataFrame] | None]:
+    """One Attribution over all probes (in probe order) and the faithfulness tables of every
+    rank, from what each rank sent; a rank's error is raised here, on rank 0."""
+    import dataclasses
+
+    for item in gathered:
+        if isinstance(item, Exception):
+            raise item
+    parts = [(rows, part) for rows, part, _ in gathered if part is not None]
+    order = torch.argsort(torch.tensor([r for rows, _ in parts for r in rows]))
+    first = parts[0][1]
+    merged = {}
+    for f in dataclasses.fields(first):
+        value = getattr(first, f.name)
+        if isinstance(value, Tensor):
+            value = torch.cat([getattr(p, f.name) for _, p in parts])[order]
+        merged[f.name] = value
+    tables = [t for _, _, faith in gathered for t in faith or []] if due else None
+    return Attribution(**merged), tables
