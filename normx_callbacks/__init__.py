@@ -1,5 +1,6 @@
 """normx-callbacks: watch token importance emerge while a language model pre-trains."""
 
+from .adapters import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .attribution import Attribution, mask_positions, normxlogit
 from .callback import NormXLogitCallback
 from .faithfulness import (
@@ -10,7 +11,6 @@ from .faithfulness import (
     resolve_replacement,
     special_token_mask,
 )
-from .adapters import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
 from .methods import METHODS, attribute
 from .probes import Probe, ProbeError, ProbeSet
 from .schedule import SnapshotSchedule

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attribution import prepare_inputs
 from .adapters import ModelAdapter, probe_mode, resolve_adapter
+from .attribution import prepare_inputs
 from .methods import METHODS, attribute, batched_logits, resolve_targets
 from .metrics import bootstrap_interval
 

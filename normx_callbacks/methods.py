@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .attribution import _as_rows, normxlogit, prepare_inputs
 from .adapters import ModelAdapter, probe_mode, resolve_adapter
+from .attribution import _as_rows, normxlogit, prepare_inputs
 
 METHODS = (
     "normxlogit",

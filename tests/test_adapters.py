@@ -12,9 +12,9 @@ from lm_shapes import Config, GPTModule, LitGPT, NanoGPT
 from torch import nn
 
 from normx_callbacks import NormXLogitCallback, UnsupportedModelError, normxlogit
-from normx_callbacks.discovery import discover_adapter
-from normx_callbacks.demo import TextDataModule
 from normx_callbacks.adapters import probe_mode
+from normx_callbacks.demo import TextDataModule
+from normx_callbacks.discovery import discover_adapter
 
 
 def full_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from normx_callbacks.adapters import ModelAdapter
 from normx_callbacks.faithfulness import (
     FRACTIONS,
     Replacement,
@@ -22,7 +23,6 @@ from normx_callbacks.faithfulness import (
     resolve_replacement,
     special_token_mask,
 )
-from normx_callbacks.adapters import ModelAdapter
 from normx_callbacks.probes import EncodedProbes
 
 V, C, R = 12, 3, 0  # vocabulary, classes, replacement id (its weight row is zero)
