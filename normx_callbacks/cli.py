@@ -302,7 +302,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
               f"{adapter.num_layers} layers, norm={args.norm})", facts]
 
     if args.output:
-        _attribute_html(args, header, tokens, rows, enc, attr, n)
+        _attribute_html(args, header, tokens, rows, attr, n)
         print(f"wrote {args.output}")
         return 0
     finite = [abs(v) for _, values in rows for v in values if math.isfinite(v)]
@@ -334,7 +334,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
+def _attribute_html(args, header, tokens, rows, attr, n) -> None:
     from . import plots
     from .report import esc, figure_html, page, token_legend, token_strip
 
@@ -460,6 +460,11 @@ def _has_tabulate() -> bool:
 # ------------------------------------------------------------------------------ parser
 
 
+def _add_run_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
+                   "id, a unique prefix of one, or 'latest' (the run written last)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .faithfulness import REMOVALS, REPLACEMENTS
 
@@ -492,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", parents=[common], help="snapshots and headline metrics",
                        description="Print the snapshots of a run and their headline metrics.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
-                   "id, a unique prefix of one, or 'latest' (the run written last)")
+    _add_run_option(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("attribute", parents=[common], help="attribute one text with a checkpoint",
@@ -575,8 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
                        description="Write each table of a run (all steps) to one file.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
-                   "id, a unique prefix of one, or 'latest' (the run written last)")
+    _add_run_option(p)
     p.add_argument("--format", choices=_FORMATS, default="csv",
                    help="file format (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
