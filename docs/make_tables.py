@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from normx_callbacks import load_run
+from normx_callbacks.adapters import resolve_adapter
 from normx_callbacks.checkpoints import load_model_and_tokenizer
 from normx_callbacks.demo.corpora import load_corpus
 from normx_callbacks.faithfulness import (
@@ -36,7 +37,6 @@ from normx_callbacks.faithfulness import (
     resolve_replacement,
     summarise_faithfulness,
 )
-from normx_callbacks.heads import resolve_adapter
 from normx_callbacks.methods import METHODS
 from normx_callbacks.metrics import bootstrap_interval
 from normx_callbacks.probes import ProbeSet

@@ -2,16 +2,22 @@
 
 Two sources:
 
-- a Lightning ``.ckpt`` of ``normx_callbacks.demo.LanguageModel``: loaded with
-  ``torch.load(weights_only=True)`` (no pickled code runs), the model rebuilt with
-  ``build_model`` from the checkpoint's ``hyper_parameters``, the tokenizer found from its
+- a Lightning ``.ckpt``: loaded with ``torch.load(weights_only=True)`` (no pickled code
+  runs); its LightningModule (by default the demo's ``LanguageModel``, named by the spec
+  `DEFAULT_MODEL_CLASS` and imported only when such a checkpoint is loaded) is rebuilt from
+  the checkpoint's ``hyper_parameters``, its weights loaded, and the Hugging Face model it
+  keeps at ``.model`` returned; the tokenizer is found from the checkpoint's
   ``datamodule_hyper_parameters`` (the DataModule's ``tokenizer_path`` or tokenizer cache);
 - a Hugging Face model directory (``config.json`` + weights + tokenizer files), loaded
   offline with ``from_pretrained(local_files_only=True)``.
+
+`import_class` resolves a ``"pkg.module:ClassName"`` spec to a LightningModule subclass
+(`normx replay --model-class` and the default above).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
@@ -24,6 +30,10 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# The demo's classes, by spec: imported when a checkpoint needs them, never at import time.
+DEFAULT_MODEL_CLASS = "normx_callbacks.demo:LanguageModel"
+_DEMO_TOKENIZER_DIR = "normx_callbacks.demo.data:tokenizer_cache_dir"
 
 _HINT_TOKENIZER = "pass tokenizer=DIR (`--tokenizer DIR` on the command line), a directory " \
                   "with tokenizer.json"
@@ -39,8 +49,8 @@ def load_model_and_tokenizer(
     """The HF model (eval mode, CPU) and fast tokenizer of a checkpoint or HF model directory.
 
     Args:
-        path: a Lightning ``.ckpt`` of ``normx_callbacks.demo.LanguageModel``, or a
-            Hugging Face model directory.
+        path: a Lightning ``.ckpt`` of the demo's ``LanguageModel`` (`DEFAULT_MODEL_CLASS`),
+            or a Hugging Face model directory.
         tokenizer: a tokenizer directory; default: found from the checkpoint.
 
     Raises:
@@ -67,6 +77,27 @@ def load_model_and_tokenizer(
         )
     model.eval()
     return model, tok
+
+
+def import_class(spec: str) -> type:
+    """The LightningModule subclass ``spec`` (``"pkg.module:ClassName"``) names.
+
+    Raises:
+        CheckpointError: ``spec`` is malformed, cannot be imported, or is not a
+            LightningModule subclass (the message names ``spec`` and the fix).
+    """
+    import lightning.pytorch as pl
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise CheckpointError(f"--model-class {spec!r}: write it as pkg.module:ClassName")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise CheckpointError(f"--model-class {spec!r}: cannot import it ({error})") from None
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise CheckpointError(f"--model-class {spec!r} is not a LightningModule subclass")
+    return cls
 
 
 # ------------------------------------------------------------------------ Lightning checkpoints
@@ -115,34 +146,33 @@ def _read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
-    from .demo import ARCHITECTURES, LanguageModel, build_model
-
+def _load_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple[nn.Module, dict]:
+    """(the Hugging Face model a ``model_class`` checkpoint keeps at ``.model``, the
+    checkpoint's DataModule hyper-parameters)."""
+    cls = import_class(model_class)
+    label = model_class.replace(":", ".")
     ckpt = _read_checkpoint(path)
     hp = ckpt.get("hyper_parameters")
-    if not isinstance(hp, dict) or "arch" not in hp:
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    foreign = sorted(set(hp) - set(accepted)) if isinstance(hp, dict) and not takes_any else []
+    if not isinstance(hp, dict) or not hp or foreign:
+        found = f"names {', '.join(map(repr, foreign))}" if foreign else "are missing"
         raise CheckpointError(
-            f"{path} is not a checkpoint of normx_callbacks.demo.LanguageModel (its "
-            "hyper_parameters have no 'arch'); for other models save the HF model with "
-            "save_pretrained() and pass the directory"
+            f"{path} is not a checkpoint of {label} (its hyper_parameters {found}); for other "
+            "models save the HF model with save_pretrained() and pass the directory"
         )
-    if hp["arch"] not in ARCHITECTURES:
-        raise CheckpointError(
-            f"{path}: hyper_parameters arch={hp['arch']!r} is not one of {sorted(ARCHITECTURES)}"
-        )
-    defaults = {
-        name: p.default for name, p in inspect.signature(LanguageModel.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    shape = {k: hp.get(k, defaults[k]) for k in
-             ("d_model", "n_layers", "n_heads", "context", "dropout", "vocab_size", "pad_token_id")}
     try:
-        model = build_model(hp["arch"], **shape)
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: cannot rebuild {hp['arch']} from its "
-                              f"hyper_parameters {shape}: {error}") from error
+        module = cls(**hp)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild {label} from its "
+                              f"hyper_parameters {dict(hp)}: {error}") from error
+    model = getattr(module, "model", None)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{path}: {label} keeps no model at .model; for other models save "
+                              "the HF model with save_pretrained() and pass the directory")
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    _check_state(path, model, state, hp["arch"])
+    _check_state(path, model, state, hp.get("arch", label))
     model.load_state_dict(state, strict=True)
     hints = ckpt.get("datamodule_hyper_parameters")
     return model, hints if isinstance(hints, dict) else {}
@@ -177,14 +207,15 @@ def _check_state(path: Path, model: nn.Module, state: dict, arch: str) -> None:
 
 
 def _tokenizer_candidates(ckpt_path: Path, hints: dict) -> list[Path]:
-    """Where the DataModule of a checkpoint kept its tokenizer (see ``demo/data.py``)."""
+    """Where the DataModule of a checkpoint kept its tokenizer: its ``tokenizer_path``, or
+    the demo DataModule's tokenizer cache (``tokenizer_cache_dir``, imported by spec)."""
     if hints.get("tokenizer_path"):
         return [Path(hints["tokenizer_path"])]
     needed = ("corpus", "objective", "bpe_vocab_size", "seed")
     if not all(k in hints for k in needed):
         return []
-    from .demo.data import tokenizer_cache_dir
-
+    module, _, name = _DEMO_TOKENIZER_DIR.partition(":")
+    tokenizer_cache_dir = getattr(importlib.import_module(module), name)
     cache = Path(str(hints.get("cache_dir") or ".normx_cache"))
     leaf = tokenizer_cache_dir(".", corpus=hints["corpus"], objective=hints["objective"],
                                bpe_vocab_size=hints["bpe_vocab_size"], seed=hints["seed"],

@@ -27,11 +27,9 @@ from pathlib import Path
 from .adapters import UnsupportedModelError
 from .probes import ProbeError
 from .store import (
-    _META,
-    RUN_FILE,
-    STORE_DIRNAME,
     RunData,
     StoreError,
+    empty_store_reason,
     find_runs,
     find_store,
     load_store,
@@ -44,49 +42,11 @@ log = logging.getLogger(__name__)
 _EXPECTED = (StoreError, FileNotFoundError, ProbeError, UnsupportedModelError, ValueError,
              RuntimeError, OSError)
 _FORMATS = ("csv", "parquet", "jsonl")
-_STORE_FILES = (_META, RUN_FILE, "_commits")  # a store without these holds something
 _POSITIVE = (214, 39, 40)  # red: evidence for the prediction (as the report's colours)
 _NEGATIVE = (31, 119, 180)  # blue: evidence against it
 
 
 # ------------------------------------------------------------------------------ loading runs
-
-
-def _walk_dirs(path: Path, depth: int):
-    yield path
-    if depth:
-        try:
-            children = sorted(p for p in path.iterdir() if p.is_dir())
-        except OSError:
-            return
-        for child in children:
-            yield from _walk_dirs(child, depth - 1)
-
-
-def _diagnose_store(folder: Path) -> str | None:
-    """Why ``folder`` (a store directory) shows nothing; None when it holds a committed
-    snapshot: an intact store is never called half-written."""
-    if any((folder / "_commits").glob("step=*.json")):
-        return None
-    tables = [p for p in folder.glob("*/step=*.parquet") if not p.parent.name.startswith("_")]
-    if tables:
-        return (f"{folder} is a half-written store: {len(tables)} table file(s) but no "
-                "commit marker (_commits/step=*.json), so no snapshot is complete; the run "
-                "crashed during its first snapshot or is still writing it")
-    if all(p.name in _STORE_FILES for p in folder.iterdir()):
-        return (f"{folder} is an empty store: the run has not written a snapshot yet "
-                "(wait for the first one, or check the callback's store_dir)")
-    return None
-
-
-def _diagnose(path: Path) -> str | None:
-    """A note on the first store below ``path`` that holds no committed snapshot."""
-    if not path.is_dir():
-        return None
-    for folder in _walk_dirs(path, 3):
-        if folder.name == STORE_DIRNAME and (message := _diagnose_store(folder)):
-            return message
-    return None
 
 
 def _find(paths: Sequence[str | os.PathLike], selectors: Sequence[str] | None) -> list[Path]:
@@ -101,20 +61,13 @@ def _find(paths: Sequence[str | os.PathLike], selectors: Sequence[str] | None) -
 
 def _load(paths: Sequence[str | os.PathLike],
           selectors: Sequence[str] | None = None) -> list[RunData]:
-    """The runs at ``paths``, with a note for empty and half-written stores added to (never
-    put in place of) the error."""
-    try:
-        roots = _find(paths, selectors)
-    except StoreError as error:
-        notes = [m for path in paths if (m := _diagnose(Path(path)))]
-        if notes and "not a normx run directory" in str(error):
-            raise StoreError(f"{error}; note: {notes[0]}") from error
-        raise
+    """The runs at ``paths``; a store without a committed snapshot is an error that says
+    why (empty or half-written)."""
     runs = []
-    for root in roots:
+    for root in _find(paths, selectors):
         run = load_store(root)
         if not run.steps:
-            raise StoreError(_diagnose_store(root) or
+            raise StoreError(empty_store_reason(root) or
                              f"{run.path} holds no committed snapshot yet: nothing to show")
         runs.append(run)
     return runs
@@ -349,7 +302,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
               f"{adapter.num_layers} layers, norm={args.norm})", facts]
 
     if args.output:
-        _attribute_html(args, header, tokens, rows, enc, attr, n)
+        _attribute_html(args, header, tokens, rows, attr, n)
         print(f"wrote {args.output}")
         return 0
     finite = [abs(v) for _, values in rows for v in values if math.isfinite(v)]
@@ -381,7 +334,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
+def _attribute_html(args, header, tokens, rows, attr, n) -> None:
     from . import plots
     from .report import esc, figure_html, page, token_legend, token_strip
 
@@ -507,6 +460,11 @@ def _has_tabulate() -> bool:
 # ------------------------------------------------------------------------------ parser
 
 
+def _add_run_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
+                   "id, a unique prefix of one, or 'latest' (the run written last)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .faithfulness import REMOVALS, REPLACEMENTS
 
@@ -539,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", parents=[common], help="snapshots and headline metrics",
                        description="Print the snapshots of a run and their headline metrics.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
-                   "id, a unique prefix of one, or 'latest' (the run written last)")
+    _add_run_option(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("attribute", parents=[common], help="attribute one text with a checkpoint",
@@ -622,8 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="tables as csv/parquet/jsonl files",
                        description="Write each table of a run (all steps) to one file.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--run", metavar="RUN", help="which run, when RUN_DIR holds several: a run "
-                   "id, a unique prefix of one, or 'latest' (the run written last)")
+    _add_run_option(p)
     p.add_argument("--format", choices=_FORMATS, default="csv",
                    help="file format (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")

@@ -235,27 +235,6 @@ def removal_masks(
     return top, candidates[None] & ~top, counts
 
 
-def masked_variants(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    positions: Tensor,
-    scores: Tensor,
-    *,
-    replacement_id: int,
-    fractions: Sequence[float] = FRACTIONS,
-    causal: bool = False,
-    protect: Tensor | None = None,
-    removal: str = "nearest",
-) -> tuple[Tensor, Tensor]:
-    """Token-replacement inputs AOPC evaluates: (comprehensive, sufficient), each [K, B, T]
-    long, the removed tokens (see `removal_masks`) overwritten by `replacement_id`."""
-    top, rest, _ = removal_masks(attention_mask, positions, scores, fractions=fractions,
-                                 causal=causal, protect=protect, removal=removal)
-    ids = input_ids[None].expand_as(top)
-    replacement = torch.full_like(ids, replacement_id)
-    return torch.where(top, replacement, ids), torch.where(rest, replacement, ids)
-
-
 def aopc(
     model: nn.Module | ModelAdapter,
     input_ids: Tensor,

@@ -261,9 +261,10 @@ def _with_embeddings(adapter: ModelAdapter, ids: Tensor, mask: Tensor, embeds: T
     return states
 
 
-def require_captum(method: str = "a gradient method") -> None:
-    """Raise the install hint now if Captum is missing (the callback checks at setup)."""
-    _captum_class(method if method in GRADIENT_METHODS else "saliency")
+def require_captum(method: str) -> None:
+    """Raise the install hint for gradient `method` now if Captum is missing (the callback
+    checks at setup)."""
+    _captum_class(method)
 
 
 def _captum_class(method: str):

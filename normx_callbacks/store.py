@@ -457,10 +457,35 @@ def _is_run_store(path: Path) -> bool:
     return (path.name == STORE_DIRNAME or (path / RUN_FILE).is_file()) and _is_store(path)
 
 
+def empty_store_reason(root: str | os.PathLike) -> str | None:
+    """Why the store directory ``root`` shows no snapshot: no commit marker beside its table
+    files (half-written), or nothing but its own bookkeeping files (empty). None when it
+    holds a committed snapshot (an intact store is never called half-written) or something
+    else."""
+    root = Path(root)
+    if any((root / _COMMITS).glob("step=*.json")):
+        return None
+    tables = [p for p in root.glob("*/step=*.parquet") if not p.parent.name.startswith("_")]
+    if tables:
+        return (f"{root} is a half-written store: {len(tables)} table file(s) but no "
+                f"commit marker ({_COMMITS}/step=*.json), so no snapshot is complete; the run "
+                "crashed during its first snapshot or is still writing it")
+    try:
+        names = {p.name for p in root.iterdir()}
+    except OSError:
+        return None
+    if names <= {_META, RUN_FILE, _COMMITS}:
+        return (f"{root} is an empty store: the run has not written a snapshot yet "
+                "(wait for the first one, or check the callback's store_dir)")
+    return None
+
+
 def find_runs(path: str | os.PathLike) -> list[RunInfo]:
     """Every store at ``path``: ``path`` itself with the stores written beside it by later
     fresh runs (``<name>-<8 hex>``), or the stores up to 3 levels below ``path`` (named
-    ``normx`` or holding a run record). Sorted by path."""
+    ``normx`` or holding a run record). Sorted by path. When there is none, the
+    ``StoreError`` says why a ``normx/`` directory seen on the way holds no store (empty
+    or half-written)."""
     path = Path(path)
     if not path.is_dir():
         raise StoreError(
@@ -472,17 +497,21 @@ def find_runs(path: str | os.PathLike) -> list[RunInfo]:
                   and _is_store(p)]
         return [run_info(p) for p in [path, *sorted(beside)]]
     found: list[Path] = []
+    seen = [path]
     level = [path]
     for _ in range(_SEARCH_DEPTH):
         level = sorted(p for d in level for p in _subdirs(d))
+        seen += level
         found += [p for p in level if _is_run_store(p)]
         # A store's table directories hold thousands of files: do not descend into them.
         level = [p for p in level if p not in found]
     if not found:
+        note = next((reason for p in seen if p.name == STORE_DIRNAME
+                     and (reason := empty_store_reason(p))), None)
         raise StoreError(
             f"{path} is not a normx run directory: no {STORE_DIRNAME}/ store found in it or up "
             f"to {_SEARCH_DEPTH} levels below; pass the directory the callback wrote "
-            f"(its `store_dir`)"
+            f"(its `store_dir`)" + (f"; note: {note}" if note else "")
         )
     return [run_info(p) for p in sorted(found)]
 

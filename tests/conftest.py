@@ -1,14 +1,21 @@
 import os
 import sys
 
-# Tests import tiny model builders from tests/models.py.
+# Tests import helper modules from tests/: models.py (tiny HF models), training.py (the demo
+# model and Trainer), lm_shapes.py, launch.py.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# A probe whose text holds HTML markup: reports must show it as text.
+MARKUP_PROBE = {"id": "markup", "text": "the <b>bold</b> key near the cabinets",
+                "target": "is", "foil": "are", "cues": ["key"]}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,3 +43,30 @@ def dm(cache_dir):
                           batch_size=16, cache_dir=cache_dir)
     data.setup("fit")
     return data
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 20-step run (2-layer, 32-wide GPT-2 on the agreement corpus, the markup
+    probe first) with TensorBoard logs, a store and `tiny.ckpt`; built once per session."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from training import fit, make_model
+
+    from normx_callbacks import NormXLogitCallback
+    from normx_callbacks.demo import TextDataModule
+
+    root = tmp_path_factory.mktemp("normx-tiny-run")
+    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=320, num_probes=4,
+                          batch_size=16, context=32, cache_dir=str(root / "tokenizer_cache"))
+    callback = NormXLogitCallback(probes=[MARKUP_PROBE, *data.probes], every_n_steps=8,
+                                  media_probes=1)
+    trainer = fit(make_model(data, context=32), data, root, [callback], max_steps=20,
+                  logger=TensorBoardLogger(str(root)), log_every_n_steps=2)
+    trainer.save_checkpoint(str(root / "tiny.ckpt"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_run) -> Path:
+    """The Lightning checkpoint of `tiny_run`, whose tokenizer is found from it."""
+    return tiny_run / "tiny.ckpt"

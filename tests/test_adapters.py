@@ -1,4 +1,5 @@
-"""Discovery of plain-PyTorch language models (no Hugging Face, no hand-built adapter)."""
+"""Reading a model: a hand-built `ModelAdapter`, the refusal of models no adapter fits, and
+discovery of plain-PyTorch language models (no Hugging Face, no hand-built adapter)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,63 @@ import torch
 from lightning.pytorch.demos import LightningTransformer, Transformer
 from lm_shapes import Config, GPTModule, LitGPT, NanoGPT
 from torch import nn
+from training import fit
 
-from normx_callbacks import NormXLogitCallback, UnsupportedModelError, normxlogit
+from normx_callbacks import ModelAdapter, NormXLogitCallback, UnsupportedModelError, normxlogit
 from normx_callbacks.adapters import probe_mode
-from normx_callbacks.demo import TextDataModule
 from normx_callbacks.discovery import discover_adapter
+
+
+class ToyTransformer(nn.Module):
+    """A hand-written pre-LN decoder that is not a Hugging Face model."""
+
+    def __init__(self, vocab=50, d=16, layers=2):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU())
+                                    for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def states(self, ids, mask):
+        x = self.tok(ids)
+        out = [x]
+        for block in self.blocks:
+            x = x + block(x)
+            out.append(x)
+        out[-1] = self.ln_f(x)
+        return out
+
+    def forward(self, ids):
+        return self.head(self.states(ids, None)[-1])
+
+
+def test_adapter_path_on_a_hand_written_model():
+    torch.manual_seed(0)
+    toy = ToyTransformer()
+    adapter = ModelAdapter(module=toy, embedding=toy.tok, hidden_states=toy.states,
+                           final_norm=toy.ln_f, head=toy.head, kind="causal", num_layers=2)
+    ids = torch.randint(0, 50, (2, 5))
+    attr = normxlogit(adapter, ids, layers="all", foils=torch.tensor([1, 2]))
+    with torch.no_grad():
+        logits = toy(ids)
+        states = toy.states(ids, None)
+    rows = torch.arange(2)
+    expected = logits[rows[:, None], torch.arange(5)[None], attr.targets[:, None]]
+    torch.testing.assert_close(attr.logat, expected)
+    lens0 = toy.head(toy.ln_f(states[0])).detach()[rows[:, None], torch.arange(5)[None],
+                                                    attr.targets[:, None]]
+    torch.testing.assert_close(attr.layer_logat[:, 0], lens0)
+    assert toy.training  # restored
+
+
+def test_unsupported_model_error_says_how_to_fix():
+    with pytest.raises(UnsupportedModelError, match="ModelAdapter"):
+        normxlogit(nn.Linear(3, 3), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="kind"):
+        ModelAdapter(module=None, embedding=nn.Embedding(2, 2), hidden_states=None, head=None,
+                     kind="seq2seq")
+
 
 
 def full_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -85,23 +138,6 @@ def test_wrong_structures_are_refused(cls, match):
         discover_adapter(model)
 
 
-@pytest.fixture(scope="module")
-def dm(cache_dir) -> TextDataModule:
-    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=64, num_probes=4,
-                          batch_size=8, cache_dir=cache_dir)
-    data.setup("fit")
-    return data
-
-
-def _fit(module: pl.LightningModule, dm, tmp_path, callbacks) -> pl.Trainer:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False,
-                         callbacks=callbacks, default_root_dir=str(tmp_path),
-                         enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, dm)
-    return trainer
-
-
 @pytest.mark.parametrize("cls, built_in_configure_model", [(NanoGPT, False), (LitGPT, True)])
 def test_trainer_attaches_to_a_plain_gpt_without_an_adapter(dm, tmp_path, cls,
                                                             built_in_configure_model):
@@ -112,7 +148,7 @@ def test_trainer_attaches_to_a_plain_gpt_without_an_adapter(dm, tmp_path, cls,
     assert (module.model is None) == built_in_configure_model
     callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
                                   faithfulness_every=None, store_dir=tmp_path / "store")
-    trainer = _fit(module, dm, tmp_path, [callback])
+    trainer = fit(module, dm, tmp_path, [callback], max_steps=2)
     assert trainer.global_step == 2 and callback.snapshot_steps == [0, 1, 2]
     assert callback.adapter.module is module.model
     # The last snapshot's last-layer logits are the trained model's own, probe by probe.
@@ -136,5 +172,5 @@ def test_trainer_refuses_lightnings_encoder_decoder_demo(dm, tmp_path):
     callback = NormXLogitCallback(dm.probes, media_probes=0, store_dir=tmp_path / "store")
     with pytest.raises(RuntimeError, match=r"cannot read the model: Transformer is an "
                                            r"encoder-decoder model"):
-        _fit(module, dm, tmp_path, [callback])
+        fit(module, dm, tmp_path, [callback], max_steps=2)
     assert not (tmp_path / "store").exists()

@@ -8,8 +8,6 @@ import torch
 from torch import nn
 
 from normx_callbacks import (
-    ModelAdapter,
-    UnsupportedModelError,
     mask_positions,
     normxlogit,
     resolve_adapter,
@@ -227,57 +225,6 @@ def test_micro_batching_gives_identical_numbers():
     b = normxlogit(model, ids, layers="all", batch_size=None)
     torch.testing.assert_close(a.layer_scores, b.layer_scores)
     torch.testing.assert_close(a.scores, b.scores)
-
-
-class ToyTransformer(nn.Module):
-    """A hand-written pre-LN decoder that is not a Hugging Face model."""
-
-    def __init__(self, vocab=50, d=16, layers=2):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU())
-                                    for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def states(self, ids, mask):
-        x = self.tok(ids)
-        out = [x]
-        for block in self.blocks:
-            x = x + block(x)
-            out.append(x)
-        out[-1] = self.ln_f(x)
-        return out
-
-    def forward(self, ids):
-        return self.head(self.states(ids, None)[-1])
-
-
-def test_adapter_path_on_a_hand_written_model():
-    torch.manual_seed(0)
-    toy = ToyTransformer()
-    adapter = ModelAdapter(module=toy, embedding=toy.tok, hidden_states=toy.states,
-                           final_norm=toy.ln_f, head=toy.head, kind="causal", num_layers=2)
-    ids = torch.randint(0, 50, (2, 5))
-    attr = normxlogit(adapter, ids, layers="all", foils=torch.tensor([1, 2]))
-    with torch.no_grad():
-        logits = toy(ids)
-        states = toy.states(ids, None)
-    rows = torch.arange(2)
-    expected = logits[rows[:, None], torch.arange(5)[None], attr.targets[:, None]]
-    torch.testing.assert_close(attr.logat, expected)
-    lens0 = toy.head(toy.ln_f(states[0])).detach()[rows[:, None], torch.arange(5)[None],
-                                                    attr.targets[:, None]]
-    torch.testing.assert_close(attr.layer_logat[:, 0], lens0)
-    assert toy.training  # restored
-
-
-def test_unsupported_model_error_says_how_to_fix():
-    with pytest.raises(UnsupportedModelError, match="ModelAdapter"):
-        normxlogit(nn.Linear(3, 3), torch.zeros(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="kind"):
-        ModelAdapter(module=None, embedding=nn.Embedding(2, 2), hidden_states=None, head=None,
-                     kind="seq2seq")
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ Each case is triggered for real (files on disk, real Trainers, the `normx` comma
 checked the same way: the exception type, a pattern naming the input, a pattern naming
 the fix. Callback cases also prove they fail in setup, before the first training step:
 global_step 0, the model's weights untouched, no store written. Many of these have a
-detailed test next to the module they belong to; this file is the one place that proves
-the whole list.
+detailed test next to the module they belong to; this file proves the whole list, but for
+checkpoints: every way a checkpoint fails is tests/test_checkpoints.py's.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
-from test_callback import fit, make_model, make_trainer
+from training import make_model, make_trainer
 
 from normx_callbacks import NormXLogitCallback, ProbeError, ProbeSet, StoreError, load_run
-from normx_callbacks.checkpoints import CheckpointError, load_model_and_tokenizer
 from normx_callbacks.cli import main as cli_main
 from normx_callbacks.demo import TextDataModule, load_corpus
 from normx_callbacks.store import SnapshotStore
@@ -45,23 +44,6 @@ class Case:
     names: str  # regex: the message names the bad input
     fix: str  # regex: ...and says what to do
     stage: str  # where it is caught (RELIABILITY.md's column)
-
-
-@pytest.fixture(scope="module")
-def dm(tmp_path_factory) -> TextDataModule:
-    data = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=80, num_probes=4,
-                          batch_size=16, cache_dir=str(tmp_path_factory.mktemp("tokenizer")))
-    data.setup("fit")
-    return data
-
-
-@pytest.fixture(scope="module")
-def ckpt(dm, tmp_path_factory) -> Path:
-    """A real one-step checkpoint whose tokenizer `normx` finds from it."""
-    root = tmp_path_factory.mktemp("ckpt")
-    trainer = fit(make_model(dm), dm, root, [], max_steps=1)
-    trainer.save_checkpoint(str(root / "tiny.ckpt"))
-    return root / "tiny.ckpt"
 
 
 def probe_file(ctx, name: str, content: str | bytes) -> ProbeSet:
@@ -119,13 +101,6 @@ def corrupt_meta(ctx) -> None:
     root = small_store(ctx)
     (root / "meta.json").write_text("{ not json")
     load_run(root)
-
-
-def truncated_checkpoint(ctx) -> None:
-    ckpt = ctx.ckpt
-    cut = ctx.tmp / "cut.ckpt"
-    cut.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    load_model_and_tokenizer(cut)
 
 
 def without_captum(ctx) -> None:
@@ -250,36 +225,16 @@ CASES = {
         lambda c: command("report", c.tmp, "-o", c.tmp / "report.html"),
         CommandError, r"normx report: error: .* is not a normx run directory",
         r"pass the directory the callback wrote \(its `store_dir`\)", "normx report"),
-    "truncated checkpoint": Case(
-        truncated_checkpoint,
-        CheckpointError, r"cut\.ckpt is truncated, corrupt or not a PyTorch checkpoint",
-        r"copy it again or use another checkpoint", "load_model_and_tokenizer"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_gets_one_clear_message(name, dm, ckpt, tmp_path, monkeypatch):
+def test_bad_input_gets_one_clear_message(name, dm, tiny_ckpt, tmp_path, monkeypatch):
     case = CASES[name]
-    ctx = SimpleNamespace(tmp=tmp_path, dm=dm, ckpt=ckpt, monkeypatch=monkeypatch)
+    ctx = SimpleNamespace(tmp=tmp_path, dm=dm, ckpt=tiny_ckpt, monkeypatch=monkeypatch)
     with pytest.raises(case.error) as caught:
         case.trigger(ctx)
     message = " ".join(str(caught.value).split())
     assert message, name
     assert re.search(case.names, message), f"{name}: input not named in: {message}"
     assert re.search(case.fix, message), f"{name}: no fix given in: {message}"
-
-
-def test_the_catalogue_is_complete():
-    # The issue's list: each kind has a case above (and a row in RELIABILITY.md).
-    required = {"malformed YAML", "malformed JSONL", "empty probe file", "duplicate probe ids",
-                "cue not in the text", "non-UTF-8 probe file", "probe longer than the context",
-                "unknown built-in probe suite", "unknown layer index",
-                "tokenizer/model vocabulary mismatch", "unsupported strategy",
-                "missing optional backend (Captum)", "unknown corpus",
-                "corrupted store (table file)", "truncated checkpoint",
-                "report on a directory that is not a run"}
-    assert required <= set(CASES)
-    assert len(CASES) >= 15
-    text = (Path(__file__).resolve().parents[1] / "RELIABILITY.md").read_text(encoding="utf-8")
-    for name in CASES:
-        assert f"| {name} |" in text, f"RELIABILITY.md has no row for {name!r}"

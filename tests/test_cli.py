@@ -1,8 +1,8 @@
 """The `normx` command on a real tiny run: every subcommand, and every error as one line.
 
 The run (20 steps of a 2-layer, 32-wide GPT-2 on the agreement corpus, with a probe whose
-text holds HTML markup) is trained once per session by `tiny_run_dir` and shared with
-test_report_browser.py.
+text holds HTML markup) is conftest.py's `tiny_run`, trained once per session. How checkpoints
+load, and each way they fail, is tests/test_checkpoints.py's.
 """
 
 from __future__ import annotations
@@ -16,58 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from normx_callbacks import load_run
-from normx_callbacks.checkpoints import CheckpointError, load_model_and_tokenizer
+from normx_callbacks.checkpoints import load_model_and_tokenizer
 from normx_callbacks.cli import colour_tokens, main
+from normx_callbacks.report import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKUP_PROBE = {"id": "markup", "text": "the <b>bold</b> key near the cabinets",
-                "target": "is", "foil": "are", "cues": ["key"]}
-SECTIONS = ("runs", "loss", "alignment", "predictions", "stability", "embedding-norms",
-            "norm-frequency", "faithfulness", "probes")
-
-
-def tiny_run_dir(tmp_path_factory) -> Path:
-    """A finished 20-step run with TensorBoard logs, a store and `tiny.ckpt` (built once)."""
-    root = tmp_path_factory.getbasetemp() / "normx-tiny-run"
-    if (root / "DONE").exists():
-        return root
-    import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from normx_callbacks import NormXLogitCallback
-    from normx_callbacks.demo import LanguageModel, TextDataModule
-
-    shutil.rmtree(root, ignore_errors=True)
-    pl.seed_everything(0, verbose=False)
-    dm = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=320, num_probes=4,
-                        batch_size=16, context=32, cache_dir=str(root / "tokenizer_cache"))
-    model = LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, context=32,
-                          dropout=0.0, vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
-                          tokenizer=dm.tokenizer)
-    callback = NormXLogitCallback(probes=[MARKUP_PROBE, *dm.probes], every_n_steps=8,
-                                  media_probes=1)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=20, logger=TensorBoardLogger(str(root)),
-        callbacks=[callback], default_root_dir=str(root), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-        num_sanity_val_steps=0, log_every_n_steps=2)
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(str(root / "tiny.ckpt"))
-    (root / "DONE").write_text("ok\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ckpt(run_dir) -> Path:
-    return run_dir / "tiny.ckpt"
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -102,10 +57,10 @@ def test_no_subcommand_prints_help(capsys):
     assert code == 2 and "report" in err and "attribute" in err
 
 
-def test_summary_lists_every_snapshot_and_headline_metrics(run_dir, capsys):
-    code, out, err = run_cli(capsys, "summary", run_dir)
+def test_summary_lists_every_snapshot_and_headline_metrics(tiny_run, capsys):
+    code, out, err = run_cli(capsys, "summary", tiny_run)
     assert code == 0, err
-    steps = load_run(run_dir).steps
+    steps = load_run(tiny_run).steps
     assert steps == [0, 1, 2, 4, 8, 16, 20]
     header = next(line for line in out.splitlines() if line.strip().startswith("step"))
     for column in ("target_prob", "accuracy", "ap", "ap_random", "dp_raw", "dp_z", "stability",
@@ -118,10 +73,10 @@ def test_summary_lists_every_snapshot_and_headline_metrics(run_dir, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
-def test_export_writes_one_readable_file_per_table(fmt, run_dir, tmp_path, capsys):
-    code, out, err = run_cli(capsys, "export", run_dir, "--format", fmt, "-o", tmp_path / "out")
+def test_export_writes_one_readable_file_per_table(fmt, tiny_run, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "export", tiny_run, "--format", fmt, "-o", tmp_path / "out")
     assert code == 0, err
-    run = load_run(run_dir)
+    run = load_run(tiny_run)
     for name, table in run.tables.items():
         path = tmp_path / "out" / f"{name}.{fmt}"
         assert path.is_file(), out
@@ -141,11 +96,11 @@ def test_export_writes_one_readable_file_per_table(fmt, run_dir, tmp_path, capsy
     assert meta["run_meta"]["model"] == "GPT2LMHeadModel"
 
 
-def test_report_of_two_runs_side_by_side(run_dir, tmp_path, capsys):
+def test_report_of_two_runs_side_by_side(tiny_run, tmp_path, capsys):
     other = tmp_path / "other" / "version_1"
-    shutil.copytree(load_run(run_dir).path, other / "normx")
+    shutil.copytree(load_run(tiny_run).path, other / "normx")
     out_file = tmp_path / "both.html"
-    code, out, err = run_cli(capsys, "report", run_dir, other, "-o", out_file,
+    code, out, err = run_cli(capsys, "report", tiny_run, other, "-o", out_file,
                              "--max-probes", "2", "--step", "8")
     assert code == 0, err
     assert "normx report:" in err  # progress goes to stderr
@@ -159,8 +114,8 @@ def test_report_of_two_runs_side_by_side(run_dir, tmp_path, capsys):
     assert "the layer views below use step 8" in text
 
 
-def test_attribute_prints_plain_scores_when_not_a_tty(ckpt, capsys):
-    code, out, err = run_cli(capsys, "attribute", ckpt, "--text", "the keys near the cabinet",
+def test_attribute_prints_plain_scores_when_not_a_tty(tiny_ckpt, capsys):
+    code, out, err = run_cli(capsys, "attribute", tiny_ckpt, "--text", "the keys near the cabinet",
                              "--target", "are", "--foil", "is", "--layers", "all")
     assert code == 0, err
     assert "\x1b[" not in out  # captured output is not a terminal
@@ -177,9 +132,9 @@ def test_colour_tokens_are_zero_centred_and_escape_control_characters():
     assert "\x1b[31m" not in line and "\\x1b[31mevil" in line
 
 
-def test_attribute_writes_escaped_html(ckpt, tmp_path, capsys):
+def test_attribute_writes_escaped_html(tiny_ckpt, tmp_path, capsys):
     out_file = tmp_path / "attr.html"
-    code, out, err = run_cli(capsys, "attribute", ckpt, "--text", "the <b>bold</b> key near the",
+    code, out, err = run_cli(capsys, "attribute", tiny_ckpt, "--text", "the <b>bold</b> key near the",
                              "--layers", "all", "-o", out_file)
     assert code == 0, err
     text = out_file.read_text()
@@ -188,8 +143,8 @@ def test_attribute_writes_escaped_html(ckpt, tmp_path, capsys):
     assert "data:image/png;base64," in text
 
 
-def test_attribute_reads_a_hugging_face_directory(ckpt, tmp_path, capsys):
-    model, tokenizer = load_model_and_tokenizer(ckpt)
+def test_attribute_reads_a_hugging_face_directory(tiny_ckpt, tmp_path, capsys):
+    model, tokenizer = load_model_and_tokenizer(tiny_ckpt)
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     code, out, err = run_cli(capsys, "attribute", tmp_path / "hf", "--text", "the keys near",
@@ -215,8 +170,8 @@ def test_empty_store_directory(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
-def test_half_written_store(run_dir, tmp_path, capsys):
-    source = load_run(run_dir).path / "tokens" / "step=000000000.parquet"
+def test_half_written_store(tiny_run, tmp_path, capsys):
+    source = load_run(tiny_run).path / "tokens" / "step=000000000.parquet"
     (tmp_path / "normx" / "tokens").mkdir(parents=True)
     shutil.copy(source, tmp_path / "normx" / "tokens")
     for command in (["summary", tmp_path], ["export", tmp_path, "-o", tmp_path / "x"]):
@@ -224,62 +179,12 @@ def test_half_written_store(run_dir, tmp_path, capsys):
         assert_one_line_error(code, err, "half-written store", "commit marker")
 
 
-def test_missing_checkpoint(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "attribute", tmp_path / "nope.ckpt", "--text", "the")
-    assert_one_line_error(code, err, "does not exist")
-
-
-def test_truncated_checkpoint(ckpt, tmp_path, capsys):
-    bad = tmp_path / "cut.ckpt"
-    bad.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    code, _, err = run_cli(capsys, "attribute", bad, "--text", "the")
-    assert_one_line_error(code, err, "truncated")
-
-
-def test_checkpoint_of_another_architecture_names_the_weights(ckpt, tmp_path, capsys):
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    state["hyper_parameters"]["arch"] = "llama"
-    torch.save(state, tmp_path / "llama.ckpt")
-    code, _, err = run_cli(capsys, "attribute", tmp_path / "llama.ckpt", "--text", "the")
-    assert_one_line_error(code, err, "another architecture", "missing", "unexpected",
-                          "transformer.h.0.")
-
-
-def test_checkpoint_with_resized_weights(ckpt, tmp_path, capsys):
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    state["hyper_parameters"]["d_model"] = 64
-    torch.save(state, tmp_path / "wide.ckpt")
-    code, _, err = run_cli(capsys, "attribute", tmp_path / "wide.ckpt", "--text", "the")
-    assert_one_line_error(code, err, "transformer.wte.weight", "(499, 32)")
-
-
-def test_checkpoint_with_pickled_objects_is_refused(tmp_path, capsys):
-    import argparse
-
-    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "unsafe.ckpt")
-    code, _, err = run_cli(capsys, "attribute", tmp_path / "unsafe.ckpt", "--text", "the")
-    assert_one_line_error(code, err, "weights_only=True", "argparse.Namespace")
-
-
-def test_tokenizer_not_found_says_to_pass_one(ckpt, tmp_path, capsys):
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    state["datamodule_hyper_parameters"]["cache_dir"] = str(tmp_path / "gone")
-    torch.save(state, tmp_path / "orphan.ckpt")
-    code, _, err = run_cli(capsys, "attribute", tmp_path / "orphan.ckpt", "--text", "the")
-    assert_one_line_error(code, err, "no tokenizer found", "--tokenizer DIR")
-    with pytest.raises(FileNotFoundError):
-        load_model_and_tokenizer(tmp_path / "orphan.ckpt")
-    (tokenizer,) = (ckpt.parent / "tokenizer_cache").glob("tokenizer-agreement-causal-512-*")
-    model, _ = load_model_and_tokenizer(tmp_path / "orphan.ckpt", tokenizer=tokenizer)
-    assert type(model).__name__ == "GPT2LMHeadModel"
-
-
-def test_bad_arguments_are_one_line(ckpt, run_dir, tmp_path, capsys):
+def test_bad_arguments_are_one_line(tiny_ckpt, tiny_run, tmp_path, capsys):
     cases = [
-        (["attribute", ckpt, "--text", "the", "--foil", "is"], "needs --target"),
-        (["attribute", ckpt, "--text", "the", "--layers", "9"], "valid indices are 0..2"),
-        (["report", run_dir, "--probe", "nope", "-o", tmp_path / "r.html"], "'nope'"),
-        (["report", run_dir, "--max-probes", "-1", "-o", tmp_path / "r.html"], "--max-probes"),
+        (["attribute", tiny_ckpt, "--text", "the", "--foil", "is"], "needs --target"),
+        (["attribute", tiny_ckpt, "--text", "the", "--layers", "9"], "valid indices are 0..2"),
+        (["report", tiny_run, "--probe", "nope", "-o", tmp_path / "r.html"], "'nope'"),
+        (["report", tiny_run, "--max-probes", "-1", "-o", tmp_path / "r.html"], "--max-probes"),
     ]
     for argv, needle in cases:
         code, _, err = run_cli(capsys, *argv)
@@ -295,22 +200,15 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["summary", "--debug", str(tmp_path)])
 
 
-def test_real_process_exit_code_and_stderr(ckpt, tmp_path):
+def test_real_process_exit_code_and_stderr(tiny_ckpt, tmp_path):
     bad = tmp_path / "cut.ckpt"
-    bad.write_bytes(ckpt.read_bytes()[:1000])
+    bad.write_bytes(tiny_ckpt.read_bytes()[:1000])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "normx_callbacks.cli", "attribute", str(bad),
                            "--text", "the"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 1
     assert_one_line_error(proc.returncode, proc.stderr, "truncated")
-
-
-def test_checkpoint_errors_are_value_errors(tmp_path):
-    (tmp_path / "x.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="truncated, corrupt or not a PyTorch checkpoint"):
-        load_model_and_tokenizer(tmp_path / "x.ckpt")
-    assert issubclass(CheckpointError, ValueError)
 
 
 def test_report_of_a_store_without_probe_tables(tmp_path, capsys):
@@ -328,9 +226,9 @@ def test_report_of_a_store_without_probe_tables(tmp_path, capsys):
     assert code == 0 and "0.200" in out
 
 
-def test_faithfulness_table_for_a_checkpoint(ckpt, tmp_path, capsys):
+def test_faithfulness_table_for_a_checkpoint(tiny_ckpt, tmp_path, capsys):
     csv, md = tmp_path / "t.csv", tmp_path / "t.md"
-    code, out, err = run_cli(capsys, "faithfulness", ckpt, "--num-probes", "6", "--methods",
+    code, out, err = run_cli(capsys, "faithfulness", tiny_ckpt, "--num-probes", "6", "--methods",
                              "normxlogit,random,integrated_gradients", "--n-steps", "4",
                              "-o", csv, "-o", md)
     assert code == 0, err
@@ -348,7 +246,7 @@ def test_faithfulness_table_for_a_checkpoint(ckpt, tmp_path, capsys):
     assert "removal: eos token '<|endoftext|>'" in err
 
 
-def test_faithfulness_rejects_an_unknown_method(ckpt, capsys):
-    code, _, err = run_cli(capsys, "faithfulness", ckpt, "--num-probes", "2", "--methods",
+def test_faithfulness_rejects_an_unknown_method(tiny_ckpt, capsys):
+    code, _, err = run_cli(capsys, "faithfulness", tiny_ckpt, "--num-probes", "2", "--methods",
                            "normxlogit,lime")
     assert_one_line_error(code, err, "lime", "valid names")

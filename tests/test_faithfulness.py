@@ -17,9 +17,9 @@ from normx_callbacks.faithfulness import (
     Replacement,
     aopc,
     faithfulness_table,
-    masked_variants,
     ranks,
     removal_counts,
+    removal_masks,
     resolve_replacement,
     special_token_mask,
 )
@@ -199,25 +199,23 @@ def test_explained_position_never_masked_and_all_variants_batched():
     pos = torch.tensor([7, 3, 5])
     scores = torch.arange(8.0).flip(0).expand(3, 8).clone()
     scores[:, :] += 100 * (torch.arange(8) == pos[:, None])  # explained token ranked first
-    comp, suff = masked_variants(ids, mask, pos, scores, replacement_id=R, causal=True,
-                                 removal="floor")
+    comp, suff, counts = removal_masks(mask, pos, scores, causal=True, removal="floor")
     assert comp.shape == suff.shape == (9, 3, 8)
     rows = torch.arange(3)
-    for variant in (comp, suff):
-        assert torch.equal(variant[:, rows, pos], ids[rows, pos].expand(9, 3))  # never masked
-        after = torch.arange(8)[None, :] > pos[:, None]
-        assert torch.equal(variant[:, after], ids[after].expand(9, -1))  # causal: untouched
-        assert torch.equal(variant[:, mask == 0], ids[mask == 0].expand(9, -1))  # padding
+    after = torch.arange(8)[None, :] > pos[:, None]
+    for removed in (comp, suff):
+        assert not removed[:, rows, pos].any()  # the explained token: never removed
+        assert not removed[:, after].any()  # causal: what follows it is untouched
+        assert not removed[:, mask == 0].any()  # padding
     n = torch.tensor([7, 3, 5])
     for k, frac in enumerate(FRACTIONS):
-        removed_c = (comp[k] != ids).sum(1)
-        removed_s = (suff[k] != ids).sum(1)
         expected = torch.tensor([int(int(v) * frac) for v in n])
-        assert torch.equal(removed_c, expected)
-        assert torch.equal(removed_c + removed_s, n)  # the two variants partition candidates
+        assert torch.equal(comp[k].sum(1), expected) and torch.equal(counts[k], expected)
+        assert torch.equal(comp[k].sum(1) + suff[k].sum(1), n)  # they partition candidates
+        assert not (comp[k] & suff[k]).any()
         # Highest scores first: the lowest positions here.
         for b in range(3):
-            assert (comp[k, b] != ids[b]).nonzero().flatten().tolist() == list(range(expected[b]))
+            assert comp[k, b].nonzero().flatten().tolist() == list(range(expected[b]))
 
     # aopc forwards exactly these variants, stacked: 1 pass for the originals plus
     # ceil(2 * 9 * 3 / 10) = 6 for the 54 variant rows.
@@ -226,7 +224,8 @@ def test_explained_position_never_masked_and_all_variants_batched():
          removal="floor")
     assert [len(c) for c in model.calls] == [3, 10, 10, 10, 10, 10, 4]
     seen = torch.cat(model.calls[1:])
-    assert torch.equal(seen, torch.stack([comp, suff]).reshape(-1, 8))
+    variants = torch.where(torch.stack([comp, suff]), R, ids)  # removed tokens overwritten
+    assert torch.equal(seen, variants.reshape(-1, 8))
 
 
 def test_ranks_are_deterministic_with_ties_and_candidates_first():

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_cli import SECTIONS, tiny_run_dir
 
-from normx_callbacks.report import write_report
+from normx_callbacks.report import SECTIONS, write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 WINDOW = (1400, 5000)
@@ -46,11 +45,10 @@ def chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> Path:
-    run = tiny_run_dir(tmp_path_factory)
+def report(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "report.html"
     # The markup probe comes first in the run's probe list, so it is among the 3 shown.
-    return write_report([run], out, max_probes=3)
+    return write_report([tiny_run], out, max_probes=3)
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +136,10 @@ def test_markup_in_tokens_shows_as_text(rendered):
     assert any("<b>bold</b>" in strip for strip in parser.strips)
 
 
-def test_notebook_api_returns_the_report_figures(tmp_path_factory):
+def test_notebook_api_returns_the_report_figures(tiny_run):
     from normx_callbacks import load_run, plots
 
-    run = load_run(tiny_run_dir(tmp_path_factory))
+    run = load_run(tiny_run)
     fig = plots.emergence_heatmap(run, "markup")
     heat, bar = fig.axes
     assert heat.get_ylabel() == "training step"
@@ -162,12 +160,12 @@ def test_notebook_api_returns_the_report_figures(tmp_path_factory):
     assert plots.display_token("$x$\n") == "\\$x\\$\u21b5"
 
 
-def test_summary_paragraph_opens_the_page(rendered, tmp_path_factory):
+def test_summary_paragraph_opens_the_page(rendered, tiny_run):
     from normx_callbacks import load_run
     from normx_callbacks.summary import summary_paragraph
 
     dom, _ = rendered
-    expected = summary_paragraph(load_run(tiny_run_dir(tmp_path_factory)))
+    expected = summary_paragraph(load_run(tiny_run))
     assert "Probe accuracy" in expected and "Cue AP" in expected
     found = re.search(r'<p class="summary">(.*?)</p>', dom, re.S)
     assert found and html.unescape(found.group(1)) == expected
@@ -180,7 +178,7 @@ def _spines(dark: np.ndarray, axis: int, share: float) -> list[int]:
     return [int(i) for i in np.flatnonzero(counts > share * dark.shape[axis])]
 
 
-def test_emergence_heatmap_is_readable_at_every_step(rendered, tmp_path_factory):
+def test_emergence_heatmap_is_readable_at_every_step(rendered, tiny_run):
     from normx_callbacks import load_run
 
     dom, _ = rendered
@@ -197,7 +195,7 @@ def test_emergence_heatmap_is_readable_at_every_step(rendered, tmp_path_factory)
     columns = _spines(dark[top:bottom + 1], 0, 0.8)  # its left and right frame (then the bar)
     left = columns[0]
     right = next(c for c in columns if c > left + 10)
-    steps = load_run(tiny_run_dir(tmp_path_factory)).steps
+    steps = load_run(tiny_run).steps
     saturation = pixels.max(axis=2) - pixels.min(axis=2)
     bands = np.linspace(top + 2, bottom - 2, len(steps) + 1).astype(int)
     for step, (y0, y1) in zip(steps, zip(bands[:-1], bands[1:], strict=True), strict=True):

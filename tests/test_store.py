@@ -15,7 +15,9 @@ from normx_callbacks.store import (
     STORE_DIRNAME,
     SnapshotStore,
     StoreError,
+    empty_store_reason,
     load_run,
+    write_run_record,
 )
 
 
@@ -193,6 +195,25 @@ def test_not_a_run_directory(tmp_path):
     assert str(tmp_path) in str(e.value)
     with pytest.raises(StoreError, match="does not exist"):
         load_run(tmp_path / "nope")
+
+
+def test_a_normx_directory_without_a_snapshot_says_why(tmp_path):
+    empty = tmp_path / "empty" / "run" / STORE_DIRNAME
+    empty.mkdir(parents=True)
+    with pytest.raises(StoreError, match=r"not a normx run directory.*; note: .*run/normx is an "
+                       r"empty store: the run has not written a snapshot yet"):
+        load_run(tmp_path / "empty")
+    half = tmp_path / "half" / STORE_DIRNAME
+    (half / "tokens").mkdir(parents=True)
+    (half / "tokens" / "step=000000000.parquet").write_bytes(b"PAR1")
+    assert empty_store_reason(half).startswith(f"{half} is a half-written store: 1 table file")
+    with pytest.raises(StoreError, match=r"; note: .* half-written store.*commit marker"):
+        load_run(half)
+    write_run_record(tmp_path / "whole", {"run_id": "0123abcd"})  # a run that just started
+    assert "is an empty store" in empty_store_reason(tmp_path / "whole")
+    store = SnapshotStore(tmp_path / "whole")
+    store.write(1, {"metrics": metrics(1)})
+    assert empty_store_reason(store.root) is None  # a committed snapshot: never half-written
 
 
 def _three_steps(root):

@@ -1,0 +1,37 @@
+"""The demo LanguageModel and a quiet CPU Trainer, as the tests train them (our own code).
+
+`make_model`: a 2-layer, 32-wide GPT-2 sized from a DataModule, seeded; `make_trainer`: a CPU
+Trainer without progress bars, validation or (unless a ModelCheckpoint is given)
+checkpoints; `fit`: both together.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from normx_callbacks.demo import LanguageModel, TextDataModule
+
+MAX_STEPS = 10
+
+
+def make_model(dm: TextDataModule, *, dropout: float = 0.0, **kwargs) -> LanguageModel:
+    pl.seed_everything(0, verbose=False)
+    options = dict(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=dropout,
+                   vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id, tokenizer=dm.tokenizer)
+    return LanguageModel(**{**options, **kwargs})
+
+
+def make_trainer(root, callbacks, *, max_steps=MAX_STEPS, logger=False, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, callbacks=callbacks,
+        default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        limit_val_batches=0, num_sanity_val_steps=0, **kwargs,
+    )
+
+
+def fit(model, dm, root, callbacks, *, ckpt_path=None, **kwargs) -> pl.Trainer:
+    trainer = make_trainer(root, callbacks, **kwargs)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer
