@@ -189,6 +189,7 @@ class Engine:
         self._unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
         self._count_checked = False
         self._prev_state: dict | None = None  # builder state restored before `prepare`
+        self.failed_steps: dict[int, str] = {}  # step -> why its snapshot is missing
 
     # ------------------------------------------------------------------ setup
 
@@ -218,6 +219,7 @@ class Engine:
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        self.flush()  # the worker's builder state is read below
         if self.probes is None:
             raise RuntimeError(f"{self.owner} has no probes: pass probes=[...] (texts, dicts, a "
                                "ProbeSet, a YAML/JSONL path or 'blimp:PATH')")
@@ -249,6 +251,7 @@ class Engine:
                 f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
                 f"{vocab} rows: pass the tokenizer the model was built for")
         self.adapter = adapter
+        self._adapter_shape = _shape(adapter)
         encoded = self.probes.encode(tokenizer, objective=objective,
                                      max_length=adapter.context_length)
         self.ctx = ProbeContext(
@@ -336,6 +339,20 @@ class Engine:
     def prepared(self) -> bool:
         return self.ctx is not None
 
+    def use_model(self, adapter: ModelAdapter) -> None:
+        """Measure another model of the same shape with the probes as encoded (a replayed
+        checkpoint): no flush, the worker goes on with the snapshots before."""
+        if _shape(adapter) != self._adapter_shape:
+            raise ValueError(f"another model shape (kind, layers, vocabulary, tied, mask, "
+                             f"context: {_shape(adapter)}) than the one the probes were "
+                             f"encoded for ({self._adapter_shape})")
+        self.adapter = adapter
+        self.counter.device = adapter.embedding.weight.device
+
+    def release_model(self) -> None:
+        """Drop the reference to the model (the worker needs none)."""
+        self.adapter = None
+
     # ------------------------------------------------------------------ run identity
 
     def open_run(self, root: Path, *, restored: dict | None, loggers: Sequence = (),
@@ -396,6 +413,11 @@ class Engine:
         self.store = SnapshotStore(root, run_meta=self.run_meta)
         write_run_record(root, run)
         self.run = run
+
+    def append_to(self, root: Path) -> None:
+        """Write into the store at ``root``, going on with the run recorded there (a new run
+        when there is none): a replay that resumes, or adds steps, appends to its store."""
+        self._use_store(root, read_run_record(root) or self._new_run((), continues=None))
 
     def truncate_after(self, step: int) -> None:
         """Drop snapshots a killed run wrote after its last checkpoint (they are re-taken)."""
@@ -576,6 +598,7 @@ class Engine:
                         type(error).__name__, error)
 
     def _failed(self, step: int, reason: str) -> None:
+        self.failed_steps[step] = reason
         log.warning("%s: snapshot at step %d failed (%s); recorded as missing", self.owner,
                     step, reason)
         self._mark_missing(step, reason)
@@ -681,6 +704,11 @@ class Engine:
                                                                  prev["prev_scores"])
         else:
             self._prev_state = prev
+
+
+def _shape(adapter: ModelAdapter) -> tuple:
+    return (adapter.kind, adapter.num_layers, adapter.embedding.num_embeddings, adapter.tied,
+            adapter.accepts_mask, adapter.context_length)
 
 
 def _attr_or_none(obj: Any, name: str) -> Any:

@@ -1,15 +1,13 @@
 """Replay: turn a series of saved checkpoints into the snapshot store a callback run writes.
 
-Each checkpoint is loaded (one at a time), given to a ``NormXLogitCallback`` and measured by
-the callback's own snapshot path (``setup`` then ``_snapshot``), so the store, its tables and
-its numbers are those the callback records at the same step. A ``Trainer`` object is built
-only as the context the callback reads (strategy, precision, loggers); it never fits.
+Each checkpoint is loaded (one at a time) and measured by the callback's own `Engine`, so
+the store, its tables and its numbers are those the callback records at the same step. The
+engine's worker builds and writes one checkpoint's snapshot while the next one loads.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib
 import logging
 import os
 import re
@@ -30,9 +28,12 @@ from .checkpoints import (
     _load_hf_dir,
     _load_lightning,
     _load_tokenizer,
+    import_class,
 )
+from .discovery import find_model
+from .engine import Engine
 from .probes import ProbeSet
-from .store import SnapshotStore, _read_meta, read_run_record
+from .store import SnapshotStore, _read_meta
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +146,6 @@ def resolve_checkpoints(
     return [Checkpoint(path, step) for step, path in sorted(series.items())]
 
 
-def _import_class(spec: str) -> type:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ReplayError([f"--model-class {spec!r}: write it as pkg.module:ClassName"])
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise ReplayError([f"--model-class {spec!r}: cannot import it ({error})"]) from None
-    import lightning.pytorch as pl
-
-    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
-        raise ReplayError([f"--model-class {spec!r} is not a LightningModule subclass"])
-    return cls
-
-
 class _EncodedOnce(ProbeSet):
     """A probe set encoded once per tokenizer, objective and length: every checkpoint of a
     series shares them, so the work (and its warnings about skipped probes) happens once."""
@@ -212,8 +198,7 @@ def _load(checkpoint: Path, model_class: type | None) -> tuple[nn.Module, Path |
     return _Holder(model), tokenizer_dir
 
 
-def _shape(callback) -> tuple[str, int | None, int]:
-    adapter = callback.adapter
+def _shape(adapter) -> tuple[str, int | None, int]:
     return (type(adapter.module).__name__ if adapter.module is not None else "?",
             adapter.num_layers, adapter.embedding.num_embeddings)
 
@@ -272,10 +257,6 @@ def replay(
         ReplayError: bad inputs, one line each. Checkpoints that fail to load are reported
             together after the others were replayed.
     """
-    import lightning.pytorch as pl
-
-    from .callback import NormXLogitCallback
-
     if dtype not in DTYPES:
         raise ReplayError([f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}"])
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -286,7 +267,10 @@ def replay(
     except (RuntimeError, AssertionError) as error:
         raise ReplayError([f"--device {device!r} is not usable here ({error})"]) from None
     if isinstance(model_class, str):
-        model_class = _import_class(model_class)
+        try:
+            model_class = import_class(model_class)
+        except CheckpointError as error:
+            raise ReplayError([str(error)]) from None
     if count_corpus is not None and not Path(count_corpus).expanduser().is_file():
         raise ReplayError([f"--count-corpus {str(count_corpus)!r}: no such file; give a UTF-8 "
                            "text file (e.g. the training text)"])
@@ -303,18 +287,15 @@ def replay(
                     store.root)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load_tokenizer(Path(tokenizer).expanduser())
-    callback = NormXLogitCallback(
-        probe_set, tokenizer=tokenizer, layers=layers, norm=norm, schedule="steps",
-        steps=[c.step for c in series], store_dir=store_dir, media_probes=0,
-        probe_batch_size=batch_size, faithfulness_every=1 if faithfulness else None)
-    # The context the callback reads; it never fits, so it never moves or trains anything.
-    with _quiet("lightning.pytorch"):  # its "GPU available" lines are about no training here
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             enable_checkpointing=False)
-    with _no_hf_progress():  # one bar: ours, not one per checkpoint load
-        return _replay_series(callback, trainer, series, todo, model_class, device, dtype,
-                              progress, count_corpus, _stored_shape(store))
+    engine = Engine(probe_set, layers=layers, norm=norm, schedule="steps",
+                    steps=[c.step for c in series], media_probes=0, probe_batch_size=batch_size,
+                    faithfulness_every=1 if faithfulness else None, owner="normx replay")
+    try:
+        with _no_hf_progress():  # one bar: ours, not one per checkpoint load
+            return _replay_series(engine, tokenizer, Path(store_dir), series, todo, model_class,
+                                  device, dtype, progress, count_corpus, _stored_shape(store))
+    finally:
+        engine.close()
 
 
 def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
@@ -324,17 +305,6 @@ def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
     meta = _read_meta(store.root).get("run_meta", {})
     shape = (meta.get("model"), meta.get("num_layers"), meta.get("vocab_size"))
     return (f"the store {store.root}", shape) if None not in shape else None
-
-
-@contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 @contextmanager
@@ -350,15 +320,15 @@ def _no_hf_progress():
             hf_logging.enable_progress_bar()
 
 
-def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Checkpoint],
-                   model_class: type | None, device: str, dtype: str, progress: bool,
-                   count_corpus: str | os.PathLike | None = None,
+def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Checkpoint],
+                   todo: list[Checkpoint], model_class: type | None, device: str, dtype: str,
+                   progress: bool, count_corpus: str | os.PathLike | None = None,
                    first: tuple[Any, tuple] | None = None) -> list[int]:
     """Load, check and measure each checkpoint of ``todo``; the steps written."""
     from tqdm.auto import tqdm
 
     errors: list[str] = []
-    written: list[int] = []
+    taken: list[Checkpoint] = []
     counts: torch.Tensor | None = None
     bar = tqdm(todo, desc="replay", unit="ckpt", disable=not progress, file=sys.stderr)
     for checkpoint in bar:
@@ -370,44 +340,49 @@ def _replay_series(callback, trainer, series: list[Checkpoint], todo: list[Check
             continue
         module.to(device=device, dtype=DTYPES[dtype])
         module.eval()
-        if callback.tokenizer is None:
+        if tokenizer is None:
             if tokenizer_dir is None:
                 errors.append(f"{checkpoint.path}: no tokenizer found with it; pass "
                               "--tokenizer DIR (tokenizer= in Python)")
                 continue
-            callback.tokenizer = _load_tokenizer(tokenizer_dir)
+            tokenizer = _load_tokenizer(tokenizer_dir)
         try:
-            callback.setup(trainer, module, "fit")
-            callback._prepare(trainer, module)  # reads the model, as at a fit's start
+            adapter = find_model(module, who="normx replay")
+            shape = _shape(adapter)
+            if first is not None and shape != first[1]:
+                raise ValueError(
+                    f"another architecture ({shape[0]}, {shape[1]} layers, {shape[2]} embedding "
+                    f"rows) than {first[0]} ({first[1][0]}, {first[1][1]} layers, "
+                    f"{first[1][2]} embedding rows)")
+            if engine.prepared:
+                engine.use_model(adapter)  # the probes stay encoded; the worker goes on
+            else:
+                engine.prepare(adapter, tokenizer)
         except (RuntimeError, ValueError) as error:
             errors.append(f"{checkpoint.path}: {_one_line(error)}")
             continue
-        if callback.store is None:  # a replay appends to its store: the run there goes on
-            root = Path(callback.store_dir)
-            callback._use_store(root, read_run_record(root) or callback._new_run(
-                trainer, continues=None))
-        shape = _shape(callback)
         if first is None:
             first = (checkpoint.path, shape)
-        elif shape != first[1]:
-            errors.append(f"{checkpoint.path}: another architecture ({shape[0]}, {shape[1]} "
-                          f"layers, {shape[2]} embedding rows) than {first[0]} ({first[1][0]}, "
-                          f"{first[1][1]} layers, {first[1][2]} embedding rows)")
-            continue
+        if engine.store is None:  # a replay appends to its store: the run there goes on
+            engine.append_to(root)
         if counts is None:
-            counts = (_count(count_corpus, callback.tokenizer, shape[2]) if count_corpus
+            counts = (_count(count_corpus, tokenizer, shape[2]) if count_corpus
                       else torch.zeros(shape[2], dtype=torch.long))  # no batches in a replay
-        before = len(callback.snapshot_steps)
-        callback._snapshot(trainer, checkpoint.step, counts,
-                           final=checkpoint is series[-1])
-        if len(callback.snapshot_steps) == before:  # the callback recorded it as missing
-            errors.append(f"{checkpoint.path}: the snapshot failed (see the warning; the "
-                          "store records the step as missing)")
+        engine.counter.counts = counts.clone()
+        engine.snapshot(checkpoint.step, final=checkpoint is series[-1])
+        taken.append(checkpoint)
+        del module, adapter  # one checkpoint in memory at a time
+        engine.release_model()
+    bar.close()
+    engine.flush()
+    written = []
+    for checkpoint in taken:
+        if checkpoint.step in engine.failed_steps:
+            errors.append(f"{checkpoint.path}: the snapshot failed "
+                          f"({engine.failed_steps[checkpoint.step]}; the store records the step "
+                          "as missing)")
         else:
             written.append(checkpoint.step)
-        del module  # one checkpoint in memory at a time
-        callback.adapter = None
-    bar.close()
     if errors:
         raise ReplayError(errors)
     return written
