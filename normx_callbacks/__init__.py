@@ -12,6 +12,7 @@ from .faithfulness import (
     special_token_mask,
 )
 from .methods import METHODS, attribute
+from .monitor import NormXLogitMonitor
 from .probes import Probe, ProbeError, ProbeSet
 from .schedule import SnapshotSchedule
 from .store import RunData, SnapshotStore, StoreError, load_run
@@ -23,6 +24,7 @@ __all__ = [
     "ModelAdapter",
     "UnsupportedModelError",
     "NormXLogitCallback",
+    "NormXLogitMonitor",
     "Probe",
     "ProbeError",
     "ProbeSet",

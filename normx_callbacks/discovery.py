@@ -367,6 +367,8 @@ def _plain_model(owner_module: nn.Module, who: str) -> nn.Module:
     preferring the trainable one."""
 
     def is_lm(m: nn.Module) -> bool:
+        if type(m).forward is nn.Module.forward:  # a container (ModuleDict), not a model
+            return False
         kinds = {type(x) for x in m.modules()}
         return any(issubclass(k, nn.Embedding) for k in kinds) and any(
             issubclass(k, nn.ModuleList) for k in kinds)

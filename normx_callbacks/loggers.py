@@ -22,7 +22,8 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.fabric.loggers import Logger, TensorBoardLogger  # Trainer's loggers subclass these
+from lightning.pytorch.loggers import WandbLogger
 
 from . import plots
 
