@@ -383,7 +383,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
     from . import plots
-    from .report import esc, figure_html, page, token_legend, token_strip
+    from .pages import esc, figure_html, page, token_legend, token_strip
 
     body = ["<h1>normx attribute</h1>"]
     body += [f'<p class="meta">{esc(line)}</p>' for line in header]
@@ -448,7 +448,7 @@ def cmd_faithfulness(args) -> int:
         if path.suffix == ".csv":
             table.to_csv(path, index=False)
         elif path.suffix == ".md":
-            from .loggers import markdown_table
+            from .pages import markdown_table
 
             path.write_text(markdown_table(table.round(4), "{:.4f}") + "\n", encoding="utf-8")
         else:

@@ -13,7 +13,6 @@ a broken image writer does not cost the scalar curves); the store is unaffected.
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,44 +23,11 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from . import plots
 
+# Both live in `pages` (one escaping code for every page); imported from here too.
+from .pages import markdown_table
+from .pages import token_html as token_html
+
 log = logging.getLogger(__name__)
-
-
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
-    """A Markdown table; cell text is escaped so token strings render as text."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return float_format.format(value)
-        text = html.escape(str(value)).replace("|", "\\|").replace("\n", " ")
-        return text.replace("*", "\\*").replace("_", "\\_").replace("`", "\\`")
-
-    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
-
-
-def token_html(tokens: Sequence[str], scores: Sequence[float], *, title: str = "") -> str:
-    """Tokens coloured by a zero-centred score (red positive, blue negative), escaped."""
-    values = np.asarray(scores, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    bound = float(np.abs(finite).max()) if finite.size else 1.0
-    bound = bound or 1.0
-    spans = []
-    for token, value in zip(tokens, values, strict=True):
-        if not np.isfinite(value):
-            colour, tip = "transparent", "n/a"
-        else:
-            a = min(abs(value) / bound, 1.0)
-            rgb = "214,39,40" if value >= 0 else "31,119,180"
-            colour, tip = f"rgba({rgb},{a:.2f})", f"{value:.3f}"
-        spans.append(
-            f'<span title="{tip}" style="background:{colour};padding:1px 2px;'
-            f'border-radius:2px;white-space:pre">{html.escape(token)}</span>'
-        )
-    head = f"<div><b>{html.escape(title)}</b></div>" if title else ""
-    return f'<div style="font-family:monospace;line-height:1.9">{head}{"".join(spans)}</div>'
 
 
 # TensorBoard's Custom Scalars tab: each metric next to what it must be read against.
