@@ -394,8 +394,8 @@ def _attribute_html(args, header, tokens, rows, enc, attr, n) -> None:
                     + token_strip(tokens, values))
     if attr.layer_scores is not None and len(attr.layers) > 1:
         labels = [plots.display_token(t) for t in tokens]
-        fig = plots.layer_heatmap(attr.layer_scores[0, :, :n].numpy(), labels, attr.layers,
-                                  title="NormXLogit per layer")
+        fig = plots.layer_figure(attr.layer_scores[0, :, :n].numpy(), labels, attr.layers,
+                                 title="NormXLogit per layer")
         body.append(figure_html(fig, "NormXLogit per layer"))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,6 @@ import numpy as np
 import pandas as pd
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
-from . import plots
-
 # Both live in `pages` (one escaping code for every page); imported from here too.
 from .pages import markdown_table
 from .pages import token_html as token_html
@@ -191,27 +189,40 @@ class LoggerSink:
         return any(isinstance(lg, (TensorBoardLogger, WandbLogger))
                    and (id(lg), "media") not in self._broken for lg in self.loggers)
 
-    def figure(self, tag: str, fig, step: int) -> None:
-        """Log a matplotlib figure as an image, then close it.
+    def figure(self, tag: str, image, step: int) -> None:
+        """Log an image: an (H, W, 3) uint8 array, or a zero-argument callable returning one
+        (`plots.layer_heatmap` / `plots.history_heatmap` draw them).
 
-        `fig` may be a zero-argument callable that builds the figure: rendering costs far
-        more than the snapshot itself, so it is called only when some logger shows images.
+        Pass the callable: the image is then drawn only when some logger shows images.
+        TensorBoard: `add_image` (HWC); W&B: `wandb.Image`.
         """
-        if callable(fig):
+        if callable(image):
             if not self.takes_images:
                 self._media(tag, step)  # the one warning for loggers without media
                 return
-            fig = fig()
-        try:
-            def wb():
-                import wandb
+            image = image()
+        image = self._checked_image(tag, image)
 
-                return wandb.Image(fig)
+        def wb():
+            import wandb
 
-            self._media(tag, step, tensorboard=lambda w: w.add_figure(tag, fig, step, close=False),
-                        wandb=wb)
-        finally:
-            plots.close(fig)
+            return wandb.Image(image)
+
+        self._media(tag, step, wandb=wb, tensorboard=lambda w: w.add_image(
+            tag, image, step, dataformats="HWC"))
+
+    @staticmethod
+    def _checked_image(tag: str, image) -> np.ndarray:
+        array = image if isinstance(image, np.ndarray) else None
+        if array is None or array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            what = (f"an array of shape {array.shape} and dtype {array.dtype}"
+                    if array is not None else f"a {type(image).__name__}")
+            raise TypeError(
+                f"LoggerSink.figure({tag!r}): expected an (H, W, 3) uint8 image array, got "
+                f"{what}; draw it with normx_callbacks.plots.layer_heatmap/history_heatmap, or "
+                "convert a matplotlib figure with np.asarray(fig.canvas.buffer_rgba())[..., :3] "
+                "after fig.canvas.draw()")
+        return array
 
     def table(self, tag: str, frame: pd.DataFrame, step: int) -> None:
         """TensorBoard: a Markdown table. W&B: a long-format wandb.Table."""
