@@ -336,7 +336,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def _attribute_html(args, header, tokens, rows, attr, n) -> None:
     from . import plots
-    from .report import esc, figure_html, page, token_legend, token_strip
+    from .pages import esc, figure_html, page, token_legend, token_strip
 
     body = ["<h1>normx attribute</h1>"]
     body += [f'<p class="meta">{esc(line)}</p>' for line in header]
@@ -347,8 +347,8 @@ def _attribute_html(args, header, tokens, rows, attr, n) -> None:
                     + token_strip(tokens, values))
     if attr.layer_scores is not None and len(attr.layers) > 1:
         labels = [plots.display_token(t) for t in tokens]
-        fig = plots.layer_heatmap(attr.layer_scores[0, :, :n].numpy(), labels, attr.layers,
-                                  title="NormXLogit per layer")
+        fig = plots.layer_figure(attr.layer_scores[0, :, :n].numpy(), labels, attr.layers,
+                                 title="NormXLogit per layer")
         body.append(figure_html(fig, "NormXLogit per layer"))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,7 +401,7 @@ def cmd_faithfulness(args) -> int:
         if path.suffix == ".csv":
             table.to_csv(path, index=False)
         elif path.suffix == ".md":
-            from .loggers import markdown_table
+            from .pages import markdown_table
 
             path.write_text(markdown_table(table.round(4), "{:.4f}") + "\n", encoding="utf-8")
         else:

@@ -13,7 +13,6 @@ a broken image writer does not cost the scalar curves); the store is unaffected.
 
 from __future__ import annotations
 
-import html
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,46 +24,11 @@ import pandas as pd
 from lightning.fabric.loggers import Logger, TensorBoardLogger  # Trainer's loggers subclass these
 from lightning.pytorch.loggers import WandbLogger
 
-from . import plots
+# Both live in `pages` (one escaping code for every page); imported from here too.
+from .pages import markdown_table
+from .pages import token_html as token_html
 
 log = logging.getLogger(__name__)
-
-
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
-    """A Markdown table; cell text is escaped so token strings render as text."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return float_format.format(value)
-        text = html.escape(str(value)).replace("|", "\\|").replace("\n", " ")
-        return text.replace("*", "\\*").replace("_", "\\_").replace("`", "\\`")
-
-    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
-
-
-def token_html(tokens: Sequence[str], scores: Sequence[float], *, title: str = "") -> str:
-    """Tokens coloured by a zero-centred score (red positive, blue negative), escaped."""
-    values = np.asarray(scores, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    bound = float(np.abs(finite).max()) if finite.size else 1.0
-    bound = bound or 1.0
-    spans = []
-    for token, value in zip(tokens, values, strict=True):
-        if not np.isfinite(value):
-            colour, tip = "transparent", "n/a"
-        else:
-            a = min(abs(value) / bound, 1.0)
-            rgb = "214,39,40" if value >= 0 else "31,119,180"
-            colour, tip = f"rgba({rgb},{a:.2f})", f"{value:.3f}"
-        spans.append(
-            f'<span title="{tip}" style="background:{colour};padding:1px 2px;'
-            f'border-radius:2px;white-space:pre">{html.escape(token)}</span>'
-        )
-    head = f"<div><b>{html.escape(title)}</b></div>" if title else ""
-    return f'<div style="font-family:monospace;line-height:1.9">{head}{"".join(spans)}</div>'
 
 
 # TensorBoard's Custom Scalars tab: each metric next to what it must be read against.
@@ -228,27 +192,40 @@ class LoggerSink:
         return any(isinstance(lg, (TensorBoardLogger, WandbLogger))
                    and (id(lg), "media") not in self._broken for lg in self.loggers)
 
-    def figure(self, tag: str, fig, step: int) -> None:
-        """Log a matplotlib figure as an image, then close it.
+    def figure(self, tag: str, image, step: int) -> None:
+        """Log an image: an (H, W, 3) uint8 array, or a zero-argument callable returning one
+        (`plots.layer_heatmap` / `plots.history_heatmap` draw them).
 
-        `fig` may be a zero-argument callable that builds the figure: rendering costs far
-        more than the snapshot itself, so it is called only when some logger shows images.
+        Pass the callable: the image is then drawn only when some logger shows images.
+        TensorBoard: `add_image` (HWC); W&B: `wandb.Image`.
         """
-        if callable(fig):
+        if callable(image):
             if not self.takes_images:
                 self._media(tag, step)  # the one warning for loggers without media
                 return
-            fig = fig()
-        try:
-            def wb():
-                import wandb
+            image = image()
+        image = self._checked_image(tag, image)
 
-                return wandb.Image(fig)
+        def wb():
+            import wandb
 
-            self._media(tag, step, tensorboard=lambda w: w.add_figure(tag, fig, step, close=False),
-                        wandb=wb)
-        finally:
-            plots.close(fig)
+            return wandb.Image(image)
+
+        self._media(tag, step, wandb=wb, tensorboard=lambda w: w.add_image(
+            tag, image, step, dataformats="HWC"))
+
+    @staticmethod
+    def _checked_image(tag: str, image) -> np.ndarray:
+        array = image if isinstance(image, np.ndarray) else None
+        if array is None or array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            what = (f"an array of shape {array.shape} and dtype {array.dtype}"
+                    if array is not None else f"a {type(image).__name__}")
+            raise TypeError(
+                f"LoggerSink.figure({tag!r}): expected an (H, W, 3) uint8 image array, got "
+                f"{what}; draw it with normx_callbacks.plots.layer_heatmap/history_heatmap, or "
+                "convert a matplotlib figure with np.asarray(fig.canvas.buffer_rgba())[..., :3] "
+                "after fig.canvas.draw()")
+        return array
 
     def table(self, tag: str, frame: pd.DataFrame, step: int) -> None:
         """TensorBoard: a Markdown table. W&B: a long-format wandb.Table."""

@@ -1,17 +1,12 @@
 """`normx report`: one self-contained HTML page from one or more snapshot stores.
 
-The page needs no network and runs no script: figures are base64 PNGs made by the
-`plots` functions a notebook would call, styles are inline, and a Content-Security-Policy
-forbids everything else. Every string from a run (token, probe text, path) is escaped.
+Figures are the `plots` functions a notebook would call, embedded as base64 PNGs; the
+page itself (escaping, styles, Content-Security-Policy) is built by `pages`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -20,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
-from .loggers import token_html
+from .pages import esc, figure_html, grid, html_table, note, page, token_legend, token_strip
 from .store import RunData, load_run
 from .summary import summary_paragraph
 
@@ -52,101 +47,6 @@ SECTIONS = {
     "faithfulness": "Faithfulness",
     "probes": "Probes",
 }
-
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;
- max-width:1500px;padding:0 24px 48px;color:#1d1d1f;background:#fff;line-height:1.45}
-h1{margin:24px 0 4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
-h3{margin:24px 0 6px;font-family:ui-monospace,Menlo,Consolas,monospace}
-nav a{margin-right:14px}.meta{color:#555;font-size:0.9em}
-.note{color:#6a4d00;background:#fff7e0;border-left:4px solid #e0b000;padding:6px 10px}
-table{border-collapse:collapse;font-size:0.88em;margin:8px 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
-.grid{display:grid;gap:16px;align-items:start}
-figure{margin:6px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:0.85em;color:#555}
-.probe{border:1px solid #ddd;border-radius:6px;padding:4px 16px 12px;margin:18px 0}
-.text{font-family:ui-monospace,Menlo,Consolas,monospace;background:#f6f6f6;padding:4px 8px;
- white-space:pre-wrap}
-.tokens{font-size:1.05em;margin:6px 0}
-.legend{display:inline-block;width:160px;height:12px;vertical-align:middle;border:1px solid #ccc;
- background:linear-gradient(to right,rgb(31,119,180),#fff,rgb(214,39,40))}
-.runlabel{font-weight:600;margin:8px 0 2px}
-.summary{font-size:1.05em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:8px 12px}
-"""
-
-
-# ------------------------------------------------------------------------- HTML building blocks
-
-
-def esc(value: object) -> str:
-    """Text for HTML content or attributes."""
-    return html.escape(str(value), quote=True)
-
-
-def figure_html(fig, alt: str, caption: str = "") -> str:
-    """A matplotlib figure as an embedded PNG (the figure is closed)."""
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=100, facecolor="white")
-    finally:
-        plots.close(fig)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def page(title: str, body: str) -> str:
-    """A complete, self-contained HTML document (no network, no script)."""
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "img-src data:; style-src 'unsafe-inline'\">"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
-    )
-
-
-def token_legend() -> str:
-    return ('<p class="meta">Token colours: <span class="legend"></span> blue = evidence '
-            "against the prediction, white = 0, red = evidence for it; each strip is scaled to "
-            "its own largest |score| (shown after it). Hover a token for its score.</p>")
-
-
-def token_strip(tokens: Sequence[str], scores: Sequence[float]) -> str:
-    """Escaped tokens coloured by a zero-centred score, with the scale printed after them."""
-    finite = [abs(s) for s in scores if s is not None and math.isfinite(s)]
-    bound = max(finite) if finite else float("nan")
-    return (f'<div class="tokens">{token_html(list(tokens), list(scores))}'
-            f'<span class="meta">scale: \u00b1{bound:.3g}</span></div>')
-
-
-def _table(frame: pd.DataFrame, left: Sequence[str] = ()) -> str:
-    def cell(tag: str, col: str, value: object) -> str:
-        cls = ' class="l"' if col in left else ""
-        if isinstance(value, float):
-            text = "-" if math.isnan(value) else f"{value:.3f}"
-        else:
-            text = str(value)
-        return f"<{tag}{cls}>{esc(text)}</{tag}>"
-
-    head = "".join(cell("th", c, c) for c in frame.columns)
-    rows = "".join("<tr>" + "".join(cell("td", c, v) for c, v in zip(frame.columns, row,
-                                                                       strict=True)) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table><tr>{head}</tr>{rows}</table>"
-
-
-def _grid(cells: Sequence[str]) -> str:
-    n = max(1, len(cells))
-    return (f'<div class="grid" style="grid-template-columns:repeat({n},minmax(0,1fr))">'
-            + "".join(f"<div>{c}</div>" for c in cells) + "</div>")
-
 
 # ------------------------------------------------------------------------- data from a run
 
@@ -259,7 +159,7 @@ def render_report(
              + "</nav>"]
     parts.append(_summary_html(runs, names))
     parts.append(_runs_section(runs, names, step))
-    parts.append(_grid([_loss_section(runs, labels), _section("predictions", _try_figure(
+    parts.append(grid([_loss_section(runs, labels), _section("predictions", _try_figure(
         lambda: plots.metric_history(runs, ["probe/target_prob", "probe/accuracy"],
                                      labels=labels, title="mean over probes",
                                      ylabel="probability / accuracy"), "probe predictions")
@@ -271,7 +171,7 @@ def render_report(
                           + _try_figure(lambda: plots.alignment_curves(runs, labels=labels),
                                         "evidence alignment")))
     count("alignment")
-    parts.append(_grid([_section("stability", "<p class=\"meta\">Spearman rank correlation of "
+    parts.append(grid([_section("stability", "<p class=\"meta\">Spearman rank correlation of "
                                  "the NormXLogit scores with the previous snapshot.</p>"
                                  + _try_figure(lambda: plots.metric_history(
                                      runs, ["stability/spearman"], labels=labels,
@@ -286,7 +186,7 @@ def render_report(
         for run, name in zip(runs, names, strict=True):
             cells.append(_label_html(name, r) + _try_figure(lambda run=run, make=make: make(run), alt))
             count(f"{alt} of {name}")
-        parts.append(_section(key, _grid(cells)))
+        parts.append(_section(key, grid(cells)))
 
     probe_parts = [token_legend()]
     total = len(set().union(*(set(run["probes"]["probe_id"]) for run in runs if "probes" in run)))
@@ -357,7 +257,7 @@ def _cost_table(runs: Sequence[RunData], labels: Sequence[str], keys: Sequence[s
     if len(runs) == 1:
         frame = frame.drop(columns="run")
     return ('<p class="meta">Cost of each method (last snapshot that measured it):</p>'
-            + _table(frame, left=("run", "method")))
+            + html_table(frame, left=("run", "method")))
 
 
 def _section(key: str, body: str) -> str:
@@ -391,7 +291,7 @@ def _runs_section(runs: Sequence[RunData], names: Sequence[str], step: int | Non
                      "model": str(meta.get("model", "-")),
                      "objective": str(meta.get("objective", "-")),
                      "missing snapshots": missing or "none"})
-    body.append(_table(pd.DataFrame(rows), left=("run", "store", "model", "objective",
+    body.append(html_table(pd.DataFrame(rows), left=("run", "store", "model", "objective",
                                                  "missing snapshots")))
     for run, name in zip(runs, names, strict=True):
         table = headline_table(run)
@@ -399,7 +299,7 @@ def _runs_section(runs: Sequence[RunData], names: Sequence[str], step: int | Non
         if step is not None and at != step:
             body.append(note(f"{name}: step {step} was not recorded; showing step {at}"))
         body.append(f"<p class=\"meta\">Headline metrics of {esc(name)} per snapshot (the "
-                    f"layer views below use step {at}):</p>" + _table(table))
+                    f"layer views below use step {at}):</p>" + html_table(table))
     return _section("runs", "".join(body))
 
 
@@ -416,7 +316,7 @@ def _probe_html(index, probe_id, runs, labels, names, step, count) -> str:
     curve = _try_figure(lambda: plots.target_curve(runs, probe_id, labels=labels),
                         f"{probe_id}: target probability over training")
     count(f"probe {probe_id}")
-    return head + _grid(cells) + curve + "</article>\n"
+    return head + grid(cells) + curve + "</article>\n"
 
 
 def _probe_run_html(run: RunData, probe_id: str, step: int | None, count) -> str:
