@@ -24,6 +24,8 @@ import pandas as pd
 from lightning.fabric.loggers import Logger, TensorBoardLogger  # Trainer's loggers subclass these
 from lightning.pytorch.loggers import WandbLogger
 
+from . import plots
+
 # Both live in `pages` (one escaping code for every page); imported from here too.
 from .pages import markdown_table
 from .pages import token_html as token_html
