@@ -294,7 +294,9 @@ class NormXLogitCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self.engine.finish()  # what was measured before the error is written
+        # What was measured before the error is written; Lightning skips `teardown` then.
+        self.engine.finish()
+        self.engine.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

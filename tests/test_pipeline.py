@@ -1,0 +1,132 @@
+"""The snapshot worker: bounded, ordered, never dropping, never losing an error, and flushed
+whenever what is written must be complete (checkpoint saves, train end, exceptions)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from training import fit, make_model
+
+from normx_callbacks import NormXLogitCallback, load_run
+from normx_callbacks import pipeline as pipeline_module
+from normx_callbacks.pipeline import Pipeline
+
+
+def test_jobs_run_in_order_and_a_full_queue_makes_the_caller_wait(caplog, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "WARN_AFTER_SECONDS", 0.05)
+    done: list[int] = []
+    gate = threading.Event()
+
+    def job(i: int) -> None:
+        gate.wait()
+        done.append(i)
+
+    pipe = Pipeline(lambda name, error: None, max_pending=2)
+    for i in range(3):  # one running (blocked on the gate), two waiting: full
+        pipe.submit(i, job, i)
+    threading.Timer(0.2, gate.set).start()
+    start = time.perf_counter()
+    pipe.submit(3, job, 3)  # blocks until the worker takes the next job
+    assert time.perf_counter() - start >= 0.15
+    pipe.close()
+    assert done == [0, 1, 2, 3]  # nothing dropped, in submission order
+    assert pipe.waited_seconds >= 0.15
+    [warning] = [r.getMessage() for r in caplog.records if "snapshots behind" in r.getMessage()]
+    assert "never drops a snapshot" in warning
+
+
+def test_a_failing_job_reaches_the_handler_and_the_next_jobs_still_run():
+    handled: list[tuple[object, str]] = []
+    done: list[int] = []
+
+    def job(i: int) -> None:
+        if i == 1:
+            raise ValueError("a table Parquet cannot hold")
+        done.append(i)
+
+    pipe = Pipeline(lambda name, error: handled.append((name, str(error))))
+    for i in range(3):
+        pipe.submit(i, job, i)
+    pipe.flush()
+    assert done == [0, 2]
+    assert handled == [(1, "a table Parquet cannot hold")]
+    assert pipe.failures == [(1, "ValueError: a table Parquet cannot hold")]
+    pipe.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.submit(4, job, 4)
+
+
+class SlowLogger(Logger):
+    """A real Logger whose every call takes `delay` seconds: the worker falls behind."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+        self.steps: list[int] = []
+
+    name = property(lambda self: "slow")
+    version = property(lambda self: 0)
+
+    def log_metrics(self, metrics, step=None):
+        time.sleep(self.delay)
+        if any(k.startswith("normx/") for k in metrics):
+            self.steps.append(step)
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class StoreAtCheckpoint(Callback):
+    """Listed after the normx callback: reads the store whenever a checkpoint is saved."""
+
+    def __init__(self, store, normx: NormXLogitCallback):
+        self.store, self.normx = store, normx
+        self.seen: dict[int, tuple[list[int], list[int]]] = {}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        taken = [s for s in self.normx.snapshot_steps if s <= trainer.global_step]
+        self.seen[trainer.global_step] = (taken, load_run(self.store).steps)
+
+
+def test_a_checkpoint_is_never_ahead_of_the_snapshots_before_it(dm, tmp_path):
+    store = tmp_path / "store"
+    callback = NormXLogitCallback(dm.probes, schedule="interval", every_n_steps=1,
+                                  media_probes=0, faithfulness_every=None, store_dir=store)
+    checker = StoreAtCheckpoint(store, callback)
+    logger = SlowLogger(0.15)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    fit(make_model(dm), dm, tmp_path, [callback, saver, checker], max_steps=6, logger=logger)
+    assert sorted(checker.seen) == [3, 6]
+    for step, (taken, stored) in checker.seen.items():
+        assert taken == list(range(step + 1)) and stored == taken, step
+    assert logger.steps == list(range(7))  # every snapshot logged, in step order
+
+
+class FailsAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("the training run's own error")
+
+
+def test_an_exception_in_training_still_writes_every_snapshot_taken(dm, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    store = tmp_path / "store"
+    callback = NormXLogitCallback(dm.probes, schedule="interval", every_n_steps=1,
+                                  media_probes=0, faithfulness_every=None, store_dir=store)
+    logger = SlowLogger(0.1)
+    with pytest.raises(RuntimeError, match="the training run's own error"):
+        # Listed after the normx callback: the snapshot at step 4 is taken, then training dies.
+        fit(make_model(dm), dm, tmp_path, [callback, FailsAt(4)], max_steps=10, logger=logger)
+    run = load_run(store)
+    assert run.steps == callback.snapshot_steps == [0, 1, 2, 3, 4] and run.missing.empty
+    assert logger.steps == [0, 1, 2, 3, 4]
+    assert callback.engine.pipeline is None  # teardown stopped the worker
+    assert not [t for t in threading.enumerate() if t.name == "normx-snapshot-worker"]
