@@ -2,35 +2,33 @@
 
     python benchmarks/ddp_probes.py                 # 64 probes, 1 vs 2 CPU processes (gloo)
     python benchmarks/ddp_probes.py --probes 128 --steps 16
+    python benchmarks/ddp_probes.py --quick         # 16 probes, 6 steps
 
-The script launches two real Lightning runs of the demo model with the callback, one on
-1 process and one with `strategy="ddp"` on 2 processes (1 intra-op thread per process),
-reads rank 0's `snapshot/seconds` (wall time from the start of the snapshot to its
-metrics, on the training thread: the shared measurement, the gather and the metrics) from
-each run's store, and prints the median per run and the ratio 2 processes / 1 process.
-Snapshot 0 is left out (warm-up). Faithfulness is on at every snapshot, so it is shared too.
+Two real Lightning runs of the demo model (GPT-2 shape, 4 layers, d=128, BPE vocabulary
+2048) with the callback at every step, faithfulness at every snapshot (so it is shared
+too) and no heatmaps: one on 1 process, one with `strategy="ddp"` on 2 processes (1
+intra-op thread each). Read from each run's store, rank 0's `snapshot/seconds` (wall time
+from the start of the snapshot to its metrics on the training thread: the shared
+measurement, the gather and the metrics), snapshot 0 left out (warm-up); printed: the
+median per run and the ratio 2 processes / 1 process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness as h
 
 
 def worker(args) -> None:
     import lightning.pytorch as pl
     import torch
 
-    from normx_callbacks import NormXLogitCallback
+    from normx_callbacks import NormXLogitCallback, load_run
     from normx_callbacks.demo import LanguageModel, TextDataModule
 
     torch.set_num_threads(1)
@@ -40,10 +38,10 @@ def worker(args) -> None:
     lm = LanguageModel(arch="gpt2", d_model=128, n_layers=4, n_heads=4, dropout=0.0,
                        vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
                        tokenizer=dm.tokenizer)
+    store = Path(args.root) / "store"
     callback = NormXLogitCallback(dm.probes, schedule="interval", every_n_steps=1,
                                   media_probes=0, faithfulness_every=1,
-                                  faithfulness_probes=args.probes,
-                                  store_dir=Path(args.root) / "store")
+                                  faithfulness_probes=args.probes, store_dir=store)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices,
                          strategy="ddp" if args.devices > 1 else "auto",
                          max_steps=args.steps, logger=False, callbacks=[callback],
@@ -51,44 +49,45 @@ def worker(args) -> None:
                          enable_checkpointing=False, limit_val_batches=0,
                          num_sanity_val_steps=0)
     trainer.fit(lm, dm)
+    if trainer.is_global_zero:
+        m = load_run(store).metrics
+        seconds = m[(m.key == "snapshot/seconds") & (m.step > 0)].sort_values("step")
+        print(json.dumps(seconds["value"].tolist()))
 
 
-def run(devices: int, args, cache: str) -> list[float]:
-    from normx_callbacks import load_run
-
-    with tempfile.TemporaryDirectory() as root:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT),
-                                                           os.environ.get("PYTHONPATH", "")])}
-        subprocess.run([sys.executable, __file__, "--worker", "--devices", str(devices),
-                        "--root", root, "--cache", cache, "--probes", str(args.probes),
-                        "--steps", str(args.steps)], check=True, env=env, cwd=root)
-        metrics = load_run(Path(root) / "store")["metrics"]
-        seconds = metrics[metrics.key == "snapshot/seconds"].sort_values("step")
-        return seconds[seconds.step > 0]["value"].tolist()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--probes", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--root", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def main(argv=None) -> int:
+    p = h.parser(__doc__, devices=False)
+    p.add_argument("--probes", type=int, help="default 64 (quick 16)")
+    p.add_argument("--steps", type=int, help="default 12 (quick 6)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.threads = args.threads or 1  # the ranks run 1 thread each; so does this parent
+    args.probes = args.probes or (16 if args.quick else 64)
+    args.steps = args.steps or (6 if args.quick else 12)
     if args.worker:
         worker(args)
-        return
+        return 0
+    settings = {"probes": args.probes, "steps": args.steps}
+    info = h.start(args, "Snapshot time with probes shared across DDP ranks", settings)
+    started = time.perf_counter()
+    per: dict = {}
     with tempfile.TemporaryDirectory() as cache:
-        one = run(1, args, cache)  # also trains the tokenizer before two ranks need it
-        two = run(2, args, cache)
-    result = {"probes": args.probes, "snapshots": len(one),
-              "median_seconds_1_process": statistics.median(one),
-              "median_seconds_2_processes": statistics.median(two)}
-    result["ratio_2_over_1"] = result["median_seconds_2_processes"] / result[
-        "median_seconds_1_process"]
+        for devices in (1, 2):  # the first run also trains the tokenizer both ranks read
+            with tempfile.TemporaryDirectory() as root:
+                per[devices] = h.run_child(
+                    [__file__, "--worker", "--devices", devices, "--root", root, "--cache",
+                     cache, "--probes", args.probes, "--steps", args.steps], 1, cwd=root)[0]
+    result = {"snapshots": len(per[1]), "median_seconds_1_process": h.median(per[1]),
+              "median_seconds_2_processes": h.median(per[2])}
+    result["ratio_2_over_1"] = (result["median_seconds_2_processes"]
+                                / result["median_seconds_1_process"])
     print(json.dumps(result, indent=2))
+    h.finish(args, started, machine=info, settings=settings, result=result, seconds=per)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Long runs and large vocabularies: benchmarks/long_run.py, shortened for CI.
+"""Long runs and large vocabularies: benchmarks/long_run.py's command line, shortened for CI.
 
 - 60 snapshots in a row (one per training step, TensorBoard and the store): memory after
   warm-up, open file descriptors and threads do not grow; the store loads whole.
@@ -10,41 +10,33 @@ RELIABILITY.md has the full-size numbers (500 snapshots; 256 probes, 100.7 GB of
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("long_run", ROOT / "benchmarks" / "long_run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("long_run", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def run_benchmark(tmp_path: Path, *args: str) -> dict:
+    """The benchmark's command line in a fresh process (one torch thread); its JSON output."""
+    out = tmp_path / "long_run.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "long_run.py"), *args,
+                           "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def test_sixty_snapshots_keep_memory_fds_and_threads_flat(tmp_path):
     # Media and faithfulness off to fit the CI budget (heatmap rendering is most of a
     # snapshot's cost); the 500-snapshot benchmark in RELIABILITY.md runs the defaults.
-    result = bench.long_run(60, tmp_path, media_probes=0, faithfulness_every=None,
-                            sample_every=10)
+    result = run_benchmark(tmp_path, "--snapshots", "60", "--media-probes", "0",
+                           "--faithfulness-every", "0", "--sample-every", "10",
+                           "--root", str(tmp_path / "run"))["long_run"]
     assert result["snapshots"] == 60 and result["missing"] == 0
     samples = result["samples"]
     assert [s["snapshot"] for s in samples] == [1, 10, 20, 30, 40, 50, 60]
@@ -60,10 +52,11 @@ def test_sixty_snapshots_keep_memory_fds_and_threads_flat(tmp_path):
     assert result["load_run_seconds"] < 5
 
 
-def test_probe_micro_batching_bounds_peak_memory_with_a_large_vocabulary():
-    if not bench.reset_peak():
+def test_probe_micro_batching_bounds_peak_memory_with_a_large_vocabulary(tmp_path):
+    out = run_benchmark(tmp_path, "--large-vocab", "--vocab", "256000", "--probes", "32",
+                        "--length", "128", "--batch-size", "8")["large_vocab"]
+    if out["peak_delta_mb"] is None:
         pytest.skip("/proc/self/clear_refs is not writable here: peak memory not measurable")
-    out = bench.large_vocab_peak(vocab=256_000, probes=32, length=128, batch_size=8)
     assert out["full_logits_gb"] == 12.6  # what materialising every logit would take
     assert out["finite"]
     # Observed ~20 MB: per batch, 3 layers of (8, 128, 64) states and (8, 256k) logits at
