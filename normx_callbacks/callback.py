@@ -76,6 +76,11 @@ class NormXLogitCallback(Callback):
             "auto" (default; see `resolve_replacement`), "mask", "unk", "pad", "eos" or
             "attention" (attention mask 0, positions kept).
         max_pending: how many snapshots may wait for the worker before training waits.
+        worker: "process" (default): snapshots are built, written and drawn in a helper
+            process, and on a float32 CPU model the faithfulness forwards run there too, on
+            a copy of the weights; the logger calls stay here. "thread": all of it on a
+            background thread of this process (see `worker.py` for why a process is the
+            default: a busy Python thread slows the training thread down).
         state_key_suffix: distinguishes two instances in one Trainer.
 
     Logged metrics (prefix `normx/`; `<l>` is a layer index):
@@ -144,6 +149,7 @@ class NormXLogitCallback(Callback):
         faithfulness_probes: int = 16,
         faithfulness_replacement: str = "auto",
         max_pending: int = 8,
+        worker: str = "process",
         state_key_suffix: str = "",
     ):
         super().__init__()
@@ -154,7 +160,8 @@ class NormXLogitCallback(Callback):
             count_fn=count_fn, media_probes=media_probes, probe_batch_size=probe_batch_size,
             history_length=history_length, faithfulness_every=faithfulness_every,
             faithfulness_methods=faithfulness_methods, faithfulness_probes=faithfulness_probes,
-            faithfulness_replacement=faithfulness_replacement, max_pending=max_pending)
+            faithfulness_replacement=faithfulness_replacement, max_pending=max_pending,
+            worker=worker)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self._user_adapter = adapter  # else found anew at each fit: the model may change
@@ -244,7 +251,8 @@ class NormXLogitCallback(Callback):
         self.engine.prepare(adapter, self._find_tokenizer(trainer, pl_module),
                             loggers=trainer.loggers, mode=mode,
                             is_writer=trainer.is_global_zero,
-                            forward_context=trainer.precision_plugin.forward_context)
+                            forward_context=trainer.precision_plugin.forward_context,
+                            plain_precision=str(trainer.precision) in ("32-true", "64-true"))
         # On every rank: `trainer.log_dir` broadcasts, so calling it on rank 0 alone hangs DDP.
         self._store_root = (Path(self.store_dir) if self.store_dir
                             else Path(trainer.log_dir or trainer.default_root_dir) / STORE_DIRNAME)

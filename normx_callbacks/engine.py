@@ -22,6 +22,8 @@ loggers, while training goes on.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import random
@@ -49,7 +51,7 @@ from .pipeline import Pipeline
 from .probes import ProbeSet
 from .probes import _readable as readable_tokens
 from .schedule import SnapshotSchedule
-from .snapshot import ProbeContext, Snapshot, SnapshotBuilder, metrics_table
+from .snapshot import ProbeContext, Snapshot
 from .store import (
     SnapshotStore,
     holds_snapshots,
@@ -57,13 +59,12 @@ from .store import (
     sibling_root,
     write_run_record,
 )
+from .worker import Faithfulness, HelperDied, HelperProcess, SnapshotWriter
 
 log = logging.getLogger(__name__)
 
-# Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
-# before the next one; a few at most, so a disk that stays full cannot grow memory.
-MAX_UNWRITTEN = 3
 MODES = ("single", "shared", "collective")
+WORKERS = ("process", "thread")
 
 
 @contextmanager
@@ -118,6 +119,7 @@ class Engine:
         faithfulness_probes: int = 16,
         faithfulness_replacement: str = "auto",
         max_pending: int = 8,
+        worker: str = "process",
         owner: str = "NormXLogitCallback",
     ) -> None:
         self.owner = owner
@@ -150,6 +152,8 @@ class Engine:
         if faithfulness_replacement not in REPLACEMENTS:
             raise ValueError(f"faithfulness_replacement={faithfulness_replacement!r} is not one "
                              f"of {REPLACEMENTS}")
+        if worker not in WORKERS:
+            raise ValueError(f"worker={worker!r} is not one of {WORKERS}")
         if count_fn is not None and not callable(count_fn):
             raise ValueError(f"count_fn={count_fn!r} must be a callable batch -> token ids")
         self.layers = list(layers) if isinstance(layers, (list, tuple)) else layers
@@ -168,6 +172,7 @@ class Engine:
         self.faithfulness_probes = faithfulness_probes
         self.faithfulness_replacement = faithfulness_replacement
         self.max_pending = max_pending
+        self.worker = worker
 
         # Results of the last snapshot, as plain attributes that tests and users read.
         self.last_metrics: dict[str, float] = {}
@@ -177,7 +182,7 @@ class Engine:
         self.adapter: ModelAdapter | None = None
         self.ctx: ProbeContext | None = None
         self.counter: TokenCounter | None = None
-        self.builder: SnapshotBuilder | None = None
+        self.writer: SnapshotWriter | None = None  # where snapshots are built and written
         self.pipeline: Pipeline | None = None
         self.run: dict | None = None  # run.json of the store being written (rank zero)
         self.run_meta: dict = {}
@@ -186,7 +191,10 @@ class Engine:
         self.is_writer = True
         self._forward_context: Callable[[], AbstractContextManager] = nullcontext
         self._logger: SnapshotLogger | None = None
-        self._unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
+        self._helper: HelperProcess | None = None
+        self._writer_args: tuple | None = None
+        self._offload_faithfulness = False
+        self._latest: dict | None = None  # the last built snapshot's norms and scores
         self._count_checked = False
         self._prev_state: dict | None = None  # builder state restored before `prepare`
         self.failed_steps: dict[int, str] = {}  # step -> why its snapshot is missing
@@ -204,7 +212,8 @@ class Engine:
 
     def prepare(self, adapter: ModelAdapter, tokenizer: Any, *, loggers: Sequence = (),
                 mode: str = "single", is_writer: bool = True,
-                forward_context: Callable[[], AbstractContextManager] | None = None) -> None:
+                forward_context: Callable[[], AbstractContextManager] | None = None,
+                plain_precision: bool | None = None) -> None:
         """Encode the probes for the model and fix what the builders need.
 
         Args:
@@ -216,6 +225,9 @@ class Engine:
                 runs every probe so the sharded all-gathers match; rank 0 writes).
             is_writer: whether this process writes the store and the loggers (rank 0).
             forward_context: the run's precision context (autocast) for the probe forwards.
+            plain_precision: whether the forwards run in the model's own dtype (no autocast);
+                only then may the faithfulness forwards run on a copy of the model in the
+                helper process. Default: when no ``forward_context`` is given.
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
@@ -279,15 +291,6 @@ class Engine:
             counter.counts = self.counter.counts  # loaded from a checkpoint
         self.counter = counter
         self._count_checked = False
-        previous = self.builder
-        self.builder = SnapshotBuilder(self.ctx)
-        if previous is not None:  # a second fit with the same driver goes on from the first
-            self.builder.prev_norms, self.builder.prev_scores = (previous.prev_norms,
-                                                                 previous.prev_scores)
-        if self._prev_state is not None:
-            self.builder.prev_norms = self._prev_state["prev_norms"]
-            self.builder.prev_scores = self._prev_state["prev_scores"]
-            self._prev_state = None
         self.run_meta = {
             "objective": objective,
             "norm": self.norm,
@@ -299,8 +302,9 @@ class Engine:
             "probes": len(self.probes),
         }
         if is_writer:
-            self._logger = SnapshotLogger(loggers, self.ctx, media_probes=self.media_probes,
-                                          history_length=self.history_length)
+            if plain_precision is None:
+                plain_precision = forward_context is None
+            self._start_writer(loggers, adapter, mode, plain_precision)
             if self.pipeline is None:
                 self.pipeline = Pipeline(self._job_failed, max_pending=self.max_pending)
 
@@ -413,6 +417,7 @@ class Engine:
         self.store = SnapshotStore(root, run_meta=self.run_meta)
         write_run_record(root, run)
         self.run = run
+        self._call("use_store", str(root), self.run_meta)
 
     def append_to(self, root: Path) -> None:
         """Write into the store at ``root``, going on with the run recorded there (a new run
@@ -463,7 +468,12 @@ class Engine:
         counts = self.collect_counts()
         if self.mode == "single":
             faith_due = self._faithfulness_due(final)
-            snap = self._measure(step, final, range(len(self.ctx.encoded)), faith_due)
+            offload = faith_due and self._offload_faithfulness
+            snap = self._measure(step, final, range(len(self.ctx.encoded)),
+                                 faith_due and not offload)
+            if offload and snap.error is None:  # the helper runs them on a copy of the model
+                snap.weights = {k: v.detach().to("cpu", copy=True)
+                                for k, v in self.adapter.module.state_dict().items()}
         else:
             faith_due = self._broadcast(self._faithfulness_due(final) if self.rank == 0 else None)
             snap = self._measure_distributed(step, final, faith_due)
@@ -572,87 +582,111 @@ class Engine:
 
     # ------------------------------------------------------------------ worker side
 
+    def _start_writer(self, loggers: Sequence, adapter: ModelAdapter, mode: str,
+                      plain_precision: bool) -> None:
+        """The writer of this fit, in the helper process when it can be (see worker.py)."""
+        state = self._latest if self.writer is not None or self._helper is not None else None
+        self._close_writer()
+        self._logger = SnapshotLogger(loggers)
+        faithfulness = None
+        self._offload_faithfulness = False
+        if (self.worker == "process" and self.faithfulness_every and mode == "single"
+                and plain_precision and adapter.embedding.weight.device.type == "cpu"
+                and adapter.module is not None
+                and not any(m in GRADIENT_METHODS for m in self.faithfulness_methods)
+                and _picklable(adapter.module)):
+            faithfulness = Faithfulness(
+                model=adapter.module, methods=self.faithfulness_methods,
+                replacement=self.replacement, probes=self.faithfulness_probes,
+                batch_size=self.probe_batch_size, accepts_mask=adapter.accepts_mask)
+        self._writer_args = ((self.ctx,), dict(
+            owner=self.owner, media_probes=self.media_probes,
+            history_length=self.history_length, takes_images=self._logger.takes_images,
+            faithfulness=faithfulness))
+        if self.worker == "process":
+            try:
+                self._helper = HelperProcess.shared()
+                self._helper.call(id(self), "init", *self._writer_args)
+                self._offload_faithfulness = faithfulness is not None
+            except Exception as error:  # noqa: BLE001 - this process writes instead
+                log.warning("%s: the snapshot helper process is not available (%s: %s); "
+                            "snapshots are built in this process", self.owner,
+                            type(error).__name__, error)
+                self._helper = None
+        if self._helper is None:
+            self._local_writer()
+        state = state or self._prev_state
+        self._prev_state = None
+        if state is not None:  # a second fit or a resume goes on from the snapshots before
+            self._call("set_state", state)
+            self._latest = state
+
+    def _local_writer(self, *, taken_for_helper: bool = False) -> None:
+        """The writer in this process. Snapshots already taken for the helper carry weights
+        for their faithfulness forwards: it runs them on its own copy of the model (never the
+        model being trained); new snapshots measure faithfulness on the training thread."""
+        args, kwargs = self._writer_args
+        spec = kwargs["faithfulness"] if taken_for_helper else None
+        if spec is not None:
+            spec = dataclasses.replace(spec, model=copy.deepcopy(spec.model))
+        self.writer = SnapshotWriter(*args, **{**kwargs, "faithfulness": spec})
+        self._offload_faithfulness = False
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """A call on the writer, in the helper process or here; if the helper dies, the
+        writer is rebuilt here (one warning) and the call runs again."""
+        if self._helper is not None:
+            try:
+                return self._helper.call(id(self), method, *args)
+            except HelperDied as error:
+                log.warning("%s: %s; snapshots are built in this process from now on",
+                            self.owner, error)
+                self._helper = None
+                self._local_writer(taken_for_helper=True)
+                if self._latest is not None:
+                    self.writer.set_state(self._latest)
+                if self.store is not None:
+                    self.writer.use_store(str(self.store.root), self.run_meta)
+        if self.writer is None:
+            return None
+        return getattr(self.writer, method)(*args)
+
+    def _close_writer(self) -> None:
+        if self._helper is not None:
+            try:
+                self._helper.call(id(self), "close")
+            except HelperDied:
+                pass
+        self._helper = None
+        self.writer = None
+
     def _process(self, snap: Snapshot) -> None:
-        """On the worker: metrics and tables, the store write, then the loggers."""
-        if snap.error is not None:
-            self._failed(snap.step, snap.error)
-            return
-        start = time.perf_counter()
-        built = self.builder.build(snap)
-        built.metrics["snapshot/worker_seconds"] = time.perf_counter() - start
-        built.tables["metrics"] = metrics_table(built.metrics, built.intervals)
-        self._write(snap.step, built.tables)
-        self.last_metrics = built.metrics
-        self.last_attribution = snap.attribution
+        """On the worker thread: build and write (in the helper process or here), then the
+        logger calls, here, where the loggers live."""
+        written = self._call("process", snap)
+        if written.failed is not None:
+            self.failed_steps[snap.step] = written.failed
+        if written.metrics:
+            self.last_metrics = written.metrics
+            self.last_attribution = snap.attribution
+            self._latest = {"prev_norms": snap.norms, "prev_scores": snap.attribution.scores}
         try:
-            self._logger.log(snap.step, built, snap.attribution, snap.counts)
-        except Exception as error:  # e.g. a figure that cannot be drawn: the store has it
+            self._logger.send(snap.step, written.media)
+        except Exception as error:  # noqa: BLE001 - the store has it
             log.warning("%s: logging the snapshot at step %d failed (%s: %s); it is in the "
                         "snapshot store", self.owner, snap.step, type(error).__name__, error)
 
     def _job_failed(self, step: Any, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"
         if isinstance(step, int):
-            self._failed(step, f"{type(error).__name__}: {error}")
-        else:
-            log.warning("%s: the snapshot worker's %s job failed (%s: %s)", self.owner, step,
-                        type(error).__name__, error)
-
-    def _failed(self, step: int, reason: str) -> None:
-        self.failed_steps[step] = reason
-        log.warning("%s: snapshot at step %d failed (%s); recorded as missing", self.owner,
-                    step, reason)
-        self._mark_missing(step, reason)
-
-    def _write(self, step: int, tables: dict[str, pd.DataFrame]) -> None:
-        if self.store is None:
-            return
-        self._retry_unwritten()
-        try:
-            self.store.write(step, tables)
-        except ValueError as error:  # a table Parquet cannot hold: a retry would fail alike
-            log.warning("%s: snapshot %d cannot be stored (%s); recorded as missing",
-                        self.owner, step, error)
-            self._mark_missing(step, f"cannot be stored: {error}")
-        except OSError as error:
-            log.warning("%s: could not write snapshot %d to %s (%s); kept in memory and "
-                        "retried at the next snapshot, training continues", self.owner, step,
-                        self.store.root, error)
-            self._unwritten[step] = tables
-            # Recorded now, so a run killed before the retry still says what it lacks.
-            self._mark_missing(step, f"write failed: {error} (will retry)")
-            while len(self._unwritten) > MAX_UNWRITTEN:
-                oldest = next(iter(self._unwritten))
-                del self._unwritten[oldest]
-                self._give_up(oldest, error)
-
-    def _retry_unwritten(self, *, last_chance: bool = False) -> None:
-        """Write the snapshots whose write failed; on the last chance, give up on the rest."""
-        if self.store is None:
-            return
-        for step in list(self._unwritten):
+            self.failed_steps[step] = reason
             try:
-                self.store.write(step, self._unwritten[step])  # clears its missing record
-            except OSError as error:
-                if last_chance:
-                    del self._unwritten[step]
-                    self._give_up(step, error)
-                continue
-            del self._unwritten[step]
-            log.info("%s: snapshot %d written on retry", self.owner, step)
-
-    def _give_up(self, step: int, error: OSError) -> None:
-        log.warning("%s: snapshot %d could not be written after retries (%s); recorded as "
-                    "missing", self.owner, step, error)
-        self._mark_missing(step, f"write failed after retries: {error}")
-
-    def _mark_missing(self, step: int, reason: str) -> None:
-        if self.store is None:
-            return
-        try:
-            self.store.mark_missing(step, reason)
-        except OSError:
-            log.warning("%s: the store at %s is not writable at all", self.owner,
-                        self.store.root)
+                self._call("mark_missing", step, reason)
+            except Exception:  # noqa: BLE001 - the warning below still says it
+                log.warning("%s: snapshot at step %d failed (%s)", self.owner, step, reason)
+        else:
+            log.warning("%s: the snapshot worker's %s job failed (%s)", self.owner, step,
+                        reason)
 
     # ------------------------------------------------------------------ flushing
 
@@ -664,7 +698,7 @@ class Engine:
     def finish(self) -> None:
         """End of training: flush, then a last try at writes that failed."""
         if self.pipeline is not None:
-            self.pipeline.submit("retry", partial(self._retry_unwritten, last_chance=True))
+            self.pipeline.submit("retry", partial(self._call, "retry", True))
             self.pipeline.flush()
 
     def close(self) -> None:
@@ -672,6 +706,9 @@ class Engine:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
+        if self._latest is not None or self.writer is not None or self._helper is not None:
+            self._prev_state = self._latest
+        self._close_writer()
 
     # ------------------------------------------------------------------ resume
 
@@ -679,12 +716,12 @@ class Engine:
         """What a checkpoint keeps (flushes first: a checkpoint is never ahead of the
         snapshots before it)."""
         self.flush()
-        builder = self.builder
+        latest = self._latest or self._prev_state or {}
         return {
             "snapshot_steps": list(self.snapshot_steps),
             "counts": None if self.counter is None else self.counter.state_dict(),
-            "prev_norms": builder.prev_norms if builder else None,
-            "prev_scores": builder.prev_scores if builder else None,
+            "prev_norms": latest.get("prev_norms"),
+            "prev_scores": latest.get("prev_scores"),
             # A resume writes into this run's store, wherever its new logger writes.
             "run_id": self.run["run_id"] if self.run else None,
             "store": str(self.store.root.resolve()) if self.store is not None else None,
@@ -699,11 +736,21 @@ class Engine:
             self.counter.load_state_dict(state["counts"])
             self.counter.pending = None  # the checkpoint's counts hold what was pending then
         prev = {"prev_norms": state["prev_norms"], "prev_scores": state["prev_scores"]}
-        if self.builder is not None:
-            self.builder.prev_norms, self.builder.prev_scores = (prev["prev_norms"],
-                                                                 prev["prev_scores"])
+        self._latest = prev
+        if self.writer is not None or self._helper is not None:
+            self._call("set_state", prev)
         else:
             self._prev_state = prev
+
+
+def _picklable(module: Any) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(module)
+    except Exception:  # noqa: BLE001 - hooks, lambdas, open handles: measured here instead
+        return False
+    return True
 
 
 def _shape(adapter: ModelAdapter) -> tuple:

@@ -17,7 +17,6 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -254,53 +253,81 @@ class LoggerSink:
 PREFIX = "normx"
 
 
-class SnapshotLogger:
-    """Logs each snapshot to the loggers: scalars, the norm histogram and extremes, and for
-    the first ``media_probes`` probes the layer and history heatmaps, the token table and
-    (W&B) the coloured tokens. Keeps the score history the history heatmaps draw (the last
-    ``history_length`` snapshots). Runs on the snapshot worker, one snapshot at a time."""
+class SnapshotMedia:
+    """What each snapshot shows in the loggers, built where the snapshot is built (the
+    worker, possibly another process): scalars, the norm histogram and extremes, and for
+    the first ``media_probes`` probes the layer and history heatmaps (drawn only when some
+    logger shows images), the token table and (W&B) the coloured tokens. Keeps the score
+    history the history heatmaps draw (the last ``history_length`` snapshots)."""
 
-    def __init__(self, loggers: Sequence[Logger], ctx, *, media_probes: int,
-                 history_length: int) -> None:
-        self.sink = LoggerSink(loggers)
+    def __init__(self, ctx, *, media_probes: int, history_length: int,
+                 takes_images: bool) -> None:
         self.ctx = ctx
         self.media_probes = media_probes
+        self.takes_images = takes_images
         self.history: deque = deque(maxlen=history_length)
 
-    def log(self, step: int, built, attr, counts) -> None:
-        with self.sink.snapshot(step):  # W&B: one log call for the snapshot's media
-            self._log(step, built, attr, counts)
-
-    def _log(self, step: int, built, attr, counts) -> None:
-        sink, ctx = self.sink, self.ctx
+    def payload(self, step: int, built, attr, counts) -> list[tuple]:
+        """``(kind, tag, data)`` items for `SnapshotLogger.send`."""
+        ctx = self.ctx
         norms = built.embed.norms.numpy()
-        sink.scalars({f"{PREFIX}/{k}": v for k, v in built.metrics.items()}, step)
-        sink.histogram(f"{PREFIX}/embedding/norms", norms, step)
+        items: list[tuple] = [
+            ("scalars", None, {f"{PREFIX}/{k}": v for k, v in built.metrics.items()}),
+            ("histogram", f"{PREFIX}/embedding/norms", norms)]
         seen, never_seen = norm_extremes(norms, counts.numpy(), ctx.top_k, ctx.text_of)
-        sink.table(f"{PREFIX}/embedding/top", seen, step)  # tokens seen in training, counts
-        sink.table(f"{PREFIX}/embedding/top_never_seen", never_seen, step)
+        items.append(("table", f"{PREFIX}/embedding/top", seen))  # seen in training, counts
+        items.append(("table", f"{PREFIX}/embedding/top_never_seen", never_seen))
         enc = ctx.encoded
         self.history.append((step, attr.scores[: self.media_probes].numpy()))
         tokens_table = built.tables["tokens"]
         last_layer = tokens_table[tokens_table.layer == tokens_table.layer.max()]
+        draw = self.takes_images
         for b in range(min(self.media_probes, len(enc))):
             probe_id = enc.ids[b]
             n = int(enc.attention_mask[b].sum())
             tokens = ctx.tokens[b][:n]
             cues = enc.cue_mask[b, :n].tolist()
-            # Images are drawn lazily: only when some logger shows images.
             if attr.layer_scores is not None:
-                image = partial(plots.layer_heatmap, attr.layer_scores[b, :, :n].numpy(), tokens,
-                                attr.layers, title=f"{probe_id} at step {step}", cues=cues)
-                sink.figure(f"{PREFIX}/heatmap/{probe_id}/layers", image, step)
+                items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/layers", draw and
+                              plots.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens,
+                                                  attr.layers, title=f"{probe_id} at step {step}",
+                                                  cues=cues)))
             steps = [s for s, _ in self.history]
             history = np.stack([scores[b, :n] for _, scores in self.history])
-            image = partial(plots.history_heatmap, history, tokens, steps,
-                            title=f"{probe_id}: NormXLogit over training", cues=cues)
-            sink.figure(f"{PREFIX}/heatmap/{probe_id}/history", image, step)
+            items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/history", draw and
+                          plots.history_heatmap(history, tokens, steps, cues=cues,
+                                                title=f"{probe_id}: NormXLogit over training")))
             rows = last_layer[last_layer.probe_id == probe_id]
-            sink.table(f"{PREFIX}/tokens/{probe_id}",
-                       rows[["position", "token", "is_cue", "norm", "logat", "score"]], step)
-            sink.html(f"{PREFIX}/html/{probe_id}",
-                      token_html(tokens, attr.scores[b, :n].tolist(),
-                                 title=f"{probe_id} step {step}"), step)
+            items.append(("table", f"{PREFIX}/tokens/{probe_id}",
+                          rows[["position", "token", "is_cue", "norm", "logat", "score"]]))
+            items.append(("html", f"{PREFIX}/html/{probe_id}",
+                          token_html(tokens, attr.scores[b, :n].tolist(),
+                                     title=f"{probe_id} step {step}")))
+        return items
+
+
+class SnapshotLogger:
+    """Sends `SnapshotMedia` payloads to the loggers (in the process the loggers live in);
+    W&B gets each snapshot's media in one log call."""
+
+    def __init__(self, loggers: Sequence[Logger]) -> None:
+        self.sink = LoggerSink(loggers)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.sink.takes_images
+
+    def send(self, step: int, items: list[tuple]) -> None:
+        sink = self.sink
+        with sink.snapshot(step):
+            for kind, tag, data in items:
+                if kind == "scalars":
+                    sink.scalars(data, step)
+                elif kind == "histogram":
+                    sink.histogram(tag, data, step)
+                elif kind == "table":
+                    sink.table(tag, data, step)
+                elif kind == "figure":
+                    sink.figure(tag, lambda image=data: image, step)
+                elif kind == "html":
+                    sink.html(tag, data, step)

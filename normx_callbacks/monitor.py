@@ -104,11 +104,12 @@ class NormXLogitMonitor:
         rank, world = _rank_world()
         mode = ("collective" if _is_dtensor(adapter.embedding.weight)
                 else "shared" if world > 1 else "single")
+        root = self._store_root() if rank == 0 else None  # bad input fails before the worker
+        if root is not None:
+            SnapshotStore(root)  # a path that can never be a store fails here
         self.engine.prepare(adapter, tokenizer, loggers=self.loggers, mode=mode,
                             is_writer=rank == 0, forward_context=autocast)
         if rank == 0:
-            root = self._store_root()
-            SnapshotStore(root)  # a path that can never be a store fails here
             restored, self._restored = self._restored, None
             self.engine.open_run(root, restored=restored, loggers=self.loggers,
                                  going_on=self._last_step is not None and step > 0)

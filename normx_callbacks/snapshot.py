@@ -80,6 +80,7 @@ class Snapshot:
     faithfulness: list[pd.DataFrame] | None = None  # per-probe AOPC rows, when due
     train_seconds: float = 0.0
     error: str | None = None
+    weights: dict | None = None  # the model's state, when faithfulness runs in the helper
 
 
 @dataclass

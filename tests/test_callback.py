@@ -317,8 +317,9 @@ def test_without_any_logger_the_store_is_still_written(dm, tmp_path, caplog, mon
     rendered = []
     for name in ("layer_heatmap", "history_heatmap"):
         monkeypatch.setattr(plots, name, lambda *a, _name=name, **k: rendered.append(_name))
+    # Spied on in this process: the snapshots are built here (worker="thread").
     callback = NormXLogitCallback(dm.probes, every_n_steps=EVERY, media_probes=2,
-                                  store_dir=tmp_path / "store")
+                                  store_dir=tmp_path / "store", worker="thread")
     trainer = fit(make_model(dm), dm, tmp_path, [callback], logger=False)
     assert trainer.loggers == []
     assert rendered == []  # no logger shows images: no figure is rendered
@@ -641,14 +642,20 @@ def test_a_figure_that_cannot_be_drawn_does_not_stop_training(dm, tmp_path, capl
         raise ValueError("cannot draw")
 
     monkeypatch.setattr(plots, "history_heatmap", broken)
+    # The fault is injected in this process: the snapshots are built here (worker="thread").
     callback = NormXLogitCallback(dm.probes, every_n_steps=100, media_probes=1,
-                                  store_dir=tmp_path / "store")
+                                  store_dir=tmp_path / "store", worker="thread")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = fit(make_model(dm), dm, tmp_path, [callback], logger=logger, max_steps=2)
     assert trainer.global_step == 2
     assert load_run(tmp_path / "store").steps == [0, 1, 2]
-    failed = [r.getMessage() for r in caplog.records if "logging the snapshot" in r.getMessage()]
+    failed = [r.getMessage() for r in caplog.records if "the media of the snapshot" in r.getMessage()]
     assert len(failed) == 3 and "ValueError: cannot draw" in failed[0]
+    # The scalars still reached TensorBoard.
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    events = ea.EventAccumulator(str(logger.log_dir)).Reload()
+    assert [e.step for e in events.Scalars("normx/probe/target_prob")] == [0, 1, 2]
 
 
 def test_a_reused_callback_watches_the_model_it_is_given(dm, tmp_path):

@@ -4,9 +4,12 @@ whenever what is written must be complete (checkpoint saves, train end, exceptio
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 
+import pandas as pd
 import pytest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -108,11 +111,13 @@ def test_a_checkpoint_is_never_ahead_of_the_snapshots_before_it(dm, tmp_path):
 
 
 class FailsAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, normx: NormXLogitCallback):
+        self.step, self.normx = step, normx
+        self.worker_thread: threading.Thread | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
+            self.worker_thread = self.normx.engine.pipeline._thread
             raise RuntimeError("the training run's own error")
 
 
@@ -124,9 +129,55 @@ def test_an_exception_in_training_still_writes_every_snapshot_taken(dm, tmp_path
     logger = SlowLogger(0.1)
     with pytest.raises(RuntimeError, match="the training run's own error"):
         # Listed after the normx callback: the snapshot at step 4 is taken, then training dies.
-        fit(make_model(dm), dm, tmp_path, [callback, FailsAt(4)], max_steps=10, logger=logger)
+        fails = FailsAt(4, callback)
+        fit(make_model(dm), dm, tmp_path, [callback, fails], max_steps=10, logger=logger)
     run = load_run(store)
     assert run.steps == callback.snapshot_steps == [0, 1, 2, 3, 4] and run.missing.empty
     assert logger.steps == [0, 1, 2, 3, 4]
-    assert callback.engine.pipeline is None  # teardown stopped the worker
-    assert not [t for t in threading.enumerate() if t.name == "normx-snapshot-worker"]
+    assert callback.engine.pipeline is None  # the worker was stopped
+    assert not fails.worker_thread.is_alive()
+
+
+class KillsHelper(Callback):
+    """SIGKILLs the snapshot helper process right after the snapshot at `step` is handed
+    to it (listed after the normx callback)."""
+
+    def __init__(self, step: int, normx: NormXLogitCallback):
+        self.step, self.normx = step, normx
+        self.killed: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            process = self.normx.engine._helper.process
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            self.killed = process.returncode
+
+
+def test_a_killed_helper_process_loses_nothing_and_numbers_stay_the_same(dm, tmp_path, caplog):
+    """The helper dies at step 4 (perhaps mid-snapshot): the worker builds that snapshot and
+    the rest in the training process, faithfulness included, with one warning; the store
+    equals a run that never had a helper."""
+    caplog.set_level(logging.WARNING, logger="normx_callbacks")
+    settings = dict(every_n_steps=4, media_probes=0, faithfulness_every=2)
+    alone = NormXLogitCallback(dm.probes, store_dir=tmp_path / "thread", worker="thread",
+                               **settings)
+    fit(make_model(dm), dm, tmp_path, [alone], max_steps=10)
+
+    callback = NormXLogitCallback(dm.probes, store_dir=tmp_path / "helper", **settings)
+    killer = KillsHelper(4, callback)
+    fit(make_model(dm), dm, tmp_path, [callback, killer], max_steps=10)
+    assert killer.killed == -signal.SIGKILL
+    run, reference = load_run(tmp_path / "helper"), load_run(tmp_path / "thread")
+    assert run.steps == reference.steps == [0, 1, 2, 4, 8, 10] and run.missing.empty
+    for table in ("tokens", "probes", "embedding", "faithfulness"):
+        pd.testing.assert_frame_equal(run[table].drop(columns=["seconds"], errors="ignore"),
+                                      reference[table].drop(columns=["seconds"],
+                                                            errors="ignore"), obj=table)
+    timed = run.metrics.key.str.contains("seconds")
+    pd.testing.assert_frame_equal(run.metrics[~timed].reset_index(drop=True),
+                                  reference.metrics[~reference.metrics.key.str.contains(
+                                      "seconds")].reset_index(drop=True))
+    [warning] = [r.getMessage() for r in caplog.records if "helper process is gone" in
+                 r.getMessage()]
+    assert "built in this process from now on" in warning

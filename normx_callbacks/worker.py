@@ -1,0 +1,335 @@
+"""Where a snapshot is built and written: in this process, or in a helper process.
+
+`SnapshotWriter` turns a `Snapshot` into metrics, tables and logger media, writes the store
+(a failed write is kept and retried before the next one; what cannot be written is recorded
+as missing) and, when it holds a copy of the model, runs the faithfulness forwards. It runs
+on the snapshot worker thread (`pipeline.py`).
+
+Python threads share one interpreter lock, and a busy Python thread slows a PyTorch training
+thread far beyond the CPU it takes (every tensor operation gives the lock up and must wait to
+get it back). So by default the writer runs in a helper process (`HelperProcess`): the
+worker thread sends it each snapshot and waits on a pipe, holding no lock, and then makes the
+logger calls the reply carries (loggers live in the training process). The helper is started
+as a fresh `python -c` running `worker._serve` (never by re-importing the user's script), at a lower
+CPU priority, once per training process and shared by every engine in it. If it cannot start
+or dies, the writer runs in this process instead, with one warning; nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .faithfulness import faithfulness_rows
+from .loggers import SnapshotMedia
+from .snapshot import ProbeContext, Snapshot, SnapshotBuilder, metrics_table
+from .store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+# Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
+# before the next one; a few at most, so a disk that stays full cannot grow memory.
+MAX_UNWRITTEN = 3
+HELPER_NICE = 10  # the helper yields the CPU to training, but still runs on a busy machine
+
+
+@dataclass
+class Written:
+    """What the writer did with one snapshot."""
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    media: list[tuple] = field(default_factory=list)
+    failed: str | None = None  # why the snapshot is missing
+    seconds: float = 0.0  # writer time for the snapshot (build, write, media)
+
+
+@dataclass
+class Faithfulness:
+    """How the writer runs the faithfulness forwards on its own copy of the model."""
+
+    model: torch.nn.Module  # a CPU copy of the module the adapter reads
+    methods: tuple[str, ...]
+    replacement: Any
+    probes: int  # the first n probes
+    batch_size: int
+    accepts_mask: bool
+
+
+class SnapshotWriter:
+    """Builds, writes and prepares the media of snapshots, in step order (see module doc)."""
+
+    def __init__(self, ctx: ProbeContext, *, owner: str, media_probes: int,
+                 history_length: int, takes_images: bool,
+                 faithfulness: Faithfulness | None = None) -> None:
+        self.ctx = ctx
+        self.owner = owner
+        self.builder = SnapshotBuilder(ctx)
+        self.media = SnapshotMedia(ctx, media_probes=media_probes,
+                                   history_length=history_length, takes_images=takes_images)
+        self.store: SnapshotStore | None = None
+        self.unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
+        self.faithfulness = faithfulness
+        self._adapter = None
+
+    # ------------------------------------------------------------------ calls
+
+    def use_store(self, root: str, run_meta: dict) -> None:
+        self.store = SnapshotStore(root, run_meta=run_meta)
+
+    def state(self) -> dict:
+        return {"prev_norms": self.builder.prev_norms, "prev_scores": self.builder.prev_scores}
+
+    def set_state(self, state: dict) -> None:
+        self.builder.prev_norms = state["prev_norms"]
+        self.builder.prev_scores = state["prev_scores"]
+
+    def process(self, snap: Snapshot) -> Written:
+        """Build, write and prepare the media of ``snap`` (whose ``weights``, when given, are
+        the model's state at its step, for the faithfulness forwards run here)."""
+        import time
+
+        start = time.perf_counter()
+        if snap.error is not None:
+            return Written(snap.step, failed=self._failed(snap.step, snap.error))
+        weights, snap.weights = snap.weights, None
+        try:
+            if weights is not None:
+                snap.faithfulness = self._faithfulness(weights)
+            built = self.builder.build(snap)
+            built.metrics["snapshot/worker_seconds"] = time.perf_counter() - start
+            built.tables["metrics"] = metrics_table(built.metrics, built.intervals)
+        except Exception as error:  # the training run must never die for a probe
+            return Written(snap.step, failed=self._failed(
+                snap.step, f"{type(error).__name__}: {error}"))
+        failed = self._write(snap.step, built.tables)
+        try:
+            media = self.media.payload(snap.step, built, snap.attribution, snap.counts)
+        except Exception as error:  # e.g. a figure that cannot be drawn: the store has it
+            log.warning("%s: the media of the snapshot at step %d failed (%s: %s); it is in "
+                        "the snapshot store", self.owner, snap.step, type(error).__name__,
+                        error)
+            media = [("scalars", None, {f"normx/{k}": v for k, v in built.metrics.items()})]
+        return Written(snap.step, built.metrics, media, failed,
+                       time.perf_counter() - start)
+
+    def retry(self, last_chance: bool = False) -> None:
+        """Write the snapshots whose write failed; on the last chance, give up on the rest."""
+        if self.store is None:
+            return
+        for step in list(self.unwritten):
+            try:
+                self.store.write(step, self.unwritten[step])  # clears its missing record
+            except OSError as error:
+                if last_chance:
+                    del self.unwritten[step]
+                    self._give_up(step, error)
+                continue
+            del self.unwritten[step]
+            log.info("%s: snapshot %d written on retry", self.owner, step)
+
+    def mark_missing(self, step: int, reason: str) -> str:
+        return self._failed(step, reason)
+
+    # ------------------------------------------------------------------ inside
+
+    def _faithfulness(self, weights: dict) -> list[pd.DataFrame]:
+        from .adapters import resolve_adapter
+        from .discovery import find_model
+
+        spec = self.faithfulness
+        spec.model.load_state_dict(weights)
+        if self._adapter is None:
+            self._adapter = (resolve_adapter(spec.model) if _is_hf(spec.model)
+                             else find_model(spec.model, who=self.owner))
+        subset_rows = list(range(min(spec.probes, len(self.ctx.encoded))))
+        subset = self.ctx.encoded.select(subset_rows)
+        protect = self.ctx.protect[subset_rows]
+        groups = ([(list(range(len(subset))), subset)] if spec.accepts_mask
+                  else subset.equal_length_groups())
+        parts = []
+        with torch.no_grad():
+            for group_rows, group in groups:
+                parts.append(faithfulness_rows(
+                    self._adapter, group, spec.methods, replacement=spec.replacement,
+                    protect=protect[group_rows][:, : group.input_ids.shape[1]],
+                    batch_size=spec.batch_size))
+        return parts
+
+    def _write(self, step: int, tables: dict[str, pd.DataFrame]) -> str | None:
+        if self.store is None:
+            return None
+        self.retry()
+        try:
+            self.store.write(step, tables)
+        except ValueError as error:  # a table Parquet cannot hold: a retry would fail alike
+            log.warning("%s: snapshot %d cannot be stored (%s); recorded as missing",
+                        self.owner, step, error)
+            return self._mark(step, f"cannot be stored: {error}")
+        except OSError as error:
+            log.warning("%s: could not write snapshot %d to %s (%s); kept in memory and "
+                        "retried at the next snapshot, training continues", self.owner, step,
+                        self.store.root, error)
+            self.unwritten[step] = tables
+            # Recorded now, so a run killed before the retry still says what it lacks.
+            self._mark(step, f"write failed: {error} (will retry)")
+            while len(self.unwritten) > MAX_UNWRITTEN:
+                oldest = next(iter(self.unwritten))
+                del self.unwritten[oldest]
+                self._give_up(oldest, error)
+        return None
+
+    def _give_up(self, step: int, error: OSError) -> None:
+        log.warning("%s: snapshot %d could not be written after retries (%s); recorded as "
+                    "missing", self.owner, step, error)
+        self._mark(step, f"write failed after retries: {error}")
+
+    def _failed(self, step: int, reason: str) -> str:
+        log.warning("%s: snapshot at step %d failed (%s); recorded as missing", self.owner,
+                    step, reason)
+        return self._mark(step, reason)
+
+    def _mark(self, step: int, reason: str) -> str:
+        if self.store is not None:
+            try:
+                self.store.mark_missing(step, reason)
+            except OSError:
+                log.warning("%s: the store at %s is not writable at all", self.owner,
+                            self.store.root)
+        return reason
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+# --------------------------------------------------------------------------- helper process
+
+
+class HelperDied(RuntimeError):
+    """The helper process is gone; the caller goes on in this process."""
+
+
+class HelperProcess:
+    """One helper process per training process, shared by every engine: it holds one
+    `SnapshotWriter` per engine (by key) and runs their calls, one at a time."""
+
+    _shared: HelperProcess | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        parent_read, child_write = os.pipe()
+        child_read, parent_write = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        # One intra-op thread: the helper's work is small tensors, and training has the cores.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from normx_callbacks.worker import _serve; "
+             "_serve(int(sys.argv[1]), int(sys.argv[2]))", str(child_read), str(child_write)],
+            pass_fds=(child_read, child_write), env=env, stdin=subprocess.DEVNULL)
+        os.close(child_read)
+        os.close(child_write)
+        self._send = Connection(parent_write, readable=False)
+        self._recv = Connection(parent_read, writable=False)
+        self._call_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> HelperProcess:
+        with cls._lock:
+            if cls._shared is None or cls._shared.process.poll() is not None:
+                cls._shared = cls()
+            return cls._shared
+
+    def call(self, key: int, method: str, *args: Any) -> Any:
+        with self._call_lock:
+            try:
+                # Plain pickle: multiprocessing's own would hand tensors over as shared-memory
+                # file descriptors, which only a process it started itself may open.
+                self._send.send_bytes(pickle.dumps((key, method, args), pickle.HIGHEST_PROTOCOL))
+                ok, value, records = pickle.loads(self._recv.recv_bytes())
+            except (EOFError, OSError, BrokenPipeError) as error:
+                raise HelperDied(f"the helper process is gone ({type(error).__name__}: "
+                                 f"{error}; exit code {self.process.poll()})") from None
+        for record in records:  # the helper's warnings, logged here where handlers are
+            logging.getLogger(record.name).handle(record)
+        if not ok:
+            raise value
+        return value
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None
+        record.exc_info = record.exc_text = None
+        self.records.append(record)
+
+
+def _serve(read_fd: int, write_fd: int) -> None:
+    """The helper's loop: run each call on its writer, reply (ok, value, log records)."""
+    try:
+        os.nice(HELPER_NICE)
+    except OSError:
+        pass
+    torch.set_num_threads(1)
+    recv = Connection(read_fd, writable=False)
+    send = Connection(write_fd, readable=False)
+    collect = _Collect()
+    package = logging.getLogger("normx_callbacks")
+    package.addHandler(collect)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    writers: dict[int, SnapshotWriter] = {}
+    while True:
+        try:
+            key, method, args = pickle.loads(recv.recv_bytes())
+        except (EOFError, OSError):
+            return  # the training process is gone
+        collect.records = []
+        try:
+            if method == "init":
+                writers[key] = SnapshotWriter(*args[0], **args[1])
+                value = None
+            elif method == "close":
+                writers.pop(key, None)
+                value = None
+            else:
+                value = getattr(writers[key], method)(*args)
+            reply = (True, value, collect.records)
+        except Exception as error:  # handed back: the caller records it
+            reply = (False, _picklable(error), collect.records)
+        try:
+            data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        except Exception as error:  # an unpicklable value: say so instead
+            data = pickle.dumps((False, RuntimeError(f"{type(error).__name__}: {error}"),
+                                 collect.records))
+        send.send_bytes(data)
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
