@@ -320,15 +320,18 @@ def aopc(
         targets = resolve_targets(logits, targets)
         original = logits.softmax(dim=-1)[torch.arange(batch, device=device), targets]
         predicted = logits.argmax(dim=-1)
+        # Short inputs give the same variant at several fractions (and comprehensiveness and
+        # sufficiency meet at the extremes): each distinct row is evaluated once.
+        variant = torch.cat([rows_ids.reshape(2 * k * batch, length),
+                             rows_mask.reshape(2 * k * batch, length).long(),
+                             positions.repeat(2 * k)[:, None], targets.repeat(2 * k)[:, None]],
+                            dim=1)
+        unique, inverse = torch.unique(variant, dim=0, return_inverse=True)
         with _positions_kept(adapter, replacement.strategy == "attention"):
             probs, preds = _target_probs(
-                adapter,
-                rows_ids.reshape(2 * k * batch, length),
-                rows_mask.reshape(2 * k * batch, length),
-                positions.repeat(2 * k),
-                targets.repeat(2 * k),
-                batch_size,
-            )
+                adapter, unique[:, :length], unique[:, length: 2 * length].to(mask.dtype),
+                unique[:, -2], unique[:, -1], batch_size)
+        probs, preds = probs[inverse], preds[inverse]
     probs = probs.reshape(2, k, batch).transpose(1, 2)  # (2, B, K)
     preds = preds.reshape(2, k, batch).transpose(1, 2)
     drops = original[None, :, None] - probs  # (2, B, K)

@@ -12,6 +12,7 @@ cue that ties with a later non-cue position is ranked above it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -256,18 +257,23 @@ def bootstrap_interval(
     NaN values are dropped first (the caller reports how many entered). Seeded, so the
     same values give the same interval. ``(nan, nan)`` with fewer than 2 values.
     """
-    from scipy.stats import bootstrap
-
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     x = x[~np.isnan(x)]
     if x.size < 2:
         return math.nan, math.nan
     if np.all(x == x[0]):
         return float(x[0]), float(x[0])
-    result = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                       method="percentile", random_state=np.random.default_rng(seed),
-                       vectorized=True)
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    means = x[_resamples(x.size, n_resamples, seed)].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+@functools.lru_cache(maxsize=16)
+def _resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, n)`` indices drawn with replacement, seeded (shared by every metric
+    over the same number of probes, as one seed per interval would draw them)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
@@ -314,9 +320,21 @@ def rank_stability(prev: Tensor, cur: Tensor) -> float:
         raise ValueError(f"prev and cur must have shape (B, T) or (T,), got {tuple(prev.shape)}")
     if prev.ndim == 1:
         prev, cur = prev[None], cur[None]
-    rhos = [spearman(p, c) for p, c in zip(prev, cur, strict=True)]
-    defined = [r for r in rhos if not math.isnan(r)]
-    return sum(defined) / len(defined) if defined else math.nan
+    x = prev.detach().to("cpu", torch.float64).numpy()
+    y = cur.detach().to("cpu", torch.float64).numpy()
+    both = np.isfinite(x) & np.isfinite(y)
+    # Per row, over the positions finite in both: average ranks, centred (all rows at once).
+    rx = rankdata(np.where(both, x, np.nan), axis=1, nan_policy="omit")
+    ry = rankdata(np.where(both, y, np.nan), axis=1, nan_policy="omit")
+    count = both.sum(axis=1)
+    centre = (count + 1) / 2
+    rx = np.where(both, rx - centre[:, None], 0.0)
+    ry = np.where(both, ry - centre[:, None], 0.0)
+    denom = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rhos = (rx * ry).sum(axis=1) / denom
+    defined = rhos[(count >= 3) & (denom > 0)]
+    return float(defined.mean()) if defined.size else math.nan
 
 
 def group_contrast(contrast: Tensor, groups: Sequence[str]) -> dict[str, tuple[float, float]]:

@@ -310,3 +310,18 @@ def test_bootstrap_interval_is_seeded_covers_the_mean_and_skips_nan():
     assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
     assert all(math.isnan(v) for v in bootstrap_interval([0.5]))
     assert bootstrap_interval([0.2, 0.2, 0.2]) == (0.2, 0.2)
+
+
+def test_rank_stability_is_the_mean_of_the_per_row_spearman_with_nan_and_ties():
+    gen = torch.Generator().manual_seed(3)
+    prev = torch.randn(12, 9, generator=gen).round(decimals=1)  # ties
+    cur = prev + 0.5 * torch.randn(12, 9, generator=gen).round(decimals=1)
+    prev[0, :4] = NAN  # padding-like NaN runs, different per side
+    cur[1, 6:] = NAN
+    cur[2, 2] = float("inf")
+    prev[3, 2:] = NAN  # 2 finite pairs: undefined, left out
+    cur[4] = 1.0  # no rank variance: undefined, left out
+    rhos = [spearman(p, c) for p, c in zip(prev, cur, strict=True)]
+    defined = [r for r in rhos if not math.isnan(r)]
+    assert len(defined) == 10
+    assert rank_stability(prev, cur) == pytest.approx(sum(defined) / len(defined), rel=1e-12)
