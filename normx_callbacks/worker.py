@@ -9,9 +9,10 @@ Python threads share one interpreter lock, and a busy Python thread slows a PyTo
 thread far beyond the CPU it takes (every tensor operation gives the lock up and must wait to
 get it back). So by default the writer runs in a helper process (`HelperProcess`): the
 worker thread sends it each snapshot and waits on a pipe, holding no lock, and then makes the
-logger calls the reply carries (loggers live in the training process). The helper is started
-as a fresh `python -c` running `worker._serve` (never by re-importing the user's script), at a lower
-CPU priority, once per training process and shared by every engine in it. If it cannot start
+logger calls the reply carries (loggers live in the training process). The helper is forked
+from the training process (as DataLoader workers are: everything is imported already, and the
+user's script is never re-run), once per training process and shared by every engine in it,
+and runs only on CPU time training leaves idle. It never touches CUDA. If it cannot start
 or dies, the writer runs in this process instead, with one warning; nothing is lost.
 """
 
@@ -20,12 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -41,7 +39,7 @@ log = logging.getLogger(__name__)
 # Snapshots whose write failed (disk full, store unreachable) are kept in memory and written
 # before the next one; a few at most, so a disk that stays full cannot grow memory.
 MAX_UNWRITTEN = 3
-HELPER_NICE = 10  # the helper yields the CPU to training, but still runs on a busy machine
+HELPER_NICE = 19  # where SCHED_IDLE is not available
 
 
 @dataclass
@@ -231,18 +229,24 @@ class HelperProcess:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
+        if not hasattr(os, "fork"):
+            raise OSError("this platform cannot fork a helper process")
         parent_read, child_write = os.pipe()
         child_read, parent_write = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-        # One intra-op thread: the helper's work is small tensors, and training has the cores.
-        env.setdefault("OMP_NUM_THREADS", "1")
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from normx_callbacks.worker import _serve; "
-             "_serve(int(sys.argv[1]), int(sys.argv[2]))", str(child_read), str(child_write)],
-            pass_fds=(child_read, child_write), env=env, stdin=subprocess.DEVNULL)
+        pid = os.fork()
+        if pid == 0:  # the helper: everything is imported already, nothing to start
+            code = 0
+            try:
+                os.close(parent_read)
+                os.close(parent_write)
+                _serve(child_read, child_write)
+            except BaseException:  # noqa: BLE001 - the parent sees the pipe close
+                code = 1
+            finally:
+                os._exit(code)  # never the parent's atexit handlers or buffers
         os.close(child_read)
         os.close(child_write)
+        self.process = _Child(pid)
         self._send = Connection(parent_write, readable=False)
         self._recv = Connection(parent_read, writable=False)
         self._call_lock = threading.Lock()
@@ -274,6 +278,34 @@ class HelperProcess:
         return self.process.poll() is None
 
 
+class _Child:
+    """The helper's pid, with `subprocess.Popen`'s poll / wait / returncode."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                self.returncode = -1
+        return self.returncode
+
+
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -285,12 +317,22 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
+def _yield_cpu() -> None:
+    """Run only on CPU time training leaves idle (Linux SCHED_IDLE), else at low priority.
+    Training's OpenMP threads spin on every core between parallel regions; a helper that
+    preempts one of them stalls the region it belongs to."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(HELPER_NICE)
+        except OSError:
+            pass
+
+
 def _serve(read_fd: int, write_fd: int) -> None:
     """The helper's loop: run each call on its writer, reply (ok, value, log records)."""
-    try:
-        os.nice(HELPER_NICE)
-    except OSError:
-        pass
+    _yield_cpu()
     torch.set_num_threads(1)
     recv = Connection(read_fd, writable=False)
     send = Connection(write_fd, readable=False)
