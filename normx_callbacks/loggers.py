@@ -193,12 +193,13 @@ class LoggerSink:
         return any(isinstance(lg, (TensorBoardLogger, WandbLogger))
                    and (id(lg), "media") not in self._broken for lg in self.loggers)
 
-    def figure(self, tag: str, image, step: int) -> None:
+    def figure(self, tag: str, image, step: int, *, png: bytes | None = None) -> None:
         """Log an image: an (H, W, 3) uint8 array, or a zero-argument callable returning one
         (`plots.layer_heatmap` / `plots.history_heatmap` draw them).
 
         Pass the callable: the image is then drawn only when some logger shows images.
-        TensorBoard: `add_image` (HWC); W&B: `wandb.Image`.
+        TensorBoard: `add_image` (HWC), or the image's ``png`` encoding when given (encoded
+        where the image was drawn, e.g. the snapshot helper process); W&B: `wandb.Image`.
         """
         if callable(image):
             if not self.takes_images:
@@ -212,8 +213,18 @@ class LoggerSink:
 
             return wandb.Image(image)
 
-        self._media(tag, step, wandb=wb, tensorboard=lambda w: w.add_image(
-            tag, image, step, dataformats="HWC"))
+        def tensorboard(writer) -> None:
+            if png is None or not hasattr(writer, "_get_file_writer"):
+                writer.add_image(tag, image, step, dataformats="HWC")
+                return
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
+                                    encoded_image_string=png)
+            writer._get_file_writer().add_summary(
+                Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
+
+        self._media(tag, step, wandb=wb, tensorboard=tensorboard)
 
     @staticmethod
     def _checked_image(tag: str, image) -> np.ndarray:
@@ -288,15 +299,15 @@ class SnapshotMedia:
             tokens = ctx.tokens[b][:n]
             cues = enc.cue_mask[b, :n].tolist()
             if attr.layer_scores is not None:
-                items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/layers", draw and
-                              plots.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens,
-                                                  attr.layers, title=f"{probe_id} at step {step}",
-                                                  cues=cues)))
+                items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/layers", draw and _png(
+                    plots.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens,
+                                        attr.layers, title=f"{probe_id} at step {step}",
+                                        cues=cues))))
             steps = [s for s, _ in self.history]
             history = np.stack([scores[b, :n] for _, scores in self.history])
-            items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/history", draw and
-                          plots.history_heatmap(history, tokens, steps, cues=cues,
-                                                title=f"{probe_id}: NormXLogit over training")))
+            items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/history", draw and _png(
+                plots.history_heatmap(history, tokens, steps, cues=cues,
+                                      title=f"{probe_id}: NormXLogit over training"))))
             rows = last_layer[last_layer.probe_id == probe_id]
             items.append(("table", f"{PREFIX}/tokens/{probe_id}",
                           rows[["position", "token", "is_cue", "norm", "logat", "score"]]))
@@ -304,6 +315,17 @@ class SnapshotMedia:
                           token_html(tokens, attr.scores[b, :n].tolist(),
                                      title=f"{probe_id} step {step}")))
         return items
+
+
+def _png(image: np.ndarray) -> tuple[np.ndarray, bytes]:
+    """The image and its PNG encoding (what TensorBoard stores), made where it is drawn."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return image, buffer.getvalue()
 
 
 class SnapshotLogger:
@@ -327,7 +349,8 @@ class SnapshotLogger:
                     sink.histogram(tag, data, step)
                 elif kind == "table":
                     sink.table(tag, data, step)
-                elif kind == "figure":
-                    sink.figure(tag, lambda image=data: image, step)
+                elif kind == "figure":  # (image, its PNG) or False when not drawn
+                    image, png = data or (None, None)
+                    sink.figure(tag, lambda image=image: image, step, png=png)
                 elif kind == "html":
                     sink.html(tag, data, step)
