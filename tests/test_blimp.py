@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from blimp_files import PARADIGMS, pair, write_blimp
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,36 +21,6 @@ from normx_callbacks import NormXLogitCallback, ProbeError, load_run
 from normx_callbacks.demo import LanguageModel
 from normx_callbacks.metrics import group_contrast
 from normx_callbacks.probes import ProbeSet
-
-# (prefix, good word, bad word, rest of the sentence) per paradigm.
-PARADIGMS = {
-    "sv_agreement": [("the key near the cabinets", "is", "are", "red"),
-                     ("the keys near the cabinet", "are", "is", "red"),
-                     ("the boy with the books", "is", "are", "happy")],
-    "det_noun": [("the girl saw these", "books", "book", "again"),
-                 ("the man found this", "box", "boxes", "today")],
-}
-
-
-def _pair(uid: str, i: int, prefix: str, good: str, bad: str, rest: str, **extra) -> dict:
-    return {"sentence_good": f"{prefix} {good} {rest}.", "sentence_bad": f"{prefix} {bad} {rest}.",
-            "one_prefix_method": True, "one_prefix_prefix": prefix, "one_prefix_word_good": good,
-            "one_prefix_word_bad": bad, "field": "syntax", "linguistics_term": "agreement",
-            "UID": uid, "pairID": str(i), **extra}
-
-
-def write_blimp(root, *, extras: bool = False):
-    """One .jsonl per paradigm; with `extras`, one pair without a one-prefix form and one
-    whose words are the same (both skipped)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for uid, pairs in PARADIGMS.items():
-        rows = [_pair(uid, i, *p) for i, p in enumerate(pairs)]
-        if extras and uid == "det_noun":
-            rows.append({**_pair(uid, 90, "the girl", "is", "is", "here")})
-            rows.append({**_pair(uid, 91, "the girl", "is", "are", "here"),
-                         "one_prefix_method": False})
-        (root / f"{uid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
-    return root
 
 
 def test_from_blimp_and_the_blimp_string_load_one_probe_per_pair(tmp_path):
@@ -81,7 +52,7 @@ def test_blimp_encodes_masked_as_the_good_sentence_with_the_word_masked(tmp_path
     root = write_blimp(tmp_path / "blimp")
     rows = json.loads((root / "det_noun.jsonl").read_text().splitlines()[0])
     # A pair whose sentences differ in two words has no masked form: skipped, counted.
-    two = {**_pair("two_words", 0, "the boy", "is", "are", "red"),
+    two = {**pair("two_words", 0, "the boy", "is", "are", "red"),
            "sentence_bad": "a boy are red."}
     (root / "two_words.jsonl").write_text(json.dumps(two) + "\n", "utf-8")
     text = " ".join(s for uid in PARADIGMS for p in PARADIGMS[uid] for s in p) * 20
@@ -105,9 +76,9 @@ def test_blimp_encodes_masked_as_the_good_sentence_with_the_word_masked(tmp_path
 def test_pairs_the_tokenizer_cannot_tell_apart_are_skipped_and_counted(tmp_path, dm):
     root = tmp_path / "blimp"
     root.mkdir()
-    rows = [_pair("p", 0, "the boy", "is", "are", "red"),
+    rows = [pair("p", 0, "the boy", "is", "are", "red"),
             # " qz" is a leading piece of " qzx" under the demo tokenizer: no differing token.
-            _pair("p", 1, "the boy", "qz", "qzx", "red")]
+            pair("p", 1, "the boy", "qz", "qzx", "red")]
     (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
     with pytest.warns(UserWarning, match=r"skipped 1 of 2 BLiMP probes: 1 pair\(s\) whose good "
                       r"and bad words this tokenizer cannot tell apart \(e.g. p-1\)"):
@@ -128,7 +99,7 @@ def test_bad_blimp_input_names_the_file_and_the_fix(tmp_path, case, match):
     if case == "json":
         path.write_text("{not json\n", "utf-8")
     elif case == "keys":
-        row = _pair("p", 0, "the boy", "is", "are", "red")
+        row = pair("p", 0, "the boy", "is", "are", "red")
         del row["one_prefix_prefix"]
         path.write_text(json.dumps(row) + "\n", "utf-8")
     with pytest.raises((ProbeError, FileNotFoundError), match=match):

@@ -24,42 +24,19 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from training import MAX_STEPS, TABLES, counts_at, fit, make_model, make_trainer
 
 from normx_callbacks import NormXLogitCallback, ProbeError, SnapshotSchedule, load_run, plots
-from normx_callbacks.demo import LanguageModel, TextDataModule, build_model
+from normx_callbacks.demo import TextDataModule, build_model
 from normx_callbacks.store import SnapshotStore
 
-MAX_STEPS = 10
 EVERY = 4
 # The log schedule up to MAX_STEPS, then the final step.
 EXPECTED_STEPS = [0, 1, 2, 4, 8, 10]
-TABLES = ("embedding", "metrics", "probes", "tokens")
 HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-def make_model(dm: TextDataModule, *, dropout: float = 0.0, **kwargs) -> LanguageModel:
-    pl.seed_everything(0, verbose=False)
-    options = dict(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=dropout,
-                   vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id, tokenizer=dm.tokenizer)
-    return LanguageModel(**{**options, **kwargs})
-
-
-def make_trainer(root, callbacks, *, max_steps=MAX_STEPS, logger=False, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, callbacks=callbacks,
-        default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        limit_val_batches=0, num_sanity_val_steps=0, **kwargs,
-    )
-
-
-def fit(model, dm, root, callbacks, *, ckpt_path=None, **kwargs) -> pl.Trainer:
-    trainer = make_trainer(root, callbacks, **kwargs)
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
-    return trainer
 
 
 def real_token_counts(dm: TextDataModule, num_batches: int) -> torch.Tensor:
@@ -73,12 +50,6 @@ def real_token_counts(dm: TextDataModule, num_batches: int) -> torch.Tensor:
     else:
         assert num_batches <= i + 1, "asked for more batches than one epoch holds"
     return counts
-
-
-def counts_at(run, step: int) -> torch.Tensor:
-    emb = run["embedding"]
-    rows = emb[emb.step == step].sort_values("token_id")
-    return torch.tensor(rows["count"].to_numpy(), dtype=torch.long)
 
 
 def hook_counts(module: nn.Module) -> dict:

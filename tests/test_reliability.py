@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from models import build, random_ids
 from scipy.stats import spearmanr
-from test_callback import TABLES, counts_at, fit, make_model
+from training import TABLES, counts_at, fit, make_model
 
 from normx_callbacks import NormXLogitCallback, ProbeError, ProbeSet, load_run, normxlogit
 from normx_callbacks.checkpoints import CheckpointError, load_model_and_tokenizer

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import transformers as T
+from blimp_files import PARADIGMS, write_blimp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from normx_callbacks import NormXLogitCallback, load_run
@@ -171,8 +172,6 @@ def test_bad_inputs_get_one_line_each_and_a_nonzero_exit(trained, dm, tmp_path, 
 
 
 def test_blimp_suite_replays_through_a_model_class_and_reaches_the_report(trained, dm, tmp_path):
-    from test_blimp import PARADIGMS, write_blimp
-
     root, _ = trained
     blimp = write_blimp(tmp_path / "blimp")
     store = tmp_path / "store"

@@ -2,17 +2,19 @@
 
 `make_model`: a 2-layer, 32-wide GPT-2 sized from a DataModule, seeded; `make_trainer`: a CPU
 Trainer without progress bars, validation or (unless a ModelCheckpoint is given)
-checkpoints; `fit`: both together.
+checkpoints; `fit`: both together; `counts_at`: a store's token counts at a step.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from normx_callbacks.demo import LanguageModel, TextDataModule
 
 MAX_STEPS = 10
+TABLES = ("embedding", "metrics", "probes", "tokens")  # every snapshot writes these
 
 
 def make_model(dm: TextDataModule, *, dropout: float = 0.0, **kwargs) -> LanguageModel:
@@ -35,3 +37,10 @@ def fit(model, dm, root, callbacks, *, ckpt_path=None, **kwargs) -> pl.Trainer:
     trainer = make_trainer(root, callbacks, **kwargs)
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return trainer
+
+
+def counts_at(run, step: int) -> torch.Tensor:
+    """The token counts a store recorded at ``step``, in token id order."""
+    emb = run["embedding"]
+    rows = emb[emb.step == step].sort_values("token_id")
+    return torch.tensor(rows["count"].to_numpy(), dtype=torch.long)
