@@ -311,6 +311,8 @@ def find_model(owner_module: nn.Module, model_attr: str | None = None, *,
         except AttributeError:
             raise RuntimeError(f"{who}(model_attr={model_attr!r}): {name} has no such "
                                "attribute") from None
+    elif isinstance(owner_module, PreTrainedModel):
+        model = owner_module  # the model itself (a Fabric or plain loop passes it directly)
     else:
         found = [(n, m) for n, m in owner_module.named_modules() if isinstance(m, PreTrainedModel)]
         # Outermost models only: a CausalLM contains its base model.

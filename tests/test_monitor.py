@@ -188,3 +188,18 @@ def test_an_exception_in_the_loop_still_writes_what_was_measured(dm, tmp_path, c
     # Every snapshot taken before the interruption is in the store, none missing.
     run = load_run(tmp_path / "normx")
     assert run.steps == [0, 1, 2, 3] and run.missing.empty
+
+
+def test_a_hugging_face_model_passed_itself_is_watched(dm, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=dm.vocab_size, n_embd=32, n_layer=2,
+                                       n_head=2, n_positions=64))
+    with NormXLogitMonitor(dm.probes, store_dir=tmp_path / "normx",
+                           faithfulness_every=None) as monitor:
+        monitor.setup(model, dm.tokenizer)
+        batch = next(iter(dm.train_dataloader()))
+        monitor.step(1, model, batch)
+    assert monitor.engine.adapter.module is model  # not its base model, not refused
+    assert load_run(tmp_path / "normx").steps == [0, 1]
