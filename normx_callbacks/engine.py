@@ -700,6 +700,9 @@ class Engine:
         if self.pipeline is not None:
             self.pipeline.submit("retry", partial(self._call, "retry", True))
             self.pipeline.flush()
+            log.info("%s: training waited %.2f s in all for the snapshot worker (a full queue, "
+                     "the flushes before checkpoints and at the end)", self.owner,
+                     self.pipeline.waited_seconds)
 
     def close(self) -> None:
         """Flush and stop the worker (a later `prepare` starts a new one)."""

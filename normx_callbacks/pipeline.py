@@ -96,10 +96,6 @@ class Pipeline:
             self._queue.put((None, _STOP, ()))
             self._thread.join()
 
-    @property
-    def pending(self) -> int:
-        return self._queue.unfinished_tasks
-
     def _run(self) -> None:
         while True:
             name, fn, args = self._queue.get()

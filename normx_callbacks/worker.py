@@ -274,9 +274,6 @@ class HelperProcess:
             raise value
         return value
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
 
 class _Child:
     """The helper's pid, with `subprocess.Popen`'s poll / wait / returncode."""
