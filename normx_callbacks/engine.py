@@ -602,6 +602,7 @@ class Engine:
         self._writer_args = ((self.ctx,), dict(
             owner=self.owner, media_probes=self.media_probes,
             history_length=self.history_length, takes_images=self._logger.takes_images,
+            has_loggers=bool(self._logger.sink.loggers),
             faithfulness=faithfulness))
         if self.worker == "process":
             try:

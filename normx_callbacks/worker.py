@@ -69,11 +69,12 @@ class SnapshotWriter:
     """Builds, writes and prepares the media of snapshots, in step order (see module doc)."""
 
     def __init__(self, ctx: ProbeContext, *, owner: str, media_probes: int,
-                 history_length: int, takes_images: bool,
+                 history_length: int, takes_images: bool, has_loggers: bool = True,
                  faithfulness: Faithfulness | None = None) -> None:
         self.ctx = ctx
         self.owner = owner
         self.builder = SnapshotBuilder(ctx)
+        self.has_loggers = has_loggers  # without loggers (a replay) there is nothing to send
         self.media = SnapshotMedia(ctx, media_probes=media_probes,
                                    history_length=history_length, takes_images=takes_images)
         self.store: SnapshotStore | None = None
@@ -113,7 +114,8 @@ class SnapshotWriter:
                 snap.step, f"{type(error).__name__}: {error}"))
         failed = self._write(snap.step, built.tables)
         try:
-            media = self.media.payload(snap.step, built, snap.attribution, snap.counts)
+            media = (self.media.payload(snap.step, built, snap.attribution, snap.counts)
+                     if self.has_loggers else [])
         except Exception as error:  # e.g. a figure that cannot be drawn: the store has it
             log.warning("%s: the media of the snapshot at step %d failed (%s: %s); it is in "
                         "the snapshot store", self.owner, snap.step, type(error).__name__,
