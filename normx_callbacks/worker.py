@@ -18,6 +18,7 @@ or dies, the writer runs in this process instead, with one warning; nothing is l
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -237,6 +238,9 @@ class HelperProcess:
         child_read, parent_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the helper: everything is imported already, nothing to start
+            # The training process's objects are never used here: keep the garbage
+            # collector off them, or it would write to (and so copy) their memory pages.
+            gc.freeze()
             code = 0
             try:
                 os.close(parent_read)
