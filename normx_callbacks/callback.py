@@ -112,10 +112,11 @@ class NormXLogitCallback(Callback):
         Probe-averaged metrics carry a seeded 95% bootstrap interval over probes in the
         store's `metrics` table (`low`, `high`; NaN where there is none).
         - `snapshot/train_seconds`: wall time the training thread spent on the snapshot
-          (counts reduced, probe forward, embedding norms, faithfulness forwards when due,
-          copies to the CPU, on rank 0 the gather); `snapshot/worker_seconds`: time the
-          background worker spent building its metrics and tables (its store write and the
-          logger calls come after and are not in it)
+          (counts reduced, probe forward, embedding norms, copies to the CPU, on rank 0 the
+          gather; when faithfulness is due, its forwards or the weights copy for the
+          helper); `snapshot/worker_seconds`: wall time the helper process (or worker
+          thread) spent before the store write (faithfulness forwards it ran, metrics,
+          tables; the write, images and logger calls come after and are not in it)
     Media: `normx/embedding/norms` histogram, `normx/embedding/top` table,
     `normx/heatmap/<probe>/layers` and `/history` images, `normx/tokens/<probe>`
     tables (TensorBoard Markdown, W&B `wandb.Table`), `normx/html/<probe>` (W&B).
