@@ -194,9 +194,10 @@ class Engine:
         self._helper: HelperProcess | None = None
         self._writer_args: tuple | None = None
         self._offload_faithfulness = False
-        self._latest: dict | None = None  # the last built snapshot's norms and scores
+        # The last built (or restored) snapshot's norms and scores: drift and stability of
+        # the next one, a writer rebuilt after the helper died, and the resume state.
+        self._latest: dict | None = None
         self._count_checked = False
-        self._prev_state: dict | None = None  # builder state restored before `prepare`
         self.failed_steps: dict[int, str] = {}  # step -> why its snapshot is missing
 
     # ------------------------------------------------------------------ setup
@@ -585,7 +586,6 @@ class Engine:
     def _start_writer(self, loggers: Sequence, adapter: ModelAdapter, mode: str,
                       plain_precision: bool) -> None:
         """The writer of this fit, in the helper process when it can be (see worker.py)."""
-        state = self._latest if self.writer is not None or self._helper is not None else None
         self._close_writer()
         self._logger = SnapshotLogger(loggers)
         faithfulness = None
@@ -616,11 +616,8 @@ class Engine:
                 self._helper = None
         if self._helper is None:
             self._local_writer()
-        state = state or self._prev_state
-        self._prev_state = None
-        if state is not None:  # a second fit or a resume goes on from the snapshots before
-            self._call("set_state", state)
-            self._latest = state
+        if self._latest is not None:  # a second fit or a resume goes on from the snapshots before
+            self._call("set_state", self._latest)
 
     def _local_writer(self, *, taken_for_helper: bool = False) -> None:
         """The writer in this process. Snapshots already taken for the helper carry weights
@@ -710,8 +707,6 @@ class Engine:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        if self._latest is not None or self.writer is not None or self._helper is not None:
-            self._prev_state = self._latest
         self._close_writer()
 
     # ------------------------------------------------------------------ resume
@@ -720,7 +715,7 @@ class Engine:
         """What a checkpoint keeps (flushes first: a checkpoint is never ahead of the
         snapshots before it)."""
         self.flush()
-        latest = self._latest or self._prev_state or {}
+        latest = self._latest or {}
         return {
             "snapshot_steps": list(self.snapshot_steps),
             "counts": None if self.counter is None else self.counter.state_dict(),
@@ -741,10 +736,8 @@ class Engine:
             self.counter.pending = None  # the checkpoint's counts hold what was pending then
         prev = {"prev_norms": state["prev_norms"], "prev_scores": state["prev_scores"]}
         self._latest = prev
-        if self.writer is not None or self._helper is not None:
+        if self.writer is not None or self._helper is not None:  # else set at `prepare`
             self._call("set_state", prev)
-        else:
-            self._prev_state = prev
 
 
 def _picklable(module: Any) -> bool:

@@ -163,23 +163,15 @@ class _EncodedOnce(ProbeSet):
         return self._cache[key]
 
 
-class _Holder(nn.Module):
-    """A bare module around a Hugging Face model, where the callback looks for it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-
 def _load(checkpoint: Path, model_class: type | None) -> tuple[nn.Module, Path | None]:
-    """(the module the callback watches, the tokenizer directory the checkpoint names)."""
+    """(the module to watch, the tokenizer directory the checkpoint names)."""
     if checkpoint.is_dir():
         model = _load_hf_dir(checkpoint)
         try:
             tokenizer_dir = _hf_tokenizer_dir(checkpoint)
         except FileNotFoundError:
             tokenizer_dir = None
-        return _Holder(model), tokenizer_dir
+        return model, tokenizer_dir
     if model_class is not None:
         try:
             module = model_class.load_from_checkpoint(checkpoint, map_location="cpu",
@@ -195,7 +187,7 @@ def _load(checkpoint: Path, model_class: type | None) -> tuple[nn.Module, Path |
         tokenizer_dir = _find_tokenizer(checkpoint, hints)
     except FileNotFoundError:
         tokenizer_dir = None
-    return _Holder(model), tokenizer_dir
+    return model, tokenizer_dir
 
 
 def _shape(adapter) -> tuple[str, int | None, int]:
