@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -149,21 +150,34 @@ def _read_checkpoint(path: Path) -> dict:
 def _load_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple[nn.Module, dict]:
     """(the Hugging Face model a ``model_class`` checkpoint keeps at ``.model``, the
     checkpoint's DataModule hyper-parameters)."""
-    cls = import_class(model_class)
-    label = model_class.replace(":", ".")
+    ckpt, hp = _read_lightning(path, model_class)
+    model = _build_lightning(path, model_class, hp)
+    _load_lightning_weights(path, model, ckpt, hp.get("arch", model_class.replace(":", ".")))
+    return model, _datamodule_hints(ckpt)
+
+
+def _read_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple[dict, dict]:
+    """(the checkpoint, its hyper-parameters), checked to be those ``model_class`` takes."""
+    accepted = inspect.signature(import_class(model_class).__init__).parameters
     ckpt = _read_checkpoint(path)
     hp = ckpt.get("hyper_parameters")
-    accepted = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     foreign = sorted(set(hp) - set(accepted)) if isinstance(hp, dict) and not takes_any else []
     if not isinstance(hp, dict) or not hp or foreign:
         found = f"names {', '.join(map(repr, foreign))}" if foreign else "are missing"
         raise CheckpointError(
-            f"{path} is not a checkpoint of {label} (its hyper_parameters {found}); for other "
-            "models save the HF model with save_pretrained() and pass the directory"
+            f"{path} is not a checkpoint of {model_class.replace(':', '.')} (its "
+            f"hyper_parameters {found}); for other models save the HF model with "
+            "save_pretrained() and pass the directory"
         )
+    return ckpt, hp
+
+
+def _build_lightning(path: Path, model_class: str, hp: dict) -> nn.Module:
+    """The Hugging Face model at ``.model`` of ``model_class`` rebuilt from ``hp`` (untrained)."""
+    label = model_class.replace(":", ".")
     try:
-        module = cls(**hp)
+        module = import_class(model_class)(**hp)
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{path}: cannot rebuild {label} from its "
                               f"hyper_parameters {dict(hp)}: {error}") from error
@@ -171,11 +185,19 @@ def _load_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"{path}: {label} keeps no model at .model; for other models save "
                               "the HF model with save_pretrained() and pass the directory")
+    return model
+
+
+def _load_lightning_weights(path: Path, model: nn.Module, ckpt: dict, arch: str) -> None:
+    """Load the checkpoint's ``model.*`` weights into ``model``; every weight must fit."""
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    _check_state(path, model, state, hp.get("arch", label))
+    _check_state(path, model, state, arch)
     model.load_state_dict(state, strict=True)
+
+
+def _datamodule_hints(ckpt: dict) -> dict:
     hints = ckpt.get("datamodule_hyper_parameters")
-    return model, hints if isinstance(hints, dict) else {}
+    return hints if isinstance(hints, dict) else {}
 
 
 def _few(keys) -> str:
@@ -246,6 +268,36 @@ def _find_tokenizer(ckpt_path: Path, hints: dict) -> Path:
 
 
 def _load_hf_dir(path: Path) -> nn.Module:
+    """The model of an HF directory; a weight missing from its files or of another shape is
+    refused (``from_pretrained`` would initialise it at random and only log it)."""
+    config, auto = _hf_config(path)
+    try:
+        model, info = auto.from_pretrained(str(path), local_files_only=True,
+                                           output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot load the model in {path}: {detail}") from error
+    missing, mismatched = info.get("missing_keys") or (), info.get("mismatched_keys") or ()
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights missing from its files ({_few(missing)})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} of another shape "
+                         f"({_few(str(m[0] if isinstance(m, tuple) else m) for m in mismatched)})")
+        raise CheckpointError(
+            f"{path}: the weights do not fit the {type(model).__name__} its config.json "
+            f"describes: {'; '.join(parts)}; they would be random, so the directory is refused "
+            "(copy it again, or save it with save_pretrained())")
+    if info.get("unexpected_keys"):
+        log.warning("%s: %d weights in its files are not used by %s (%s)", path,
+                    len(info["unexpected_keys"]), type(model).__name__,
+                    _few(info["unexpected_keys"]))
+    return model
+
+
+def _hf_config(path: Path) -> tuple[Any, type]:
+    """(the directory's config, the Auto class that loads its model)."""
     import transformers
 
     if not (path / "config.json").is_file():
@@ -259,16 +311,37 @@ def _load_hf_dir(path: Path) -> nn.Module:
         raise CheckpointError(f"{path}/config.json is unreadable: {error}") from error
     names = " ".join(getattr(config, "architectures", None) or [])
     if "MaskedLM" in names:
-        auto = transformers.AutoModelForMaskedLM
-    elif "SequenceClassification" in names:
-        auto = transformers.AutoModelForSequenceClassification
-    else:
-        auto = transformers.AutoModelForCausalLM
-    try:
-        return auto.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot load the model in {path}: {detail}") from error
+        return config, transformers.AutoModelForMaskedLM
+    if "SequenceClassification" in names:
+        return config, transformers.AutoModelForSequenceClassification
+    return config, transformers.AutoModelForCausalLM
+
+
+def _hf_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of an HF directory's weight files as saved (one file or an index of
+    shards; safetensors, else ``pytorch_model.bin`` read with ``weights_only``); None when it
+    holds neither."""
+    for name, read in (("model.safetensors", _read_safetensors), ("pytorch_model.bin", _read_bin)):
+        if (path / name).is_file():
+            return read(path / name)
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read(path / shard))
+            return state
+    return None
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(file), device="cpu")
+
+
+def _read_bin(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _hf_tokenizer_dir(path: Path) -> Path:

@@ -22,12 +22,19 @@ import torch
 from torch import nn
 
 from .checkpoints import (
+    DEFAULT_MODEL_CLASS,
     CheckpointError,
+    _build_lightning,
+    _datamodule_hints,
     _find_tokenizer,
+    _hf_config,
     _hf_tokenizer_dir,
+    _hf_weights,
     _load_hf_dir,
-    _load_lightning,
+    _load_lightning_weights,
     _load_tokenizer,
+    _read_checkpoint,
+    _read_lightning,
     import_class,
 )
 from .discovery import find_model
@@ -163,31 +170,118 @@ class _EncodedOnce(ProbeSet):
         return self._cache[key]
 
 
-def _load(checkpoint: Path, model_class: type | None) -> tuple[nn.Module, Path | None]:
-    """(the module to watch, the tokenizer directory the checkpoint names)."""
-    if checkpoint.is_dir():
-        model = _load_hf_dir(checkpoint)
-        try:
-            tokenizer_dir = _hf_tokenizer_dir(checkpoint)
-        except FileNotFoundError:
+class _SeriesLoader:
+    """Loads the checkpoints of a series one at a time, into one model while they share a
+    recipe.
+
+    A checkpoint with the recipe of the model already built (the same HF config and Auto
+    class, or the same LightningModule class and hyper-parameters) has its weights loaded
+    into that model, already placed, cast and read (its adapter verified): every weight must
+    fit by name and shape, an HF weight missing from the files only when it is tied to one
+    present. Otherwise the model is rebuilt as a first load would (``from_pretrained``,
+    ``load_from_checkpoint``), which also covers what only the rebuild knows (renamed
+    keys, migrations, non-strict modules). Rebuilding initialises every weight and re-verifies
+    the adapter with forward passes: for a small model that costs more than the load.
+    """
+
+    def __init__(self, model_class: type | None, device: str, dtype: torch.dtype) -> None:
+        self.model_class = model_class
+        self.device, self.dtype = device, dtype
+        self.recipe: tuple | None = None
+        self.module: nn.Module | None = None
+
+    def load(self, path: Path, need_tokenizer: bool) -> tuple[nn.Module, Path | None]:
+        """(the module to watch, in eval mode on the device in the dtype; the tokenizer
+        directory the checkpoint names, looked up when ``need_tokenizer``)."""
+        if path.is_dir():
+            module = self._hf(path)
             tokenizer_dir = None
-        return model, tokenizer_dir
-    if model_class is not None:
-        try:
-            module = model_class.load_from_checkpoint(checkpoint, map_location="cpu",
-                                                      weights_only=True)
-        except Exception as error:  # any way the user's class can fail to rebuild
-            raise CheckpointError(f"{checkpoint}: {model_class.__name__}.load_from_checkpoint "
-                                  f"failed ({type(error).__name__}: "
-                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
-                                  ) from error
-        return module, None
-    model, hints = _load_lightning(checkpoint)
-    try:
-        tokenizer_dir = _find_tokenizer(checkpoint, hints)
-    except FileNotFoundError:
+            if need_tokenizer:
+                try:
+                    tokenizer_dir = _hf_tokenizer_dir(path)
+                except FileNotFoundError:
+                    pass
+            return module, tokenizer_dir
+        if self.model_class is not None:
+            return self._lightning_class(path), None
+        ckpt, hp = _read_lightning(path)
+        recipe = ("demo", hp)
+        arch = hp.get("arch", DEFAULT_MODEL_CLASS)
+        if self._same(recipe):
+            _load_lightning_weights(path, self.module, ckpt, arch)
+        else:
+            self._drop()
+            model = _build_lightning(path, DEFAULT_MODEL_CLASS, hp)
+            _load_lightning_weights(path, model, ckpt, arch)
+            self._keep(model, recipe)
         tokenizer_dir = None
-    return model, tokenizer_dir
+        if need_tokenizer:
+            try:
+                tokenizer_dir = _find_tokenizer(path, _datamodule_hints(ckpt))
+            except FileNotFoundError:
+                pass
+        return self.module, tokenizer_dir
+
+    def _hf(self, path: Path) -> nn.Module:
+        config, auto = _hf_config(path)
+        recipe = ("hf", auto.__name__, {k: v for k, v in config.to_dict().items()
+                                        if not k.startswith("_") and k != "transformers_version"})
+        if self._same(recipe):
+            state = _hf_weights(path)
+            if state is not None and _load_fitting(self.module, state):
+                return self.module
+        self._drop()
+        return self._keep(_load_hf_dir(path), recipe)
+
+    def _lightning_class(self, path: Path) -> nn.Module:
+        cls = self.model_class
+        ckpt = _read_checkpoint(path)
+        recipe = ("class", cls, ckpt.get("hyper_parameters"))
+        if self._same(recipe):
+            try:  # what load_from_checkpoint does with the weights of a built module
+                self.module.on_load_checkpoint(ckpt)
+                self.module.load_state_dict(ckpt["state_dict"], strict=True)
+                return self.module
+            except (RuntimeError, KeyError, ValueError, TypeError):
+                pass  # rebuilt below, as a first load is
+        self._drop()
+        try:
+            module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # any way the user's class can fail to rebuild
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointError(f"{path}: {cls.__name__}.load_from_checkpoint failed "
+                                  f"({type(error).__name__}: {first})") from error
+        return self._keep(module, recipe)
+
+    def _same(self, recipe: tuple) -> bool:
+        try:
+            return self.module is not None and bool(recipe == self.recipe)
+        except Exception:  # values that do not compare (tensors in hyper-parameters)
+            return False
+
+    def _drop(self) -> None:
+        self.module = self.recipe = None  # one model in memory at a time
+
+    def _keep(self, module: nn.Module, recipe: tuple) -> nn.Module:
+        module.to(device=self.device, dtype=self.dtype)
+        module.eval()
+        self.module, self.recipe = module, recipe
+        return module
+
+
+def _load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Load ``state`` into ``module`` if every tensor fits by name and shape and every weight
+    it lacks is tied to one it has (HF saves a tied head once); False, untouched, if not."""
+    expected = module.state_dict()
+    if not set(state) <= set(expected):
+        return False
+    if any(tuple(state[k].shape) != tuple(expected[k].shape) for k in state):
+        return False
+    present = {expected[k].data_ptr() for k in state}
+    if any(expected[k].data_ptr() not in present for k in set(expected) - set(state)):
+        return False
+    module.load_state_dict(state, strict=False)
+    return True
 
 
 def _shape(adapter) -> tuple[str, int | None, int]:
@@ -322,16 +416,15 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
     errors: list[str] = []
     taken: list[Checkpoint] = []
     counts: torch.Tensor | None = None
+    loader = _SeriesLoader(model_class, device, DTYPES[dtype])
     bar = tqdm(todo, desc="replay", unit="ckpt", disable=not progress, file=sys.stderr)
     for checkpoint in bar:
         bar.set_postfix(step=checkpoint.step)
         try:
-            module, tokenizer_dir = _load(checkpoint.path, model_class)
+            module, tokenizer_dir = loader.load(checkpoint.path, need_tokenizer=tokenizer is None)
         except (CheckpointError, FileNotFoundError, OSError) as error:
             errors.append(f"{checkpoint.path}: {_one_line(error)}")
             continue
-        module.to(device=device, dtype=DTYPES[dtype])
-        module.eval()
         if tokenizer is None:
             if tokenizer_dir is None:
                 errors.append(f"{checkpoint.path}: no tokenizer found with it; pass "
@@ -363,7 +456,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
         engine.counter.counts = counts.clone()
         engine.snapshot(checkpoint.step, final=checkpoint is series[-1])
         taken.append(checkpoint)
-        del module, adapter  # one checkpoint in memory at a time
+        del module, adapter  # the loader keeps the one model of the series
         engine.release_model()
     bar.close()
     engine.flush()

@@ -114,6 +114,68 @@ def test_demo_ckpt_series_replays_and_a_second_call_skips_committed_steps(traine
     assert_same_scores(load_run(store), recorded, SAVED)
 
 
+class CountingLanguageModel(LanguageModel):
+    """The demo's LightningModule, counting how often replay rebuilds it."""
+
+    built = 0
+
+    @classmethod
+    def load_from_checkpoint(cls, *args, **kwargs):
+        cls.built += 1
+        return super().load_from_checkpoint(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["ckpt", "hf", "model_class"])
+def test_a_series_loads_into_one_model_with_the_numbers_of_each_checkpoint_alone(
+        trained, dm, tmp_path, monkeypatch, kind):
+    """Checkpoints after the first go into the model built for it: bit-identical tables to
+    replaying each checkpoint alone (a fresh build), and only one build for the series."""
+    import normx_callbacks.replay as replay_module
+
+    root, _ = trained
+    builds = []
+    for name in ("_build_lightning", "_load_hf_dir"):
+        real = getattr(replay_module, name)
+        monkeypatch.setattr(replay_module, name,
+                            lambda *a, _real=real: builds.append(a[0]) or _real(*a))
+    CountingLanguageModel.built = 0
+    options = {"probes": dm.probes, "progress": False}
+    if kind == "model_class":
+        options.update(model_class=CountingLanguageModel, tokenizer=root / "hf" / "checkpoint-4")
+    series = resolve_checkpoints([root / ("hf" if kind == "hf" else "ckpt")])
+    assert replay([c.path for c in series], store_dir=tmp_path / "series", **options) == list(SAVED)
+    assert len(builds) + CountingLanguageModel.built == 1, builds
+    together = load_run(tmp_path / "series")
+    for checkpoint in series:
+        replay([checkpoint.path], store_dir=tmp_path / f"alone{checkpoint.step}", **options)
+        alone = load_run(tmp_path / f"alone{checkpoint.step}")
+        for table in ("tokens", "probes", "embedding"):
+            part = together[table][together[table].step == checkpoint.step]
+            pd.testing.assert_frame_equal(part.reset_index(drop=True), alone[table])
+    assert len(builds) + CountingLanguageModel.built == 1 + len(series)
+
+
+def test_an_hf_directory_missing_a_weight_is_refused_not_filled_at_random(trained, dm,
+                                                                          tmp_path, capsys):
+    """from_pretrained would initialise the weight at random and only log it."""
+    from safetensors.torch import load_file, save_file
+
+    root, _ = trained
+    broken = tmp_path / "checkpoint-12"
+    shutil.copytree(root / "hf" / "checkpoint-8", broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    code = main(["replay", str(root / "hf" / "checkpoint-4"), str(broken), "-o",
+                 str(tmp_path / "store"), "--probes", str(_probe_file(dm, tmp_path)), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert ("checkpoint-12: the weights do not fit the GPT2LMHeadModel its config.json "
+            "describes: 1 weights missing from its files (transformer.h.1.mlp.c_fc.weight)"
+            in err[0])
+    assert load_run(tmp_path / "store").steps == [4]
+
+
 def _marker_ids(store) -> dict[int, str]:
     return {json.loads(p.read_text())["step"]: json.loads(p.read_text())["id"]
             for p in (store / "_commits").glob("*.json")}
