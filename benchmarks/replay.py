@@ -1,34 +1,41 @@
 """What `normx replay` costs against its floor: loading each checkpoint plus the probe forward.
 
-    python benchmarks/replay.py --threads 1                  # 8 checkpoints, 3 rounds
-    python benchmarks/replay.py --threads 1 --quick          # 4 checkpoints, 2 rounds
+    python benchmarks/replay.py --threads 1 --checkpoints 24 --rounds 7
+    python benchmarks/replay.py --threads 1 --quick          # 4 checkpoints, 3 rounds
 
 The checkpoints are the demo run's: `configs/tiny.yaml`'s model (GPT-2 shape, d=64, 2
 layers, 512-token BPE) and probe suite (64 agreement probes), trained here for
 `--every * --checkpoints` steps with a `.ckpt` every `--every` steps (a shorter corpus than
 tiny.yaml's, so the script takes a minute; the shapes are the same).
 
-Two arms, timed in the same process, each round running both, the order alternating:
+Three arms, timed in the same process; each round times `replay` and `reused` between two
+runs of `floor`, the order rotating, and a ratio is taken against the mean of the two
+`floor` runs around it (`harness.paired_rounds`):
 
 - floor: for each checkpoint, `load_model_and_tokenizer` (`torch.load(weights_only=True)`,
-  rebuild the demo model, load the tokenizer) and `normxlogit` over the probes at every
-  layer (probes encoded once): what any replay must do at least;
+  rebuild the demo model, load the tokenizer), read the model (`resolve_adapter`) and
+  `normxlogit` over the probes at every layer (probes encoded once): loading the
+  checkpoints as one loads a checkpoint, plus the probe forwards;
+- reused: the least any replay could do: the model built and read once, then for each
+  checkpoint `torch.load` and `load_state_dict` into it, and the probe forward;
 - replay: `replay(checkpoints, probes=..., store_dir=<fresh>)` with the defaults (all
   layers, no faithfulness), which also computes the metrics, builds the tables and writes
-  the Parquet store.
+  the Parquet store (in its helper process), and waits for the last snapshot's write.
 
-Printed: milliseconds per checkpoint of each arm, the ratio replay / floor per round and
-their median.
+Printed: milliseconds per checkpoint of each arm (medians) and the median ratios replay /
+floor and replay / reused.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import time
 from pathlib import Path
 
 import harness as h
+import torch
 
 from normx_callbacks import ProbeSet, normxlogit, resolve_adapter
 from normx_callbacks.checkpoints import load_model_and_tokenizer
@@ -66,14 +73,26 @@ def floor(paths, probes) -> None:
                    layers="all", batch_size=32)
 
 
+def reused(paths, probes) -> None:
+    model, tokenizer = load_model_and_tokenizer(paths[0])
+    adapter = resolve_adapter(model)
+    enc = ProbeSet(probes).encode(tokenizer, objective="causal", max_length=32)
+    for path in paths:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items()
+                               if k.startswith("model.")})
+        normxlogit(adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
+                   targets=enc.targets, foils=enc.foils, layers="all", batch_size=32)
+
+
 def main(argv=None) -> int:
     p = h.parser(__doc__, devices=False)
     p.add_argument("--checkpoints", type=int, help="default 8 (quick 4)")
     p.add_argument("--every", type=int, default=10, help="training steps between them")
-    p.add_argument("--rounds", type=int, help="default 3 (quick 2)")
+    p.add_argument("--rounds", type=int, help="default 5 (quick 3)")
     args = p.parse_args(argv)
     args.checkpoints = args.checkpoints or (4 if args.quick else 8)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (3 if args.quick else 5)
     settings = {k: getattr(args, k) for k in ("checkpoints", "every", "rounds")}
     info = h.start(args, "normx replay against loading + probe forward", settings)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -83,24 +102,31 @@ def main(argv=None) -> int:
         paths, probes = train_series(root, args.every, args.checkpoints)
         n = len(paths)
         print(f"checkpoints: {n} ({paths[0].name} ... {paths[-1].name}), probes: {len(probes)}")
-        floor(paths[:1], probes)  # warm-up: imports, allocator, tokenizer cache
-        rounds = []
-        for r in range(args.rounds):
-            times = {}
-            for arm in ("floor", "replay") if r % 2 == 0 else ("replay", "floor"):
-                began = time.perf_counter()
-                if arm == "floor":
-                    floor(paths, probes)
-                else:
-                    replay(paths, probes=probes, store_dir=root / f"store{r}", device="cpu",
-                           progress=False)
-                times[arm] = 1e3 * (time.perf_counter() - began) / n
-            rounds.append({**times, "ratio": times["replay"] / times["floor"]})
-            print(f"round {r}: floor {times['floor']:.1f} ms/ckpt, replay "
-                  f"{times['replay']:.1f} ms/ckpt, ratio {rounds[-1]['ratio']:.2f}", flush=True)
-    ratio = h.median(r["ratio"] for r in rounds)
-    print(f"median ratio replay / (load + probe forward): {ratio:.2f}")
-    h.finish(args, started, machine=info, settings=settings, rounds=rounds, ratio=ratio)
+        stores = itertools.count()
+        arms = {
+            "floor": lambda: floor(paths, probes),
+            "reused": lambda: reused(paths, probes),
+            "replay": lambda: replay(paths, probes=probes, device="cpu", progress=False,
+                                     store_dir=root / f"store{next(stores)}"),
+        }
+        samples, ratios, jitter = h.paired_rounds(arms, "floor", args.rounds, "cpu")
+    ms = {arm: 1e3 * h.median(ts) / n for arm, ts in samples.items()}
+    result = {"ms_per_checkpoint": ms,
+              "replay_over_floor": h.median(ratios["replay"]),
+              "replay_over_reused": h.median(r / q for r, q in zip(ratios["replay"],
+                                                                   ratios["reused"],
+                                                                   strict=True)),
+              "reused_over_floor": h.median(ratios["reused"]),
+              "ratios": ratios, "floor_jitter": h.median(jitter)}
+    for arm, value in ms.items():
+        print(f"{arm}: {value:.1f} ms/ckpt")
+    print("replay / floor per round: " + ", ".join(f"{r:.2f}" for r in ratios["replay"]))
+    print(f"median ratio replay / floor (load + probe forward): {result['replay_over_floor']:.2f}")
+    print(f"median ratio replay / reused (torch.load into one model + probe forward): "
+          f"{result['replay_over_reused']:.2f}")
+    print(f"median ratio reused / floor: {result['reused_over_floor']:.2f}; floor's own "
+          f"round-to-round change (median): {100 * result['floor_jitter']:.0f}%")
+    h.finish(args, started, machine=info, settings=settings, **result)
     return 0
 
 

@@ -197,8 +197,8 @@ class SnapshotBuilder:
             per_layer = alignment_per_probe(attr.layer_scores, enc.cue_mask, keep)["ap"]
             for i, layer in enumerate(attr.layers):
                 mean(out, f"alignment/ap_layer{layer}", per_layer[:, i])
-        left_out = [enc.ids[b] for b in range(len(enc))
-                    if bool(enc.cue_mask[b].any()) and not bool(entered[b])]
+        left_out = [enc.ids[b] for b in
+                    torch.nonzero(enc.cue_mask.any(dim=1) & ~entered).flatten().tolist()]
         new = sorted(set(left_out) - self.warned_left_out)
         if new:
             log.warning("NormXLogitCallback: probe(s) %s have cue words but none is among the "
@@ -312,9 +312,7 @@ def build_tables(ctx: ProbeContext, attr: Attribution, embed: EmbeddingSnapshot,
         # Every piece of the target / foil word; the explained ids are the first that differ.
         "target_tokens": enc.target_tokens,
         "foil_tokens": enc.foil_tokens,
-        "contrast": [float(attr.contrast_logat[b, attr.positions[b]])
-                     if attr.contrast_logat is not None and enc.foils[b] >= 0
-                     else NAN for b in range(len(enc))],
+        "contrast": _explained_contrast(attr, enc.foils),
     })
     embedding = pd.DataFrame({
         "token_id": np.arange(len(embed.norms)),
@@ -322,6 +320,14 @@ def build_tables(ctx: ProbeContext, attr: Attribution, embed: EmbeddingSnapshot,
         "count": counts.numpy(),
     })
     return {"tokens": tokens, "probes": probes, "embedding": embedding}
+
+
+def _explained_contrast(attr: Attribution, foils: Tensor) -> np.ndarray:
+    """Each probe's contrast at its explained position; NaN for a probe without a foil."""
+    if attr.contrast_logat is None:
+        return np.full(len(foils), NAN)
+    at = attr.contrast_logat[torch.arange(len(foils)), attr.positions].double()
+    return torch.where(foils >= 0, at, torch.full_like(at, NAN)).numpy()
 
 
 def _nonfinite(ctx: ProbeContext, attr: Attribution, embed: EmbeddingSnapshot) -> pd.DataFrame:
