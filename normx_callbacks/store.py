@@ -171,6 +171,14 @@ def _to_arrow(name: str, df: pd.DataFrame, step: int) -> pa.Table:
         raise ValueError(f"table {name!r} cannot be stored as Parquet: {e}") from e
 
 
+def _parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """The Parquet file of ``table``, encoded in memory: one write to disk, not Arrow's many
+    small writes through a Python file object."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
 class SnapshotStore:
     """Writes snapshots (dicts of DataFrames keyed by training step) under ``root``.
 
@@ -234,7 +242,7 @@ class SnapshotStore:
         for name, table in arrow.items():
             rel = f"{name}/{_step_name(step, 'parquet')}"
             (self.root / name).mkdir(exist_ok=True)
-            _atomic_write(self.root / rel, lambda f, t=table: pq.write_table(t, f))
+            _atomic_write(self.root / rel, lambda f, t=table: f.write(_parquet_bytes(t)))
             entries[name] = {"file": rel, "rows": table.num_rows}
         _atomic_write_json(
             marker,
