@@ -270,11 +270,13 @@ def _find_tokenizer(ckpt_path: Path, hints: dict) -> Path:
 def _load_hf_dir(path: Path) -> nn.Module:
     """The model of an HF directory; a weight missing from its files or of another shape is
     refused (``from_pretrained`` would initialise it at random and only log it)."""
+    from safetensors import SafetensorError
+
     config, auto = _hf_config(path)
     try:
         model, info = auto.from_pretrained(str(path), local_files_only=True,
                                            output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot load the model in {path}: {detail}") from error
     missing, mismatched = info.get("missing_keys") or (), info.get("mismatched_keys") or ()

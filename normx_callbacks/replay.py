@@ -227,7 +227,10 @@ class _SeriesLoader:
         recipe = ("hf", auto.__name__, {k: v for k, v in config.to_dict().items()
                                         if not k.startswith("_") and k != "transformers_version"})
         if self._same(recipe):
-            state = _hf_weights(path)
+            try:
+                state = _hf_weights(path)
+            except Exception:  # noqa: BLE001 - unreadable: the rebuild below says why
+                state = None
             if state is not None and _load_fitting(self.module, state):
                 return self.module
         self._drop()

@@ -166,13 +166,18 @@ def test_an_hf_directory_missing_a_weight_is_refused_not_filled_at_random(traine
     weights = load_file(broken / "model.safetensors")
     del weights["transformer.h.1.mlp.c_fc.weight"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    code = main(["replay", str(root / "hf" / "checkpoint-4"), str(broken), "-o",
+    truncated = tmp_path / "checkpoint-16"
+    shutil.copytree(root / "hf" / "checkpoint-8", truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code = main(["replay", str(root / "hf" / "checkpoint-4"), str(broken), str(truncated), "-o",
                  str(tmp_path / "store"), "--probes", str(_probe_file(dm, tmp_path)), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1, err
+    assert code == 1 and len(err) == 2, err
     assert ("checkpoint-12: the weights do not fit the GPT2LMHeadModel its config.json "
             "describes: 1 weights missing from its files (transformer.h.1.mlp.c_fc.weight)"
             in err[0])
+    assert "checkpoint-16: cannot load the model in" in err[1]
     assert load_run(tmp_path / "store").steps == [4]
 
 
