@@ -263,20 +263,29 @@ def bootstrap_interval(
         return math.nan, math.nan
     if np.all(x == x[0]):
         return float(x[0]), float(x[0])
-    means = _resample_counts(x.size, n_resamples, seed) @ x / x.size
+    if np.isfinite(x).all():
+        means = _resample_counts(x.size, n_resamples, seed) @ x / x.size
+    else:  # 0 * inf is NaN in a product: resamples without the inf must not see it
+        means = x[_resamples(x.size, n_resamples, seed)].mean(axis=1)
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    with np.errstate(invalid="ignore"):  # inf - inf between infinite means: NaN, as it is
+        low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
 
 
 @functools.lru_cache(maxsize=16)
+def _resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """``(n_resamples, n)`` indices drawn with replacement, seeded (shared by every metric
+    over the same number of probes, as one seed per interval would draw them)."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+@functools.lru_cache(maxsize=16)
 def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """``(n_resamples, n)``: how often each value is drawn in each resample (with
-    replacement, seeded; shared by every metric over the same number of probes, as one seed
-    per interval would draw them). A resample's mean is then one row times the values."""
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    """``(n_resamples, n)``: how often each value is drawn in each resample of
+    `_resamples`. A resample's mean is then one row times the values."""
     counts = np.zeros((n_resamples, n))
-    np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1.0)
+    np.add.at(counts, (np.arange(n_resamples)[:, None], _resamples(n, n_resamples, seed)), 1.0)
     return counts
 
 

@@ -237,16 +237,19 @@ class _SeriesLoader:
         return self._keep(_load_hf_dir(path), recipe)
 
     def _lightning_class(self, path: Path) -> nn.Module:
+        from lightning.pytorch.core.hooks import CheckpointHooks
+
         cls = self.model_class
         ckpt = _read_checkpoint(path)
         recipe = ("class", cls, ckpt.get("hyper_parameters"))
-        if self._same(recipe):
+        # A class's own on_load_checkpoint may change the module beyond its state dict (a
+        # rescaled buffer, an attribute): on a module already loaded that would compound.
+        if cls.on_load_checkpoint is CheckpointHooks.on_load_checkpoint and self._same(recipe):
             try:  # what load_from_checkpoint does with the weights of a built module
-                self.module.on_load_checkpoint(ckpt)
                 self.module.load_state_dict(ckpt["state_dict"], strict=True)
                 return self.module
-            except (RuntimeError, KeyError, ValueError, TypeError):
-                pass  # rebuilt below, as a first load is
+            except Exception:  # noqa: BLE001 - rebuilt below, as a first load is
+                pass
         self._drop()
         try:
             module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
@@ -280,8 +283,14 @@ def _load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
         return False
     if any(tuple(state[k].shape) != tuple(expected[k].shape) for k in state):
         return False
-    present = {expected[k].data_ptr() for k in state}
-    if any(expected[k].data_ptr() not in present for k in set(expected) - set(state)):
+    # Weights the model ties share one storage: the file must give them one value (a head
+    # saved apart from the embedding it is tied to here means another tie layout).
+    first_of: dict[int, str] = {}
+    for key in state:
+        other = first_of.setdefault(expected[key].data_ptr(), key)
+        if other != key and not torch.equal(state[key], state[other]):
+            return False
+    if any(expected[k].data_ptr() not in first_of for k in set(expected) - set(state)):
         return False
     module.load_state_dict(state, strict=False)
     return True

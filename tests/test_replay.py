@@ -155,6 +155,41 @@ def test_a_series_loads_into_one_model_with_the_numbers_of_each_checkpoint_alone
     assert len(builds) + CountingLanguageModel.built == 1 + len(series)
 
 
+class HookedLanguageModel(CountingLanguageModel):
+    """Its own on_load_checkpoint may change the module beyond its weights."""
+
+    def on_load_checkpoint(self, checkpoint):
+        self.loaded_step = checkpoint["global_step"]
+
+
+def test_a_class_with_its_own_load_hook_or_another_tie_is_rebuilt(trained, dm, tmp_path):
+    """No reuse where the loaded model could differ from a fresh one: a LightningModule
+    whose on_load_checkpoint could compound on a used module; an HF head saved apart from
+    the embedding it was tied to (transformers unties it, so the series changes shape and
+    that checkpoint is refused by name, not measured with its head written over the
+    embedding)."""
+    from safetensors.torch import load_file, save_file
+
+    root, _ = trained
+    HookedLanguageModel.built = 0
+    replay([root / "ckpt"], probes=dm.probes, store_dir=tmp_path / "hooked", progress=False,
+           model_class=HookedLanguageModel, tokenizer=root / "hf" / "checkpoint-4")
+    assert HookedLanguageModel.built == len(SAVED)
+
+    untied = tmp_path / "checkpoint-12"
+    shutil.copytree(root / "hf" / "checkpoint-8", untied)
+    weights = load_file(untied / "model.safetensors")
+    assert "lm_head.weight" not in weights  # saved tied: the head once, as the embedding
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].flip(0).contiguous()
+    save_file(weights, untied / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ReplayError, match=r"checkpoint-12: another model shape .*tied"):
+        replay([root / "hf" / "checkpoint-4", untied], probes=dm.probes,
+               store_dir=tmp_path / "series", progress=False)
+    assert load_run(tmp_path / "series").steps == [4]
+    assert replay([untied], probes=dm.probes, store_dir=tmp_path / "alone",
+                  progress=False) == [12]
+
+
 def test_an_hf_directory_missing_a_weight_is_refused_not_filled_at_random(trained, dm,
                                                                           tmp_path, capsys):
     """from_pretrained would initialise the weight at random and only log it."""
