@@ -189,6 +189,7 @@ class _SeriesLoader:
         self.device, self.dtype = device, dtype
         self.recipe: tuple | None = None
         self.module: nn.Module | None = None
+        self.converts = True  # whether the HF model kept needs from_pretrained's conversions
 
     def load(self, path: Path, need_tokenizer: bool) -> tuple[nn.Module, Path | None]:
         """(the module to watch, in eval mode on the device in the dtype; the tokenizer
@@ -226,7 +227,7 @@ class _SeriesLoader:
         config, auto = _hf_config(path)
         recipe = ("hf", auto.__name__, {k: v for k, v in config.to_dict().items()
                                         if not k.startswith("_") and k != "transformers_version"})
-        if self._same(recipe):
+        if self._same(recipe) and not self.converts:
             try:
                 state = _hf_weights(path)
             except Exception:  # noqa: BLE001 - unreadable: the rebuild below says why
@@ -234,7 +235,9 @@ class _SeriesLoader:
             if state is not None and _load_fitting(self.module, state):
                 return self.module
         self._drop()
-        return self._keep(_load_hf_dir(path), recipe)
+        module = self._keep(_load_hf_dir(path), recipe)
+        self.converts = _converts_weights(module)
+        return module
 
     def _lightning_class(self, path: Path) -> nn.Module:
         from lightning.pytorch.core.hooks import CheckpointHooks
@@ -273,6 +276,21 @@ class _SeriesLoader:
         module.eval()
         self.module, self.recipe = module, recipe
         return module
+
+
+def _converts_weights(model: nn.Module) -> bool:
+    """Whether transformers changes this model's weights on load beyond their names (a
+    `WeightConverter`: fused experts, transposes): then only `from_pretrained` loads it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4: renames only, which the name check refuses
+        return False
+    try:
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # noqa: BLE001 - cannot tell: the safe answer
+        return True
+    return any(not isinstance(t, WeightRenaming) for t in transforms)
 
 
 def _load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:

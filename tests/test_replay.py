@@ -190,6 +190,25 @@ def test_a_class_with_its_own_load_hook_or_another_tie_is_rebuilt(trained, dm, t
                   progress=False) == [12]
 
 
+def test_a_model_whose_weights_transformers_converts_on_load_is_rebuilt(dm, tmp_path,
+                                                                        monkeypatch):
+    """Mixtral's experts are fused by from_pretrained: only it may load them."""
+    import normx_callbacks.replay as replay_module
+
+    builds = []
+    real = replay_module._load_hf_dir
+    monkeypatch.setattr(replay_module, "_load_hf_dir", lambda p: builds.append(p) or real(p))
+    config = T.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
+                             vocab_size=dm.vocab_size, max_position_embeddings=64)
+    for step in (1, 2):
+        T.set_seed(step)
+        T.MixtralForCausalLM(config).save_pretrained(tmp_path / f"step{step}")
+    steps = replay([tmp_path / "step1", tmp_path / "step2"], probes=dm.probes[:4],
+                   tokenizer=dm.tokenizer, store_dir=tmp_path / "store", progress=False)
+    assert steps == [1, 2] and len(builds) == 2
+
+
 def test_an_hf_directory_missing_a_weight_is_refused_not_filled_at_random(trained, dm,
                                                                           tmp_path, capsys):
     """from_pretrained would initialise the weight at random and only log it."""
