@@ -272,7 +272,7 @@ def _load_hf_dir(path: Path) -> nn.Module:
     refused (``from_pretrained`` would initialise it at random and only log it)."""
     from safetensors import SafetensorError
 
-    config, auto = _hf_config(path)
+    _, auto = _hf_config(path)
     try:
         model, info = auto.from_pretrained(str(path), local_files_only=True,
                                            output_loading_info=True)
