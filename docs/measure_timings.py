@@ -4,8 +4,8 @@
     .venv/bin/python docs/measure_timings.py --skip-tests
 
 The demo is `train.py fit --config configs/tiny.yaml` (what `make demo` runs, into a temp
-directory) and the tests are `pytest -q -n 2` (what `make test` runs after ruff). The text
-between `<!-- timings -->` and `<!-- /timings -->` in README.md is replaced; nothing else is.
+directory) and the tests are `pytest -q -n 2 --dist worksteal` (what `make test` runs after
+ruff). The text between `<!-- timings -->` and `<!-- /timings -->` in README.md is replaced; nothing else is.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def main() -> None:
              f"`make demo` takes {clock(demo)} "
              f"({'tokenizer cached' if cached else 'including training the tokenizer'})"]
     if not args.skip_tests:
-        tests = timed([sys.executable, "-m", "pytest", "-q", "-n", "2"], env=env)
+        tests = timed([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "worksteal"],
+                      env=env)
         lines[-1] += f"; the tests of `make test` take {clock(tests)}."
     else:
         lines[-1] += "."
