@@ -9,6 +9,7 @@ import shutil
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
+import torch
 import transformers as T
 from blimp_files import PARADIGMS, write_blimp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -188,6 +189,37 @@ def test_a_class_with_its_own_load_hook_or_another_tie_is_rebuilt(trained, dm, t
     assert load_run(tmp_path / "series").steps == [4]
     assert replay([untied], probes=dm.probes, store_dir=tmp_path / "alone",
                   progress=False) == [12]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "opt"])
+def test_weights_loaded_into_the_kept_model_equal_a_fresh_from_pretrained(family, tmp_path):
+    """A masked LM with a tied decoder and its bias, an untied RMSNorm model, a model with
+    projection dims: the second checkpoint, loaded into the model kept from the first, has
+    the state and logits from_pretrained gives it."""
+    from normx_callbacks.checkpoints import _load_hf_dir
+    from normx_callbacks.replay import _SeriesLoader
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                 max_position_embeddings=64)
+    cls, config = {
+        "bert": (T.BertForMaskedLM, T.BertConfig(intermediate_size=64, **small)),
+        "llama": (T.LlamaForCausalLM, T.LlamaConfig(intermediate_size=64,
+                                                    num_key_value_heads=2, **small)),
+        "opt": (T.OPTForCausalLM, T.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **small)),
+    }[family]
+    for step in (1, 2):
+        T.set_seed(step)
+        cls(config).save_pretrained(tmp_path / f"step{step}")
+    loader = _SeriesLoader(None, "cpu", torch.float32)
+    kept = loader.load(tmp_path / "step1", need_tokenizer=False)[0]
+    second = loader.load(tmp_path / "step2", need_tokenizer=False)[0]
+    assert second is kept
+    fresh = _load_hf_dir(tmp_path / "step2").eval()
+    want = fresh.state_dict()
+    assert all(torch.equal(second.state_dict()[k], want[k]) for k in want)
+    ids = torch.arange(1, 20).view(1, -1)
+    with torch.no_grad():
+        assert torch.equal(second(ids).logits, fresh(ids).logits)
 
 
 def test_a_model_whose_weights_transformers_converts_on_load_is_rebuilt(dm, tmp_path,
