@@ -161,6 +161,8 @@ def _read_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple
     accepted = inspect.signature(import_class(model_class).__init__).parameters
     ckpt = _read_checkpoint(path)
     hp = ckpt.get("hyper_parameters")
+    if isinstance(hp, dict):  # LightningCLI records how it built the module; not an argument
+        hp = {k: v for k, v in hp.items() if k != "_instantiator"}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     foreign = sorted(set(hp) - set(accepted)) if isinstance(hp, dict) and not takes_any else []
     if not isinstance(hp, dict) or not hp or foreign:

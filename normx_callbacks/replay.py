@@ -453,7 +453,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
         try:
             module, tokenizer_dir = loader.load(checkpoint.path, need_tokenizer=tokenizer is None)
         except (CheckpointError, FileNotFoundError, OSError) as error:
-            errors.append(f"{checkpoint.path}: {_one_line(error)}")
+            errors.append(_line(checkpoint.path, error))
             continue
         if tokenizer is None:
             if tokenizer_dir is None:
@@ -474,7 +474,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
             else:
                 engine.prepare(adapter, tokenizer)
         except (RuntimeError, ValueError) as error:
-            errors.append(f"{checkpoint.path}: {_one_line(error)}")
+            errors.append(_line(checkpoint.path, error))
             continue
         if first is None:
             first = (checkpoint.path, shape)
@@ -518,3 +518,9 @@ def _count(path: str | os.PathLike, tokenizer: Any, vocab: int) -> torch.Tensor:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def _line(path: Path, error: BaseException) -> str:
+    """One line for a bad checkpoint, naming it once."""
+    text = _one_line(error)
+    return text if text.startswith(str(path)) else f"{path}: {text}"

@@ -57,6 +57,24 @@ def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
         acc.Reload()
         assert "normx/alignment/ap" in acc.Tags()["scalars"]
         assert "hp_metric" not in acc.Tags()["scalars"]
+        # train.py's checkpoint (LightningCLI adds `_instantiator` to its hyper-parameters)
+        # replays, to the numbers the callback recorded at its step.
+        import torch
+
+        from normx_callbacks.demo import TextDataModule
+        from normx_callbacks.replay import replay
+
+        ckpt = next(tmp_path.rglob("*.ckpt"))
+        hints = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
+        data = TextDataModule(**{k: v for k, v in hints.items() if k != "_instantiator"})
+        data.setup("fit")
+        (step,) = replay([ckpt], probes=data.probes, store_dir=tmp_path / "replayed",
+                         progress=False)
+        assert step in run.steps
+        replayed = load_run(tmp_path / "replayed")
+        got = replayed["tokens"].score.to_numpy()
+        want = run["tokens"][run["tokens"].step == step].score.to_numpy()
+        assert len(got) == len(want) > 0 and abs(got - want).max() <= 1e-5
     if "wandb" in config:
         assert " sync " in err and "tensorboard" not in err
     else:
