@@ -243,16 +243,19 @@ class _SeriesLoader:
         from lightning.pytorch.core.hooks import CheckpointHooks
 
         cls = self.model_class
-        ckpt = _read_checkpoint(path)
-        recipe = ("class", cls, ckpt.get("hyper_parameters"))
+        recipe = None
         # A class's own on_load_checkpoint may change the module beyond its state dict (a
-        # rescaled buffer, an attribute): on a module already loaded that would compound.
-        if cls.on_load_checkpoint is CheckpointHooks.on_load_checkpoint and self._same(recipe):
-            try:  # what load_from_checkpoint does with the weights of a built module
-                self.module.load_state_dict(ckpt["state_dict"], strict=True)
-                return self.module
-            except Exception:  # noqa: BLE001 - rebuilt below, as a first load is
-                pass
+        # rescaled buffer, an attribute): on a module already loaded that would compound, so
+        # such a class is always rebuilt (and its checkpoints read once, by Lightning).
+        if cls.on_load_checkpoint is CheckpointHooks.on_load_checkpoint:
+            ckpt = _read_checkpoint(path)
+            recipe = ("class", cls, ckpt.get("hyper_parameters"))
+            if self._same(recipe):
+                try:  # what load_from_checkpoint does with the weights of a built module
+                    self.module.load_state_dict(ckpt["state_dict"], strict=True)
+                    return self.module
+                except Exception:  # noqa: BLE001 - rebuilt below, as a first load is
+                    pass
         self._drop()
         try:
             module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
@@ -271,7 +274,7 @@ class _SeriesLoader:
     def _drop(self) -> None:
         self.module = self.recipe = None  # one model in memory at a time
 
-    def _keep(self, module: nn.Module, recipe: tuple) -> nn.Module:
+    def _keep(self, module: nn.Module, recipe: tuple | None) -> nn.Module:
         module.to(device=self.device, dtype=self.dtype)
         module.eval()
         self.module, self.recipe = module, recipe
