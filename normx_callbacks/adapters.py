@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import sharding
+
 KINDS = ("causal", "masked", "classifier", "regression")
 
 
@@ -100,8 +102,16 @@ class ModelAdapter:
     forward: Callable[[Tensor], object] | None = field(default=None, repr=False)
     context_length: int | None = None
     accepts_mask: bool = True
+    # True when `resolve_adapter` read it off the model (so it can be read again when the
+    # model changes); a hand-built adapter is verified again instead.
+    resolved: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
+        # A head read from its module at every call: a sharded model swaps the parameter
+        # objects between shards and gathered copies, and a resized head is a new tensor.
+        out = self.output_embedding
+        self._live_head = (self.unembedding is not None and out is not None
+                           and self.unembedding[1] is getattr(out, "weight", None))
         if self.context_length is not None and (
             isinstance(self.context_length, bool) or not isinstance(self.context_length, int)
             or self.context_length < 1
@@ -122,9 +132,20 @@ class ModelAdapter:
     @property
     def tied(self) -> bool:
         """Whether the input and output embeddings share storage."""
-        out = self.output_embedding
-        w = getattr(out, "weight", None)
-        return w is not None and w.data_ptr() == self.embedding.weight.data_ptr()
+        w = getattr(self.output_embedding, "weight", None)
+        if w is None:
+            return False
+        e = self.embedding.weight
+        return w is e or _storage(w) == _storage(e)
+
+    def unembedding_parts(self) -> tuple:
+        """``(pre, weight, bias, post)`` of the fast path, with the weight and bias as the
+        output embedding holds them now (see ``__post_init__``)."""
+        pre, weight, bias, post = self.unembedding
+        if self._live_head:
+            out = self.output_embedding
+            weight, bias = out.weight, getattr(out, "bias", None)
+        return pre, weight, bias, post
 
     def target_logits(self, states: Tensor, targets: Tensor) -> Tensor:
         """Head logits of `targets[b]` for every vector of row b.
@@ -134,7 +155,7 @@ class ModelAdapter:
         memory do not grow with the vocabulary.
         """
         if self.unembedding is not None:
-            pre, weight, bias, post = self.unembedding
+            pre, weight, bias, post = self.unembedding_parts()
             h = pre(states).float()  # (K, B, T, d')
             w = weight[targets].float()  # (B, d')
             logits = torch.einsum("kbtd,bd->kbt", h, w)
@@ -148,12 +169,21 @@ class ModelAdapter:
     def full_logits(self, x: Tensor) -> Tensor:
         """All logits for a few vectors: [N, d] -> [N, C] float32."""
         if self.unembedding is not None:
-            pre, weight, bias, post = self.unembedding
+            pre, weight, bias, post = self.unembedding_parts()
             # The model's own dtype, as its head computes them: a float32 copy of a large
             # bf16 unembedding would cost more than the whole probe.
             logits = torch.nn.functional.linear(pre(x), weight, bias).float()
             return post(logits) if post is not None else logits
         return self.head(x).float()
+
+
+def _storage(t: Tensor) -> int | None:
+    """Where a tensor's data starts (a DTensor's local shard); None if it has none."""
+    local = getattr(t, "_local_tensor", t)  # public to_local() would build a new view
+    try:
+        return local.data_ptr() if local.numel() else None
+    except RuntimeError:  # a tensor without storage (meta, some subclasses)
+        return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,6 +204,7 @@ def probe_mode(module: nn.Module | None, *, grad: bool = False):
         with contextlib.ExitStack() as stack:
             for context in autograd:
                 stack.enter_context(context)
+            stack.enter_context(sharding.reading(module))
             yield
     finally:
         for m, flag in flags:
@@ -242,18 +273,28 @@ class _BodyReader:
     Hugging Face's own `output_hidden_states=True` installs permanent capture hooks
     on the layers in transformers 5, which would leave the model changed after a
     probe. Our hooks are removed in a `finally`.
+
+    A model sharded by FSDP2 is run whole instead (see `sharding.py`: its root must run
+    first), the last hidden state read off the body's output and the head asked for one
+    position only where the forward takes `logits_to_keep`; then the groups holding the
+    tensors read directly (``gathered``: embedding, head) are gathered.
     """
 
-    def __init__(self, body: nn.Module, layers: nn.ModuleList, causal: bool):
+    def __init__(self, body: nn.Module, layers: nn.ModuleList, causal: bool,
+                 model: nn.Module | None = None):
         self.body = body
         self.layers = layers
         self.causal = causal
-        params = _forward_kwargs(body)
+        self.model = model if sharding.reads_through_forward(model) else None
+        self.gathered: list[nn.Module] = []
+        params = _forward_kwargs(self.model if self.model is not None else body)
         self.accepts_position_ids = "position_ids" in params
         self.accepts_use_cache = "use_cache" in params
+        self.accepts_logits_to_keep = "logits_to_keep" in params
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None):
         states: list[Tensor | None] = [None] * (len(self.layers) + 1)
+        body_out: list = [None]
 
         def grab_input(module, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states")
@@ -264,6 +305,9 @@ class _BodyReader:
                 states[i + 1] = _first_tensor(output)
 
             return hook
+
+        def grab_body(module, args, output):
+            body_out[0] = output
 
         handles = [self.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
         handles += [
@@ -282,10 +326,22 @@ class _BodyReader:
             # `generate` does, so a padded row scores exactly like the row alone.
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         try:
-            out = self.body(**kwargs)
+            if self.model is None:
+                out = self.body(**kwargs)
+            else:
+                handles.append(self.body.register_forward_hook(grab_body))
+                if self.accepts_logits_to_keep:
+                    kwargs["logits_to_keep"] = 1
+                self.model(**kwargs)
+                out = body_out[0]
+                sharding.gather(self.model, self.gathered)
         finally:
             for h in handles:
                 h.remove()
+        if out is None:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}'s forward did not run its body "
+                f"{type(self.body).__name__}; build a normx_callbacks.ModelAdapter instead")
         last = out.last_hidden_state if hasattr(out, "last_hidden_state") else _first_tensor(out)
         if any(s is None for s in states):
             raise UnsupportedModelError(
@@ -449,25 +505,71 @@ def _classifier_head(head: nn.Module, pooler: nn.Module | None) -> Callable[[Ten
     return apply
 
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, adapter)
 
 
-def resolve_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
+def model_signature(model: nn.Module | None) -> tuple:
+    """What an adapter depends on and training code can change: which modules the model is
+    made of (`resize_token_embeddings` puts in new embedding and head modules), the shape of
+    every embedding and linear weight (a resize in place), and whether the head is tied.
+    Stable across FSDP2's swaps of sharded and gathered parameters (module identities and
+    global shapes only)."""
+    if model is None:
+        return ()
+    modules, shapes = [], []
+    for m in model.modules():
+        modules.append(id(m))
+        if isinstance(m, (nn.Embedding, nn.Linear)):
+            shapes.append(tuple(m.weight.shape))
+    tied = None
+    inputs, outputs = getattr(model, "get_input_embeddings", None), getattr(
+        model, "get_output_embeddings", None)
+    if callable(inputs) and callable(outputs):
+        try:
+            i, o = inputs(), outputs()
+            w = getattr(o, "weight", None)
+            tied = w is not None and (w is i.weight or _storage(w) == _storage(i.weight))
+        except Exception:  # noqa: BLE001 - a model whose accessors raise: left out
+            tied = None
+    return (tuple(modules), tuple(shapes), tied)
+
+
+def resolve_adapter(model: nn.Module | ModelAdapter, *, check: bool = False) -> ModelAdapter:
     """A verified `ModelAdapter` for a Hugging Face model, or for any other module whose
-    forward maps token ids to logits (`discovery.discover_adapter`); cached per model."""
+    forward maps token ids to logits (`discovery.discover_adapter`).
+
+    Cached per model while `model_signature` is unchanged: a model whose modules or
+    embedding shapes changed (a resized vocabulary) is read again. ``check`` verifies a
+    cached adapter against the model's own logits once more (the weights may have changed
+    in a way no signature sees) and reads the model again if it no longer agrees.
+    """
     if isinstance(model, ModelAdapter):
         return model
+    signature = model_signature(model) if isinstance(model, nn.Module) else None
     try:
-        return _CACHE[model]
+        cached_signature, adapter = _CACHE[model]
     except (KeyError, TypeError):
         pass
+    else:
+        if cached_signature == signature:
+            if not check:
+                return adapter
+            try:
+                verify_adapter(adapter)
+                return adapter
+            except UnsupportedModelError:
+                pass  # read again below; a model that no longer reads at all raises there
     if isinstance(model, nn.Module) and not _is_hf(model):
         from .discovery import discover_adapter
 
         adapter = discover_adapter(model)
     else:
         adapter = _resolve_hf(model)
-    _CACHE[model] = adapter
+    adapter.resolved = True  # read off the model: it can be read again when the model changes
+    try:
+        _CACHE[model] = (signature, adapter)
+    except TypeError:  # not weak-referenceable: never cached
+        pass
     return adapter
 
 
@@ -522,7 +624,8 @@ def _resolve_hf(model: nn.Module) -> ModelAdapter:
         num_labels = getattr(model.config, "num_labels", None)
         kind = "regression" if num_labels == 1 else "classifier"
 
-    reader = _BodyReader(body, layers, causal=kind == "causal")
+    reader = _BodyReader(body, layers, causal=kind == "causal", model=model)
+    reader.gathered = [embedding, output_embedding, *heads]
     dummy, mask = _dummy_tokens(embedding, context_length_of(model))
 
     with probe_mode(model):

@@ -246,7 +246,7 @@ class NormXLogitCallback(Callback):
                 raise RuntimeError(f"NormXLogitCallback: the adapter disagrees with its model: "
                                    f"{error}") from error
         else:
-            adapter = find_model(pl_module, self.model_attr)
+            adapter = find_model(pl_module, self.model_attr, check=True)  # at every fit
         mode = ("collective" if _sharded(trainer) else "shared" if _distributed(trainer)
                 else "single")
         self.engine.prepare(adapter, self._find_tokenizer(trainer, pl_module),

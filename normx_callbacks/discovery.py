@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import sharding
 from .adapters import (
     ModelAdapter,
     UnsupportedModelError,
@@ -196,9 +197,10 @@ class _StackReader:
     def __init__(self, model: nn.Module, stack: nn.ModuleList, head: nn.Module,
                  final: Callable[[Tensor], Tensor] | None):
         self.model, self.stack, self.head, self.final = model, stack, head, final
-        # Stopping a forward early would skip FSDP2's post-forward hooks: sharded models
-        # (DTensor parameters) run to the end.
-        self.stop_at_head = not any(type(p).__name__ == "DTensor" for p in model.parameters())
+        # Stopping a forward early would skip FSDP2's post-forward hooks: a sharded model
+        # runs to the end, and then the groups of the tensors read directly are gathered.
+        self.stop_at_head = not sharding.reads_through_forward(model)
+        self.gathered: list[nn.Module] = []
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         states: list[Tensor | None] = [None] * (len(self.stack) + 1)
@@ -226,6 +228,7 @@ class _StackReader:
         finally:
             for h in handles:
                 h.remove()
+        sharding.gather(self.model, self.gathered)
         if any(s is None for s in states):
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} did not run every block of its layer stack"
@@ -268,6 +271,7 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
         final = _apply_chain(chain)
         reader = _StackReader(model, stack, head.module, final)
         linear: nn.Linear = head.module
+        reader.gathered = [embedding, linear, *chain]
         adapter = ModelAdapter(
             module=model,
             embedding=embedding,
@@ -288,7 +292,7 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
 
 
 def find_model(owner_module: nn.Module, model_attr: str | None = None, *,
-               who: str = "NormXLogitCallback") -> ModelAdapter:
+               who: str = "NormXLogitCallback", check: bool = False) -> ModelAdapter:
     """The adapter of the language model being trained inside ``owner_module`` (a
     LightningModule, or any module wrapping the model; the model itself works too).
 
@@ -296,7 +300,9 @@ def find_model(owner_module: nn.Module, model_attr: str | None = None, *,
     model, the trainable one when a frozen one sits beside it (a teacher, a reference);
     else the one plain PyTorch LM (a module holding an `nn.Embedding` and an
     `nn.ModuleList`), read by `discover_adapter`. Ambiguity and a frozen model while
-    something else trains are refused with a message naming the fix.
+    something else trains are refused with a message naming the fix, and so is FSDP2
+    sharding applied around the model rather than to it (see `sharding.py`). ``check``:
+    verify a cached adapter against the model's logits again (`resolve_adapter`).
     """
     from transformers import PreTrainedModel
 
@@ -334,8 +340,16 @@ def find_model(owner_module: nn.Module, model_attr: str | None = None, *,
                     f"{who} found {len(outer)} Hugging Face models in {name} ({names}); pass "
                     "model_attr='name' or adapter=ModelAdapter(...)")
             model = _choose_model(owner_module, outer, who)
+    around = sharding.outer_sharding(owner_module, model)
+    if around is not None:
+        raise RuntimeError(
+            f"{who}: fully_shard was applied to {sharding.class_name(around)}, around the "
+            f"watched model {sharding.class_name(model)}; FSDP2 then takes the outer module's forward as its "
+            "root and the model cannot be probed by its own forward. Apply fully_shard to the "
+            "model's blocks and to the model itself (in configure_model), not to the module "
+            "around it")
     try:
-        return resolve_adapter(model)
+        return resolve_adapter(model, check=check)
     except UnsupportedModelError as error:
         raise RuntimeError(f"{who} cannot read the model: {error}") from error
 

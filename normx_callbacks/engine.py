@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter
+from .adapters import ModelAdapter, UnsupportedModelError, model_signature, resolve_adapter
 from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, embedding_norms
 from .faithfulness import REPLACEMENTS, faithfulness_rows, resolve_replacement, special_token_mask
@@ -51,6 +51,7 @@ from .pipeline import Pipeline
 from .probes import ProbeSet
 from .probes import _readable as readable_tokens
 from .schedule import SnapshotSchedule
+from .sharding import class_name
 from .snapshot import ProbeContext, Snapshot
 from .store import (
     SnapshotStore,
@@ -199,6 +200,10 @@ class Engine:
         self._latest: dict | None = None
         self._count_checked = False
         self.failed_steps: dict[int, str] = {}  # step -> why its snapshot is missing
+        # What `prepare` was given, to read the model again when it changes during a fit.
+        self._prepared_with: dict[str, Any] = {}
+        self._signature: tuple = ()
+        self._unreadable: str | None = None  # why the changed model cannot be read, if so
 
     # ------------------------------------------------------------------ setup
 
@@ -233,6 +238,9 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         self.flush()  # the worker's builder state is read below
+        self._prepared_with = dict(tokenizer=tokenizer, loggers=loggers, mode=mode,
+                                   is_writer=is_writer, forward_context=forward_context,
+                                   plain_precision=plain_precision)
         if self.probes is None:
             raise RuntimeError(f"{self.owner} has no probes: pass probes=[...] (texts, dicts, a "
                                "ProbeSet, a YAML/JSONL path or 'blimp:PATH')")
@@ -265,6 +273,8 @@ class Engine:
                 f"{vocab} rows: pass the tokenizer the model was built for")
         self.adapter = adapter
         self._adapter_shape = _shape(adapter)
+        self._signature = model_signature(adapter.module)
+        self._unreadable = None
         encoded = self.probes.encode(tokenizer, objective=objective,
                                      max_length=adapter.context_length)
         self.ctx = ProbeContext(
@@ -288,15 +298,21 @@ class Engine:
                                mask_token_id=getattr(tokenizer, "mask_token_id", None),
                                count_fn=self.count_fn)
         counter.device = adapter.embedding.weight.device
-        if self.counter is not None and self.counter.vocab_size == vocab:
-            counter.counts = self.counter.counts  # loaded from a checkpoint
+        if self.counter is not None:  # loaded from a checkpoint, or counted in an earlier fit
+            kept = min(vocab, self.counter.vocab_size)
+            counter.counts[:kept] = self.counter.counts[:kept]
+            if self.counter.vocab_size != vocab:
+                log.warning("%s: the vocabulary has %d rows now, %d before (a resized "
+                            "embedding): token counts go on for ids below %d%s", self.owner,
+                            vocab, self.counter.vocab_size, kept,
+                            f"; counts of ids {kept}.. are dropped" if vocab < kept else "")
         self.counter = counter
         self._count_checked = False
         self.run_meta = {
             "objective": objective,
             "norm": self.norm,
             "layers": self.layers,
-            "model": type(adapter.module).__name__ if adapter.module else None,
+            "model": class_name(adapter.module) if adapter.module else None,
             "num_layers": adapter.num_layers,
             "vocab_size": vocab,
             "tied_embeddings": adapter.tied,
@@ -352,6 +368,7 @@ class Engine:
                              f"context: {_shape(adapter)}) than the one the probes were "
                              f"encoded for ({self._adapter_shape})")
         self.adapter = adapter
+        self._signature = model_signature(adapter.module)
         self.counter.device = adapter.embedding.weight.device
 
     def release_model(self) -> None:
@@ -466,8 +483,11 @@ class Engine:
         """Measure at ``step`` (every rank together when distributed) and hand the snapshot
         to the worker. Never raises for a probe: a failure is recorded as missing."""
         start = time.perf_counter()
+        changed = self._reread_if_changed()  # on every rank alike: the signature is local
         counts = self.collect_counts()
-        if self.mode == "single":
+        if changed is not None:
+            snap = Snapshot(step, final, error=changed)
+        elif self.mode == "single":
             faith_due = self._faithfulness_due(final)
             offload = faith_due and self._offload_faithfulness
             snap = self._measure(step, final, range(len(self.ctx.encoded)),
@@ -485,6 +505,37 @@ class Engine:
         if snap.error is None:
             self.snapshot_steps.append(step)
         self.pipeline.submit(step, self._process, snap)
+
+    def _reread_if_changed(self) -> str | None:
+        """Read the model again if it changed since it was read (`model_signature`: new
+        embedding or head modules, other shapes, another tie), e.g. after
+        `resize_token_embeddings` during a fit: the adapter is resolved and verified again
+        and the probes encoded again; None when the snapshot can go on. If the model can no
+        longer be read, the reason, naming the change, for the step's missing record."""
+        module = self.adapter.module
+        signature = model_signature(module)
+        if signature == self._signature:
+            return self._unreadable
+        change = _describe_change(self._signature, signature)
+        self.collect_counts()  # batches counted with the old vocabulary, folded in first
+        old = self._adapter_shape
+        try:
+            adapter = (resolve_adapter(module) if getattr(self.adapter, "resolved", False)
+                       else _verified(self.adapter))
+            self.prepare(adapter, **self._prepared_with)
+        except (UnsupportedModelError, RuntimeError, ValueError) as error:
+            self._signature = signature  # reported once per change, not at every step
+            reason = (f"the model changed since it was read ({change}) and cannot be read "
+                      f"again: {type(error).__name__}: {error}")
+            log.warning("%s: %s; snapshots are recorded as missing until it can be",
+                        self.owner, reason)
+            self._unreadable = reason
+            return reason
+        self._unreadable = None
+        log.warning("%s: the model changed since it was read (%s; vocabulary %d -> %d rows); "
+                    "it was read and verified again and the probes encoded again for it",
+                    self.owner, change, old[2], self._adapter_shape[2])
+        return None
 
     def _faithfulness_due(self, final: bool) -> bool:
         every = self.faithfulness_every
@@ -617,7 +668,20 @@ class Engine:
         if self._helper is None:
             self._local_writer()
         if self._latest is not None:  # a second fit or a resume goes on from the snapshots before
-            self._call("set_state", self._latest)
+            self._call("set_state", self._state_for(adapter))
+        if self.store is not None:  # a fit going on in its store, or the model read again
+            self._call("use_store", str(self.store.root), self.run_meta)
+
+    def _state_for(self, adapter: ModelAdapter) -> dict:
+        """The last snapshot's norms and scores for the next one's drift and stability, or
+        None in place of those that no longer fit (a resized vocabulary, other probes)."""
+        state = dict(self._latest)
+        norms = state.get("prev_norms")
+        if norms is not None and len(norms) != adapter.embedding.num_embeddings:
+            log.info("%s: embedding/drift is not measured across the change of vocabulary "
+                     "(%d -> %d rows)", self.owner, len(norms), adapter.embedding.num_embeddings)
+            state["prev_norms"] = None
+        return state
 
     def _local_writer(self, *, taken_for_helper: bool = False) -> None:
         """The writer in this process. Snapshots already taken for the helper carry weights
@@ -738,6 +802,32 @@ class Engine:
         self._latest = prev
         if self.writer is not None or self._helper is not None:  # else set at `prepare`
             self._call("set_state", prev)
+
+
+def _verified(adapter: ModelAdapter) -> ModelAdapter:
+    from .adapters import verify_adapter
+
+    verify_adapter(adapter)
+    return adapter
+
+
+def _describe_change(before: tuple, after: tuple) -> str:
+    """What differs between two `model_signature`s, in words."""
+    parts = []
+    if len(before) == 3 and len(after) == 3:
+        old_ids, new_ids = set(before[0]), set(after[0])
+        if old_ids != new_ids:
+            parts.append(f"{len(new_ids - old_ids)} module(s) replaced or added")
+        shapes = [f"{tuple(a)} -> {tuple(b)}" for a, b in zip(before[1], after[1], strict=False)
+                  if a != b]
+        if len(before[1]) != len(after[1]):
+            shapes.append(f"{len(before[1])} -> {len(after[1])} embedding/linear weights")
+        if shapes:
+            parts.append("weight shapes " + ", ".join(shapes[:3]))
+        if before[2] != after[2] and None not in (before[2], after[2]):
+            parts.append("head tied" if after[2] else "head untied")
+    text = "; ".join(parts) or "its modules changed"
+    return text + " (resize_token_embeddings?)" if any("shapes" in p for p in parts) else text
 
 
 def _picklable(module: Any) -> bool:

@@ -100,7 +100,7 @@ class NormXLogitMonitor:
                 raise RuntimeError(f"{WHO}: the adapter disagrees with its model: {error}"
                                    ) from error
         else:
-            adapter = find_model(self._module, self.model_attr, who=WHO)
+            adapter = find_model(self._module, self.model_attr, who=WHO, check=True)
         rank, world = _rank_world()
         mode = ("collective" if _is_dtensor(adapter.embedding.weight)
                 else "shared" if world > 1 else "single")

@@ -106,7 +106,10 @@ class SnapshotBuilder:
     def build(self, snap: Snapshot) -> Built:
         ctx = self.ctx
         attr = snap.attribution
-        embed = summarise_norms(snap.norms, counts=snap.counts, previous=self.prev_norms,
+        previous = self.prev_norms
+        if previous is not None and previous.shape != snap.norms.shape:
+            previous = None  # the vocabulary was resized: no drift across the change
+        embed = summarise_norms(snap.norms, counts=snap.counts, previous=previous,
                                 top_k=ctx.top_k, tied=ctx.tied)
         nonfinite = _nonfinite(ctx, attr, embed)
         metrics, intervals = self._metrics(attr, embed, nonfinite)

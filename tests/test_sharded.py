@@ -121,3 +121,108 @@ def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(cache_dir, tmp_pat
             and "seconds" not in k]
     assert keys
     np.testing.assert_allclose(metrics[0][keys], metrics[1][keys], rtol=1e-5, atol=1e-5)
+
+
+HF_SCRIPT = """
+import json, sys
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, {tests!r})
+from hf_shapes import HFModule, SHARDINGS
+from normx_callbacks import NormXLogitCallback
+from normx_callbacks.demo import TextDataModule
+
+root, cache = sys.argv[1], sys.argv[2]
+dm = TextDataModule(cache_dir=cache, **{data!r})
+steps = {{}}
+for name in SHARDINGS:
+    family, how = name.split("-")
+    pl.seed_everything(0, verbose=False)
+    module = HFModule(family, dm.vocab_size, dm.tokenizer, shard=how)
+    callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
+                                  faithfulness_every=1, store_dir=f"{{root}}/{{name}}")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_steps=2, logger=False, callbacks=[callback],
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root,
+    )
+    trainer.fit(module, dm)
+    steps[name] = callback.snapshot_steps
+
+
+class AroundTheModel(HFModule):  # fully_shard applied to the LightningModule itself
+    def configure_model(self):
+        super().configure_model()
+        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+trainer = pl.Trainer(accelerator="cpu", devices=2, max_steps=1, logger=False,
+                     callbacks=[NormXLogitCallback(dm.probes, store_dir=root + "/around")],
+                     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                     enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, default_root_dir=root)
+try:
+    trainer.fit(AroundTheModel("gpt2", dm.vocab_size, dm.tokenizer, shard="block"), dm)
+    steps["around"] = "trained"
+except RuntimeError as error:
+    steps["around"] = str(error)
+with open(root + f"/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump(steps, f)
+"""
+
+
+def test_fsdp2_hf_models_sharded_per_block_and_at_the_root_equal_one_process(cache_dir,
+                                                                             tmp_path):
+    """GPT-2 and Llama (untied head) under FSDP2, sharded per block and at the root, and at
+    the root only: each step stored once, and step 0 equal to one process's numbers."""
+    from hf_shapes import SHARDINGS, HFModule
+
+    root = tmp_path / "fsdp"
+    root.mkdir()
+    script = tmp_path / "fsdp_hf.py"
+    script.write_text(HF_SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
+    dm = TextDataModule(cache_dir=cache_dir, **DATA)  # trains the shared tokenizer first
+    run_ranks(script, str(root), cache_dir, cwd=tmp_path, timeout=300, what="FSDP2 HF")
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:  # refused by name before the first step, on every rank
+        assert "fully_shard was applied to AroundTheModel, around the watched model" in \
+            rank["around"], rank["around"]
+    assert not (root / "around").exists()
+    key = ["probe_id", "layer", "position"]
+    for name in SHARDINGS:
+        assert ranks[0][name] == [0, 1, 2] and ranks[1][name] == [], name
+        run = load_run(root / name)
+        assert run.steps == [0, 1, 2] and not len(run.missing), name
+        for table in ("embedding", "metrics", "probes", "tokens"):
+            assert len(list((root / name / table).glob("*.parquet"))) == 3, (name, table)
+        # One process, the same seed and weights, no sharding: the reference at step 0.
+        pl.seed_everything(0, verbose=False)
+        module = HFModule(name.split("-")[0], dm.vocab_size, dm.tokenizer, shard=None)
+        callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
+                                      faithfulness_every=1, store_dir=tmp_path / "one" / name)
+        pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False,
+                   callbacks=[callback], enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False,
+                   limit_val_batches=0, num_sanity_val_steps=0,
+                   default_root_dir=str(tmp_path / "one")).fit(module, dm)
+        reference = load_run(tmp_path / "one" / name)
+        got = run["tokens"][run["tokens"].step == 0].sort_values(key).reset_index(drop=True)
+        want = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
+        want = want.reset_index(drop=True)
+        assert got[key + ["token"]].equals(want[key + ["token"]]), name
+        for column in ("norm", "logat", "score", "each", "contrast"):
+            np.testing.assert_allclose(got[column], want[column], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name} {column}")
+        emb = [r["embedding"][r["embedding"].step == 0].sort_values("token_id")
+               for r in (run, reference)]
+        np.testing.assert_allclose(emb[0]["norm"], emb[1]["norm"], rtol=1e-6, err_msg=name)
+        metrics = [r["metrics"][r["metrics"].step == 0].set_index("key")["value"]
+                   for r in (run, reference)]
+        keys = [k for k in metrics[1].index if k.startswith(("faithfulness/normxlogit/",
+                                                             "alignment/", "probe/"))
+                and "seconds" not in k]
+        np.testing.assert_allclose(metrics[0][keys], metrics[1][keys], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
