@@ -24,6 +24,7 @@ from normx_callbacks import NormXLogitCallback, load_run
 from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule, cli_errors
 from normx_callbacks.demo.cli_errors import OneLineParser
 from normx_callbacks.demo.progress import StepProgressBar
+from normx_callbacks.engine import missing_summary
 from normx_callbacks.store import StoreError
 from normx_callbacks.summary import headline_lines, next_commands, summary_paragraph
 
@@ -70,9 +71,10 @@ class NormXCLI(LightningCLI):
         log_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        stores = [cb.store.root for cb in trainer.callbacks
-                  if isinstance(cb, NormXLogitCallback) and cb.store is not None]
-        print(end_of_run_message(trainer, log_dir, stores), file=sys.stderr)
+        watched = [cb for cb in trainer.callbacks
+                   if isinstance(cb, NormXLogitCallback) and cb.store is not None]
+        print(end_of_run_message(trainer, log_dir, [cb.store.root for cb in watched],
+                                 [cb.missing_steps for cb in watched]), file=sys.stderr)
 
 
 def _dashboard(trainer) -> dict:
@@ -90,17 +92,32 @@ def _dashboard(trainer) -> dict:
     return where
 
 
-def end_of_run_message(trainer, log_dir: str, stores: list[Path]) -> str:
-    """Headline numbers of each snapshot store and the next commands, as printed."""
+def end_of_run_message(trainer, log_dir: str, stores: list[Path],
+                       missing: list[dict[int, str]] | None = None) -> str:
+    """Headline numbers of each snapshot store and the next commands, as printed.
+    ``missing``: per store, the callback's `missing_steps` (also those the store could not
+    record, a full disk)."""
     lines = ["", f"Run finished: {log_dir}"]
     where = _dashboard(trainer)
-    for root in stores:
+    for i, root in enumerate(stores):
         lines.append(f"  snapshots:      {root}")
         try:
             run = load_run(root)
         except StoreError as error:
             lines.append(f"  (no headline numbers: {error})")
+            run = None
+        lost = dict(missing[i]) if missing else {}
+        if run is not None:
+            lost.update({int(s): r for s, r in zip(run.missing["step"], run.missing["reason"],
+                                                   strict=True) if int(s) not in lost})
+            taken = len(set(run.steps) | set(lost))
         else:
+            taken = len(lost)
+        if lost:
+            lines += textwrap.wrap(f"MISSING: {len(lost)} of {taken} snapshots: "
+                                   f"{missing_summary(lost, most=5)}", width=96,
+                                   initial_indent="  ", subsequent_indent="    ")
+        if run is not None:
             lines += [f"  {line}" for line in headline_lines(run)]
             paragraph = summary_paragraph(run)
             if paragraph:

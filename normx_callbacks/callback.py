@@ -182,6 +182,8 @@ class NormXLogitCallback(Callback):
     last_metrics = property(lambda self: self.engine.last_metrics)
     last_attribution: Attribution | None = property(lambda self: self.engine.last_attribution)
     snapshot_steps = property(lambda self: self.engine.snapshot_steps)
+    # Every snapshot that is missing, with why: also those a full disk kept out of the store.
+    missing_steps: dict[int, str] = property(lambda self: dict(self.engine.failed_steps))
 
     @property
     def state_key(self) -> str:

@@ -55,12 +55,13 @@ from .sharding import class_name
 from .snapshot import ProbeContext, Snapshot
 from .store import (
     SnapshotStore,
+    claim_run_record,
     holds_snapshots,
     read_run_record,
     sibling_root,
     write_run_record,
 )
-from .worker import Faithfulness, HelperDied, HelperProcess, SnapshotWriter
+from .worker import Faithfulness, HelperDied, HelperProcess, SnapshotWriter, Written
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Engine:
         self._logger: SnapshotLogger | None = None
         self._helper: HelperProcess | None = None
         self._writer_args: tuple | None = None
+        self._writer_pending = False  # prepared, not started yet (see `_ensure_writer`)
         self._offload_faithfulness = False
         # The last built (or restored) snapshot's norms and scores: drift and stability of
         # the next one, a writer rebuilt after the helper died, and the resume state.
@@ -204,6 +206,7 @@ class Engine:
         self._prepared_with: dict[str, Any] = {}
         self._signature: tuple = ()
         self._unreadable: str | None = None  # why the changed model cannot be read, if so
+        self._held: set[int] = set()  # steps the writer holds for a retry (failed writes)
 
     # ------------------------------------------------------------------ setup
 
@@ -360,6 +363,12 @@ class Engine:
     def prepared(self) -> bool:
         return self.ctx is not None
 
+    @property
+    def helper_pid(self) -> int | None:
+        """The pid of the snapshot helper process this engine writes through, or None (not
+        started, or the work runs in this process): for monitoring, and for fault tests."""
+        return self._helper.process.pid if self._helper is not None else None
+
     def use_model(self, adapter: ModelAdapter) -> None:
         """Measure another model of the same shape with the probes as encoded (a replayed
         checkpoint): no flush, the worker goes on with the snapshots before."""
@@ -396,7 +405,7 @@ class Engine:
                 self._use_store(old, record)
                 return
             run = self._new_run(loggers, continues=restored["run_id"])
-            root = self._free_root(root, run["run_id"], quiet=True)
+            root = self._claim(root, run, quiet=True)
             log.warning("%s: the store of run %s (%s) is gone; this resumed run writes a new "
                         "store at %s that records which run it continues", self.owner,
                         restored["run_id"], old, root)
@@ -406,8 +415,8 @@ class Engine:
                 # A checkpoint from before stores recorded their run: its store is this one.
                 self._use_store(root, run)
                 return
-            root = self._free_root(root, run["run_id"])
-        self._use_store(root, run)
+            root = self._claim(root, run)
+        self._use_store(root, run, claimed=True)
 
     def _new_run(self, loggers: Sequence, *, continues: str | None) -> dict:
         described = [{"type": type(lg).__name__, "name": _attr_or_none(lg, "name"),
@@ -418,22 +427,29 @@ class Engine:
                 "loggers": described, "wandb_run_id": wandb[0] if wandb else None,
                 "continues": continues}
 
-    def _free_root(self, root: Path, run_id: str, *, quiet: bool = False) -> Path:
-        """``root``, or the store beside it when ``root`` already holds another run."""
+    def _claim(self, root: Path, run: dict, *, quiet: bool = False) -> Path:
+        """Claim ``root`` for the new ``run`` (`claim_run_record`: atomic), or the store beside
+        it (``<root>-<8 hex>``) when another run has it already: one that ran before, one
+        started at the same moment, or an old store without a run record."""
+        taken = read_run_record(root) is None and holds_snapshots(root)  # before run records
+        if not taken and claim_run_record(root, run):
+            return root
         record = read_run_record(root)
-        if (record is None or record["run_id"] != run_id) and holds_snapshots(root):
-            other = record["run_id"] if record else "without a run id"
-            beside = sibling_root(root, run_id)
-            if not quiet:
-                log.warning("%s: %s holds another run's snapshots (run %s); this run (%s) "
-                            "writes its store beside it at %s", self.owner, root, other,
-                            run_id, beside)
-            return beside
-        return root
+        other = record["run_id"] if record else "without a run id"
+        beside = sibling_root(root, run["run_id"])
+        if not claim_run_record(beside, run):  # a run id is unique: this cannot happen twice
+            raise RuntimeError(f"{self.owner}: {beside} already holds a run record")
+        if not quiet:
+            log.warning("%s: %s holds another run's store (run %s); this run (%s) writes its "
+                        "store beside it at %s", self.owner, root, other, run["run_id"],
+                        beside)
+        return beside
 
-    def _use_store(self, root: Path, run: dict) -> None:
+    def _use_store(self, root: Path, run: dict, *, claimed: bool = False) -> None:
+        self._ensure_writer()
         self.store = SnapshotStore(root, run_meta=self.run_meta)
-        write_run_record(root, run)
+        if not claimed:
+            write_run_record(root, run)
         self.run = run
         self._call("use_store", str(root), self.run_meta)
 
@@ -484,6 +500,7 @@ class Engine:
         to the worker. Never raises for a probe: a failure is recorded as missing."""
         start = time.perf_counter()
         changed = self._reread_if_changed()  # on every rank alike: the signature is local
+        self._ensure_writer()  # here, on the training thread: never forked from the worker
         counts = self.collect_counts()
         if changed is not None:
             snap = Snapshot(step, final, error=changed)
@@ -655,6 +672,18 @@ class Engine:
             history_length=self.history_length, takes_images=self._logger.takes_images,
             has_loggers=bool(self._logger.sink.loggers),
             faithfulness=faithfulness))
+        self._writer_pending = True
+
+    def _ensure_writer(self) -> None:
+        """Start the writer prepared by `_start_writer` at its first use. The drivers first
+        use it on the training thread once training starts (the store is opened, or a
+        snapshot is taken): by then Lightning has released a restored checkpoint, which a
+        helper forked earlier would keep a copy of (see `worker._release_inherited_tensors`
+        for the rest of what it inherits)."""
+        if not self._writer_pending:
+            return
+        self._writer_pending = False
+        faithfulness = self._writer_args[1]["faithfulness"]
         if self.worker == "process":
             try:
                 self._helper = HelperProcess.shared()
@@ -668,16 +697,17 @@ class Engine:
         if self._helper is None:
             self._local_writer()
         if self._latest is not None:  # a second fit or a resume goes on from the snapshots before
-            self._call("set_state", self._state_for(adapter))
+            self._call("set_state", self._state_for(self.adapter))
         if self.store is not None:  # a fit going on in its store, or the model read again
             self._call("use_store", str(self.store.root), self.run_meta)
 
-    def _state_for(self, adapter: ModelAdapter) -> dict:
+    def _state_for(self, adapter: ModelAdapter | None) -> dict:
         """The last snapshot's norms and scores for the next one's drift and stability, or
         None in place of those that no longer fit (a resized vocabulary, other probes)."""
         state = dict(self._latest)
         norms = state.get("prev_norms")
-        if norms is not None and len(norms) != adapter.embedding.num_embeddings:
+        if (norms is not None and adapter is not None
+                and len(norms) != adapter.embedding.num_embeddings):
             log.info("%s: embedding/drift is not measured across the change of vocabulary "
                      "(%d -> %d rows)", self.owner, len(norms), adapter.embedding.num_embeddings)
             state["prev_norms"] = None
@@ -695,11 +725,14 @@ class Engine:
         self._offload_faithfulness = False
 
     def _call(self, method: str, *args: Any) -> Any:
-        """A call on the writer, in the helper process or here; if the helper dies, the
-        writer is rebuilt here (one warning) and the call runs again."""
+        """A call on the writer, in the helper process or here; if the helper dies (or is
+        killed for making no progress), the writer is rebuilt here (one warning) and the
+        call runs again. Snapshots the helper held for a retry are recorded as missing."""
+        self._ensure_writer()
         if self._helper is not None:
             try:
-                return self._helper.call(id(self), method, *args)
+                return self._helper.call(id(self), method, *args,
+                                         training_waits=self._training_waits)
             except HelperDied as error:
                 log.warning("%s: %s; snapshots are built in this process from now on",
                             self.owner, error)
@@ -709,11 +742,32 @@ class Engine:
                     self.writer.set_state(self._latest)
                 if self.store is not None:
                     self.writer.use_store(str(self.store.root), self.run_meta)
+                held, self._held = sorted(self._held), set()
+                for step in held:
+                    self._note(self.writer.mark_missing(
+                        step, f"its write had failed and {error} while holding it for a "
+                              "retry"))
         if self.writer is None:
             return None
         return getattr(self.writer, method)(*args)
 
+    def _training_waits(self) -> bool:
+        """Whether the training thread waits for the writer now: always when it calls the
+        writer itself, and while it waits on the worker (a full queue, a flush)."""
+        pipeline = self.pipeline
+        return pipeline is None or not pipeline.on_worker_thread() or pipeline.training_waits
+
+    def _note(self, written: Written | None) -> None:
+        """Keep what the writer says it lost or holds for a retry (see `Written`)."""
+        if written is None:
+            return
+        self.failed_steps.update(written.lost)
+        if written.failed is not None:
+            self.failed_steps[written.step] = written.failed
+        self._held = set(written.held)
+
     def _close_writer(self) -> None:
+        self._writer_pending = False
         if self._helper is not None:
             try:
                 self._helper.call(id(self), "close")
@@ -726,8 +780,7 @@ class Engine:
         """On the worker thread: build and write (in the helper process or here), then the
         logger calls, here, where the loggers live."""
         written = self._call("process", snap)
-        if written.failed is not None:
-            self.failed_steps[snap.step] = written.failed
+        self._note(written)
         if written.metrics:
             self.last_metrics = written.metrics
             self.last_attribution = snap.attribution
@@ -743,7 +796,7 @@ class Engine:
         if isinstance(step, int):
             self.failed_steps[step] = reason
             try:
-                self._call("mark_missing", step, reason)
+                self._note(self._call("mark_missing", step, reason))
             except Exception:  # noqa: BLE001 - the warning below still says it
                 log.warning("%s: snapshot at step %d failed (%s)", self.owner, step, reason)
         else:
@@ -758,13 +811,21 @@ class Engine:
             self.pipeline.flush()
 
     def finish(self) -> None:
-        """End of training: flush, then a last try at writes that failed."""
-        if self.pipeline is not None:
-            self.pipeline.submit("retry", partial(self._call, "retry", True))
-            self.pipeline.flush()
-            log.info("%s: training waited %.2f s in all for the snapshot worker (a full queue, "
-                     "the flushes before checkpoints and at the end)", self.owner,
-                     self.pipeline.waited_seconds)
+        """End of training: flush, then a last try at writes that failed, then one warning
+        listing every snapshot that is missing (also those the store could not record)."""
+        if self.pipeline is None:
+            return
+        self.pipeline.submit("retry", lambda: self._note(self._call("retry", True)))
+        self.pipeline.flush()
+        log.info("%s: training waited %.2f s in all for the snapshot worker (a full queue, "
+                 "the flushes before checkpoints and at the end)", self.owner,
+                 self.pipeline.waited_seconds)
+        if self.failed_steps:
+            taken = set(self.snapshot_steps) | set(self.failed_steps)
+            where = f"; {self.store.root}'s missing table records them" if self.store else ""
+            log.warning("%s: %d of %d snapshots are missing: %s%s (a record the store could "
+                        "not take is listed here only)", self.owner, len(self.failed_steps),
+                        len(taken), missing_summary(self.failed_steps), where)
 
     def close(self) -> None:
         """Flush and stop the worker (a later `prepare` starts a new one)."""
@@ -802,6 +863,13 @@ class Engine:
         self._latest = prev
         if self.writer is not None or self._helper is not None:  # else set at `prepare`
             self._call("set_state", prev)
+
+
+def missing_summary(missing: dict[int, str], most: int = 10) -> str:
+    """``step N (reason); ...`` for at most ``most`` steps, then how many more."""
+    steps = sorted(missing)
+    text = "; ".join(f"step {s} ({missing[s]})" for s in steps[:most])
+    return text + (f"; and {len(steps) - most} more" if len(steps) > most else "")
 
 
 def _verified(adapter: ModelAdapter) -> ModelAdapter:

@@ -74,6 +74,8 @@ class NormXLogitMonitor:
     last_metrics = property(lambda self: self.engine.last_metrics)
     last_attribution = property(lambda self: self.engine.last_attribution)
     snapshot_steps = property(lambda self: self.engine.snapshot_steps)
+    # Every snapshot that is missing, with why: also those a full disk kept out of the store.
+    missing_steps: dict[int, str] = property(lambda self: dict(self.engine.failed_steps))
 
     def setup(self, model: nn.Module, tokenizer: Any, *, step: int = 0,
               max_steps: int | None = None, loggers: Sequence | None = None,

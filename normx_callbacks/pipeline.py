@@ -55,6 +55,7 @@ class Pipeline:
         self.failures: list[tuple[Any, str]] = []  # (job name, "Type: message")
         self.waited_seconds = 0.0  # training-thread time spent waiting on a full queue
         self.worker_seconds = 0.0  # worker time over all jobs
+        self.training_waits = False  # while a submit or flush blocks the calling thread
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._warned_full = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -72,7 +73,11 @@ class Pipeline:
         except queue.Full:
             pass
         start = time.perf_counter()
-        self._queue.put((name, fn, args))
+        self.training_waits = True
+        try:
+            self._queue.put((name, fn, args))
+        finally:
+            self.training_waits = False
         self.waited_seconds += time.perf_counter() - start
         if not self._warned_full and self.waited_seconds > WARN_AFTER_SECONDS:
             self._warned_full = True
@@ -86,8 +91,15 @@ class Pipeline:
         """Wait until every submitted job has run."""
         if self._thread.is_alive():
             start = time.perf_counter()
-            self._queue.join()
+            self.training_waits = True
+            try:
+                self._queue.join()
+            finally:
+                self.training_waits = False
             self.waited_seconds += time.perf_counter() - start
+
+    def on_worker_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     def close(self) -> None:
         """Flush, then stop the worker thread."""

@@ -32,7 +32,7 @@ Guarantees:
 
 Post-hoc reading without this package::
 
-    pandas.read_parquet("normx/attributions/step=000000100.parquet")
+    pandas.read_parquet("normx/tokens/step=000000100.parquet")
 """
 
 from __future__ import annotations
@@ -305,9 +305,11 @@ class SnapshotStore:
 
 @dataclass
 class RunData:
-    """A loaded store. ``run["attributions"]`` or ``run.attributions`` gives one table
-    (all steps, ``step`` column first, sorted by step). ``run_record``: its ``run.json``
-    (run id, loggers, the run it continues), ``{}`` if it has none."""
+    """A loaded store. ``run["tokens"]`` or ``run.tokens`` gives one table (all steps,
+    ``step`` column first, sorted by step); ``run["missing"]`` / ``run.missing`` the
+    snapshots recorded as missing (step, reason, time), and ``name in run`` says whether a
+    table has rows. ``run_record``: its ``run.json`` (run id, loggers, the run it continues),
+    ``{}`` if it has none."""
 
     path: Path
     meta: dict
@@ -317,6 +319,8 @@ class RunData:
     run_record: dict = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> pd.DataFrame:
+        if name == "missing":
+            return self.missing
         try:
             return self.tables[name]
         except KeyError:
@@ -335,6 +339,9 @@ class RunData:
         return tables[name]
 
     def __contains__(self, name: object) -> bool:
+        """Whether the run holds rows of table ``name`` (``missing`` included)."""
+        if name == "missing":
+            return not self.missing.empty
         return name in self.tables
 
     def __dir__(self) -> list[str]:
@@ -425,6 +432,41 @@ def write_run_record(root: str | os.PathLike, record: Mapping) -> None:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(root / RUN_FILE, dict(record))
+
+
+def claim_run_record(root: str | os.PathLike, record: Mapping) -> bool:
+    """Make the store at ``root`` this run's, atomically: create ``run.json`` only if no run
+    has claimed the store yet. True if this call created it; False if a record (of any run)
+    is there already. Two runs started together with one store directory thus never both
+    take it. The record is written whole to a temp file first and then linked into place, so
+    no reader ever sees a partial one (an exclusive create where links are not supported)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / RUN_FILE
+    data = json.dumps(dict(record), indent=1, default=str).encode()
+    tmp = path.with_name(f".{RUN_FILE}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(root)
+    return True
 
 
 def holds_snapshots(root: str | os.PathLike) -> bool:

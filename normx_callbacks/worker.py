@@ -23,9 +23,13 @@ import io
 import logging
 import os
 import pickle
+import select
+import signal
+import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 import pandas as pd
@@ -46,13 +50,17 @@ HELPER_NICE = 19  # where SCHED_IDLE is not available
 
 @dataclass
 class Written:
-    """What the writer did with one snapshot."""
+    """What the writer did: one snapshot's results (``process``), or a retry."""
 
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     media: list[tuple] = field(default_factory=list)
-    failed: str | None = None  # why the snapshot is missing
-    seconds: float = 0.0  # writer time for the snapshot (build, write, media)
+    failed: str | None = None  # why this snapshot is missing
+    # Steps whose write failed and which the writer holds in memory for a retry, and steps
+    # it gave up on (with why) during this call: the training process keeps both, so a
+    # helper that dies, or a store that can no longer record anything, loses none silently.
+    held: list[int] = field(default_factory=list)
+    lost: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,16 +89,17 @@ class SnapshotWriter:
                                    history_length=history_length, takes_images=takes_images)
         self.store: SnapshotStore | None = None
         self.unwritten: dict[int, dict[str, pd.DataFrame]] = {}  # step -> tables, oldest first
+        # Missing records the store refused (a full disk): written at the next chance.
+        self.unrecorded: dict[int, str] = {}
         self.faithfulness = faithfulness
         self._adapter = None
+        self._lost: dict[int, str] = {}  # given up since the last reply
+        self._unrecorded_warned: set[int] = set()
 
     # ------------------------------------------------------------------ calls
 
     def use_store(self, root: str, run_meta: dict) -> None:
         self.store = SnapshotStore(root, run_meta=run_meta)
-
-    def state(self) -> dict:
-        return {"prev_norms": self.builder.prev_norms, "prev_scores": self.builder.prev_scores}
 
     def set_state(self, state: dict) -> None:
         self.builder.prev_norms = state["prev_norms"]
@@ -103,7 +112,7 @@ class SnapshotWriter:
 
         start = time.perf_counter()
         if snap.error is not None:
-            return Written(snap.step, failed=self._failed(snap.step, snap.error))
+            return self._reply(snap.step, failed=self._failed(snap.step, snap.error))
         weights, snap.weights = snap.weights, None
         try:
             if weights is not None:
@@ -112,7 +121,7 @@ class SnapshotWriter:
             built.metrics["snapshot/worker_seconds"] = time.perf_counter() - start
             built.tables["metrics"] = metrics_table(built.metrics, built.intervals)
         except Exception as error:  # the training run must never die for a probe
-            return Written(snap.step, failed=self._failed(
+            return self._reply(snap.step, failed=self._failed(
                 snap.step, f"{type(error).__name__}: {error}"))
         failed = self._write(snap.step, built.tables)
         try:
@@ -123,26 +132,34 @@ class SnapshotWriter:
                         "the snapshot store", self.owner, snap.step, type(error).__name__,
                         error)
             media = [("scalars", None, {f"normx/{k}": v for k, v in built.metrics.items()})]
-        return Written(snap.step, built.metrics, media, failed,
-                       time.perf_counter() - start)
+        return self._reply(snap.step, built.metrics, media, failed)
 
-    def retry(self, last_chance: bool = False) -> None:
-        """Write the snapshots whose write failed; on the last chance, give up on the rest."""
-        if self.store is None:
-            return
-        for step in list(self.unwritten):
-            try:
-                self.store.write(step, self.unwritten[step])  # clears its missing record
-            except OSError as error:
-                if last_chance:
-                    del self.unwritten[step]
-                    self._give_up(step, error)
-                continue
-            del self.unwritten[step]
-            log.info("%s: snapshot %d written on retry", self.owner, step)
+    def retry(self, last_chance: bool = False) -> Written:
+        """Write the snapshots whose write failed (and the missing records the store
+        refused); on the last chance, give up on the rest."""
+        if self.store is not None:
+            self._record_pending()
+            for step in list(self.unwritten):
+                try:
+                    self.store.write(step, self.unwritten[step])  # clears its missing record
+                except OSError as error:
+                    if last_chance:
+                        del self.unwritten[step]
+                        self._give_up(step, error)
+                    continue
+                del self.unwritten[step]
+                self.unrecorded.pop(step, None)
+                log.info("%s: snapshot %d written on retry", self.owner, step)
+        return self._reply(-1)
 
-    def mark_missing(self, step: int, reason: str) -> str:
-        return self._failed(step, reason)
+    def mark_missing(self, step: int, reason: str) -> Written:
+        self._failed(step, reason)
+        return self._reply(step)
+
+    def _reply(self, step: int, metrics: dict | None = None, media: list | None = None,
+               failed: str | None = None) -> Written:
+        lost, self._lost = self._lost, {}
+        return Written(step, metrics or {}, media or [], failed, list(self.unwritten), lost)
 
     # ------------------------------------------------------------------ inside
 
@@ -184,8 +201,11 @@ class SnapshotWriter:
                         "retried at the next snapshot, training continues", self.owner, step,
                         self.store.root, error)
             self.unwritten[step] = tables
-            # Recorded now, so a run killed before the retry still says what it lacks.
-            self._mark(step, f"write failed: {error} (will retry)")
+            # Recorded now, so a run killed before the retry still says what it lacks; the
+            # record is replaced when the step is given up on, and removed when it is written.
+            self._mark(step, f"write failed: {error}; kept in memory for a retry at the next "
+                             "snapshot and at the end of training (a successful retry removes "
+                             "this record)")
             while len(self.unwritten) > MAX_UNWRITTEN:
                 oldest = next(iter(self.unwritten))
                 del self.unwritten[oldest]
@@ -195,21 +215,36 @@ class SnapshotWriter:
     def _give_up(self, step: int, error: OSError) -> None:
         log.warning("%s: snapshot %d could not be written after retries (%s); recorded as "
                     "missing", self.owner, step, error)
-        self._mark(step, f"write failed after retries: {error}")
+        self._lost[step] = self._mark(step, f"write failed after retries: {error}")
 
     def _failed(self, step: int, reason: str) -> str:
         log.warning("%s: snapshot at step %d failed (%s); recorded as missing", self.owner,
                     step, reason)
+        self._lost[step] = reason
         return self._mark(step, reason)
 
     def _mark(self, step: int, reason: str) -> str:
-        if self.store is not None:
+        """Record ``step`` as missing in the store, or keep the record for the next chance
+        when the store refuses it (a full disk)."""
+        self.unrecorded[step] = reason
+        self._record_pending()
+        return reason
+
+    def _record_pending(self) -> None:
+        if self.store is None:
+            return
+        for step, reason in list(self.unrecorded.items()):
             try:
                 self.store.mark_missing(step, reason)
-            except OSError:
-                log.warning("%s: the store at %s is not writable at all", self.owner,
-                            self.store.root)
-        return reason
+            except OSError as error:
+                if step not in self._unrecorded_warned:
+                    self._unrecorded_warned.add(step)
+                    log.warning("%s: the store at %s cannot record that snapshot %d is "
+                                "missing (%s); tried again at the next snapshot, and the end "
+                                "of training lists it", self.owner, self.store.root, step,
+                                error)
+                return
+            del self.unrecorded[step]
 
 
 def _is_hf(model: torch.nn.Module) -> bool:
@@ -247,12 +282,32 @@ def _dumps(obj: Any) -> bytes:
 
 
 class HelperDied(RuntimeError):
-    """The helper process is gone; the caller goes on in this process."""
+    """The helper process is gone (or was killed for making no progress); the caller goes
+    on in this process."""
+
+
+# When a helper that owes a reply counts as stuck (see `HelperProcess._stuck`). A helper is
+# killed only for what a working one never does: being stopped (SIGSTOP, a debugger), or
+# making no CPU progress for a minute while asleep (a dead network mount, a lock inherited
+# locked at fork) or while training waits for it (another process takes the CPU it needs).
+# Runnable without CPU while training runs is normal: it runs on idle CPU time only.
+STOPPED_SECONDS = 5.0
+STALLED_SECONDS = 60.0
+_POLL_SECONDS = 0.25
+_STATES = {"T": "stopped", "t": "stopped by a tracer", "D": "in uninterruptible sleep (disk "
+           "or network I/O)", "S": "asleep", "R": "runnable but given no CPU time",
+           "Z": "exited"}
 
 
 class HelperProcess:
     """One helper process per training process, shared by every engine: it holds one
-    `SnapshotWriter` per engine (by key) and runs their calls, one at a time."""
+    `SnapshotWriter` per engine (by key) and runs their calls, one at a time.
+
+    Every call has a deadline: the reply is awaited in short slices, and between them the
+    helper's state and CPU time are read (`/proc` on Linux). A helper that is stuck (see
+    `_stuck`) is killed and the call raises `HelperDied`, so the engine goes on in the
+    training process; nothing that training waits for can hang on the helper.
+    """
 
     _shared: HelperProcess | None = None
     _lock = threading.Lock()
@@ -271,6 +326,7 @@ class HelperProcess:
             try:
                 os.close(parent_read)
                 os.close(parent_write)
+                _release_inherited_tensors()
                 _serve(child_read, child_write)
             except BaseException:  # noqa: BLE001 - the parent sees the pipe close
                 code = 1
@@ -279,8 +335,9 @@ class HelperProcess:
         os.close(child_read)
         os.close(child_write)
         self.process = _Child(pid)
-        self._send = Connection(parent_write, readable=False)
-        self._recv = Connection(parent_read, writable=False)
+        self._write_fd, self._read_fd = parent_write, parent_read
+        for fd in (parent_write, parent_read):
+            os.set_blocking(fd, False)  # waits are select()s with a deadline, never blocking
         self._call_lock = threading.Lock()
 
     @classmethod
@@ -290,21 +347,149 @@ class HelperProcess:
                 cls._shared = cls()
             return cls._shared
 
-    def call(self, key: int, method: str, *args: Any) -> Any:
+    @classmethod
+    def end_shared(cls) -> None:
+        """End the shared helper; the next engine forks a new one (which inherits the
+        process as it is then: fault tests use this after patching the file system)."""
+        with cls._lock:
+            helper, cls._shared = cls._shared, None
+        if helper is not None:
+            helper.kill()
+
+    def call(self, key: int, method: str, *args: Any,
+             training_waits: Callable[[], bool] = lambda: True) -> Any:
+        """Run ``method(*args)`` on the writer ``key`` in the helper and return its value.
+        ``training_waits`` says whether the training thread is waiting for this call now
+        (only then does a helper given no CPU time count as stuck)."""
         with self._call_lock:
+            # Plain pickle: multiprocessing's own would hand tensors over as shared-memory
+            # file descriptors, which only a process it started itself may open.
+            data = _dumps((key, method, args))
+            watch = _Watch(self, method, training_waits)
             try:
-                # Plain pickle: multiprocessing's own would hand tensors over as shared-memory
-                # file descriptors, which only a process it started itself may open.
-                self._send.send_bytes(_dumps((key, method, args)))
-                ok, value, records = pickle.loads(self._recv.recv_bytes())
-            except (EOFError, OSError, BrokenPipeError) as error:
-                raise HelperDied(f"the helper process is gone ({type(error).__name__}: "
-                                 f"{error}; exit code {self.process.poll()})") from None
+                self._send(data, watch)
+                ok, value, records = pickle.loads(self._receive(watch))
+            except (EOFError, OSError) as error:
+                raise HelperDied(f"the snapshot helper process is gone (pid {self.process.pid}"
+                                 f", exit code {self.process.poll()}; {type(error).__name__}: "
+                                 f"{error})") from None
         for record in records:  # the helper's warnings, logged here where handlers are
             logging.getLogger(record.name).handle(record)
         if not ok:
             raise value
         return value
+
+    def kill(self) -> None:
+        """End the helper now (also a stopped one or one in uninterruptible sleep, which
+        exits when its I/O returns); it is reaped without waiting."""
+        try:
+            os.kill(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.process.poll() is None:  # reaped when it dies (a D-state one, when I/O returns)
+            threading.Thread(target=self.process.wait, name="normx-helper-reaper",
+                             daemon=True).start()
+        for fd in (self._write_fd, self._read_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        with HelperProcess._lock:
+            if HelperProcess._shared is self:
+                HelperProcess._shared = None
+
+    # ------------------------------------------------------------------ framed pipe
+
+    def _send(self, data: bytes, watch: _Watch) -> None:
+        for chunk in (_HEADER.pack(len(data)), data):
+            view = memoryview(chunk)
+            while view:
+                watch.wait(self._write_fd, writable=True)
+                try:
+                    view = view[os.write(self._write_fd, view[:_CHUNK]):]
+                except BlockingIOError:
+                    continue
+
+    def _receive(self, watch: _Watch) -> bytes:
+        size = _HEADER.unpack(self._read_exactly(_HEADER.size, watch))[0]
+        return self._read_exactly(size, watch)
+
+    def _read_exactly(self, size: int, watch: _Watch) -> bytes:
+        parts, left = [], size
+        while left:
+            watch.wait(self._read_fd, writable=False)
+            try:
+                part = os.read(self._read_fd, min(left, _CHUNK))
+            except BlockingIOError:
+                continue
+            if not part:
+                raise EOFError("the pipe from the helper closed")
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+
+_HEADER = struct.Struct("<Q")
+_CHUNK = 1 << 20
+
+
+class _Watch:
+    """Waits on the helper's pipe in short slices and kills a stuck helper (see
+    `HelperProcess`)."""
+
+    def __init__(self, helper: HelperProcess, method: str,
+                 training_waits: Callable[[], bool]) -> None:
+        self.helper, self.method, self.training_waits = helper, method, training_waits
+        self.cpu: int | None = None
+        self.progress = time.monotonic()  # the last time the helper used CPU
+        self.stopped_since: float | None = None
+        self.starved = 0.0  # seconds training waited while the helper got no CPU
+
+    def wait(self, fd: int, *, writable: bool) -> None:
+        while True:
+            ready = select.select([], [fd], [], _POLL_SECONDS)[1] if writable else \
+                select.select([fd], [], [], _POLL_SECONDS)[0]
+            if ready:
+                return
+            pid, code = self.helper.process.pid, self.helper.process.poll()
+            if code is not None:
+                raise HelperDied(f"the snapshot helper process is gone (pid {pid}, exit code "
+                                 f"{code})")
+            why = self._stuck()
+            if why:  # the caller's one warning says it
+                self.helper.kill()
+                raise HelperDied(f"the snapshot helper process (pid {pid}) {why} during its "
+                                 f"{self.method!r} call and was killed")
+
+    def _stuck(self) -> str | None:
+        """Why the running helper counts as stuck now, or None."""
+        now = time.monotonic()
+        status = self.helper.process.status()
+        if status is None:  # no /proc: a plain deadline while training waits
+            if self.training_waits():
+                self.starved += _POLL_SECONDS
+            return (f"gave no reply for {self.starved:.0f} s while training waited"
+                    if self.starved > 5 * STALLED_SECONDS else None)
+        state, cpu = status
+        if cpu != self.cpu:
+            self.cpu, self.progress, self.starved = cpu, now, 0.0
+        if state in ("T", "t"):
+            self.stopped_since = self.stopped_since or now
+            if now - self.stopped_since >= STOPPED_SECONDS:
+                return f"was {_STATES[state]} for {now - self.stopped_since:.0f} s"
+            return None
+        self.stopped_since = None
+        idle = now - self.progress
+        if state == "R":
+            if self.training_waits() and idle >= _POLL_SECONDS:
+                self.starved += _POLL_SECONDS
+            if self.starved >= STALLED_SECONDS:
+                return (f"was {_STATES['R']} for {self.starved:.0f} s while training waited "
+                        "for it (other processes take the CPU)")
+            return None
+        if idle >= STALLED_SECONDS:
+            return f"made no progress for {idle:.0f} s, {_STATES.get(state, state)}"
+        return None
 
 
 class _Child:
@@ -324,6 +509,15 @@ class _Child:
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+    def status(self) -> tuple[str, int] | None:
+        """(scheduler state letter, CPU time in clock ticks) from /proc; None elsewhere."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return fields[0], int(fields[11]) + int(fields[12])  # state, utime + stime
 
     def wait(self) -> int:
         if self.returncode is None:
@@ -363,8 +557,6 @@ def _serve(read_fd: int, write_fd: int) -> None:
     """The helper's loop: run each call on its writer, reply (ok, value, log records)."""
     _yield_cpu()
     torch.set_num_threads(1)
-    recv = Connection(read_fd, writable=False)
-    send = Connection(write_fd, readable=False)
     collect = _Collect()
     package = logging.getLogger("normx_callbacks")
     package.addHandler(collect)
@@ -373,7 +565,7 @@ def _serve(read_fd: int, write_fd: int) -> None:
     writers: dict[int, SnapshotWriter] = {}
     while True:
         try:
-            key, method, args = pickle.loads(recv.recv_bytes())
+            key, method, args = pickle.loads(_read_frame(read_fd))
         except (EOFError, OSError):
             return  # the training process is gone
         collect.records = []
@@ -394,7 +586,47 @@ def _serve(read_fd: int, write_fd: int) -> None:
         except Exception as error:  # an unpicklable value: say so instead
             data = pickle.dumps((False, RuntimeError(f"{type(error).__name__}: {error}"),
                                  collect.records))
-        send.send_bytes(data)
+        _write_frame(write_fd, data)
+
+
+def _read_frame(fd: int) -> bytes:
+    def exactly(size: int) -> bytes:
+        parts, left = [], size
+        while left:
+            part = os.read(fd, min(left, _CHUNK))
+            if not part:
+                raise EOFError("the pipe from the training process closed")
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    return exactly(_HEADER.unpack(exactly(_HEADER.size))[0])
+
+
+def _write_frame(fd: int, data: bytes) -> None:
+    for chunk in (_HEADER.pack(len(data)), data):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view[:_CHUNK]):]
+
+
+def _release_inherited_tensors() -> None:
+    """In the helper, right after the fork: give back the storage of every large tensor
+    inherited from the training process (weights, optimizer state, a checkpoint still in
+    memory). The helper never uses them, and as training writes to (or frees) its own copy,
+    each page would otherwise stay allocated here: copy-on-write keeps the old one."""
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+                continue
+            storage = obj.untyped_storage()
+            if storage.nbytes() >= _RELEASE_BYTES and storage.resizable():
+                storage.resize_(0)
+        except Exception:  # noqa: BLE001 - views, subclasses, mmapped: left as they are
+            continue
+
+
+_RELEASE_BYTES = 1 << 20  # smaller tensors (library constants) are kept, as they cost little
 
 
 def _picklable(error: Exception) -> Exception:

@@ -55,17 +55,23 @@ def _fabric_run(dm, root, **settings) -> tuple[GPTModule, NormXLogitMonitor]:
 
 def _same_numbers(a, b) -> None:
     assert a.steps == b.steps == SNAPSHOTS
+    # Faithfulness runs on the helper's copy of the weights under the Trainer (float32) and
+    # on the model itself under Fabric (autocast given): the same float32 forwards, whose
+    # probability drops may differ in the last bits (seen: 3e-7), hence its wider atol.
     for table in ("tokens", "probes", "embedding", "faithfulness"):
         left, right = a[table], b[table]
+        atol = 1e-7
         if table == "faithfulness":
             left, right = (t.drop(columns=["seconds"], errors="ignore") for t in (left, right))
+            atol = 2e-6
         pd.testing.assert_frame_equal(left.reset_index(drop=True), right.reset_index(drop=True),
-                                      check_exact=False, rtol=1e-6, atol=1e-7, obj=table)
-    timed = a.metrics.key.str.contains("|".join(TIMINGS))
-    left = a.metrics[~timed].set_index(["step", "key"]).sort_index()
-    right = b.metrics[~b.metrics.key.str.contains("|".join(TIMINGS))].set_index(
-        ["step", "key"]).sort_index()
-    pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-6, atol=1e-7)
+                                      check_exact=False, rtol=1e-6, atol=atol, obj=table)
+    for faith in (False, True):
+        pick = [m.metrics[~m.metrics.key.str.contains("|".join(TIMINGS))
+                          & (m.metrics.key.str.startswith("faithfulness/") == faith)]
+                .set_index(["step", "key"]).sort_index() for m in (a, b)]
+        pd.testing.assert_frame_equal(*pick, check_exact=False, rtol=1e-6,
+                                      atol=2e-6 if faith else 1e-7)
 
 
 def test_a_fabric_loop_writes_the_store_the_callback_writes(dm, tmp_path):

@@ -395,7 +395,9 @@ def test_a_disk_that_stays_full_records_every_lost_snapshot_as_missing(dm, tmp_p
     held, missing = switch.at_end
     reasons = dict(zip(missing.step, missing.reason, strict=True))
     assert held == MAX_UNWRITTEN
-    assert "after retries" in reasons[2] and reasons[4].endswith("(will retry)")
+    assert "after retries" in reasons[2]
+    assert reasons[4].endswith("kept in memory for a retry at the next snapshot and at the end "
+                               "of training (a successful retry removes this record)")
     # At the end of training every snapshot still unwritten is given up on, each recorded.
     run = load_run(store)
     assert run.steps == [0, 1]
