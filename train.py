@@ -15,10 +15,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from normx_callbacks import NormXLogitCallback, load_run
 from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule, cli_errors
@@ -38,13 +40,31 @@ class NormXCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        # `--trainer.callbacks=CLASS` gives one callback, not a list (the Trainer takes both).
+        given = config.get("callbacks")
+        given = [] if given is None else given if isinstance(given, list) else [given]
+        if "callbacks" in config:
+            config["callbacks"] = given
+        self._say_if_the_callback_was_dropped(given)
         # Lightning's bar reads `Epoch 0/-2` in a max_steps run: count steps instead.
         wants_bar = config.get("enable_progress_bar") is not False
-        has_bar = any(isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []),
-                                                           *callbacks])
+        has_bar = any(isinstance(c, ProgressBar) for c in [*given, *callbacks])
         if wants_bar and not has_bar and (config.get("max_steps") or -1) > 0 and _RICH_AVAILABLE:
             callbacks = [*callbacks, StepProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _say_if_the_callback_was_dropped(self, given: list) -> None:
+        """One line when the command line's `--trainer.callbacks=...` replaced a config's
+        callback list that attached NormXLogitCallback (`+=` appends to it instead)."""
+        if any(isinstance(c, NormXLogitCallback) for c in given):
+            return
+        files = [f for f in (self.config.get(str(self.subcommand), self.config).get("config")
+                             or []) if _attaches_the_callback(f)]
+        if files and rank_zero_only.rank == 0:
+            print(f"train.py: note: --trainer.callbacks replaced the callbacks of {files[0]}, "
+                  "so NormXLogitCallback is not attached and this run takes no snapshots; use "
+                  "--trainer.callbacks+=CLASS to add a callback to the config's",
+                  file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         # A value a class refuses (e.g. `schedule: logarithmic`): its message, not two tracebacks.
@@ -73,6 +93,18 @@ class NormXCLI(LightningCLI):
         stores = [cb.store.root for cb in trainer.callbacks
                   if isinstance(cb, NormXLogitCallback) and cb.store is not None]
         print(end_of_run_message(trainer, log_dir, stores), file=sys.stderr)
+
+
+def _attaches_the_callback(config_file) -> bool:
+    """Whether a `--config` file lists NormXLogitCallback under `trainer.callbacks`."""
+    try:
+        text = Path(getattr(config_file, "absolute", config_file)).read_text("utf-8")
+        callbacks = (yaml.safe_load(text) or {}).get("trainer", {}).get("callbacks") or []
+    except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
+        return False  # not a file (an inline config) or not one this check can read
+    entries = callbacks if isinstance(callbacks, list) else [callbacks]
+    return any(isinstance(e, dict) and str(e.get("class_path", "")).rsplit(".", 1)[-1]
+               == NormXLogitCallback.__name__ for e in entries)
 
 
 def _dashboard(trainer) -> dict:

@@ -46,6 +46,7 @@ def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
     assert run.probes.probe_id.nunique() == 4
     err = capsys.readouterr().err
     assert "snapshots:" in err and "Run finished:" in err
+    assert "NormXLogitCallback is not attached" not in err  # the config's callback is there
     # Headline numbers and the next commands for the logger actually used.
     assert "Next:" in err
     if config not in PROSE:  # the agreement probes have cue words and foils
@@ -79,6 +80,27 @@ def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
         assert " sync " in err and "tensorboard" not in err
     else:
         assert "tensorboard --logdir" in err or "make dashboard" in err
+
+
+def test_one_callback_on_the_command_line_replaces_the_list_and_says_so(tmp_path, cache,
+                                                                       capsys):
+    """Lightning takes one callback as well as a list; `=` replaces the config's list (which
+    attached NormXLogitCallback), and one line says so."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    train.main(_args("tiny.yaml", tmp_path, cache)
+               + ["--trainer.callbacks=lightning.pytorch.callbacks.LearningRateMonitor"])
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert notes == [f"train.py: note: --trainer.callbacks replaced the callbacks of "
+                     f"{ROOT / 'configs' / 'tiny.yaml'}, so NormXLogitCallback is not attached "
+                     "and this run takes no snapshots; use --trainer.callbacks+=CLASS to add a "
+                     "callback to the config's"], err
+    assert "Run finished:" in err and "snapshots:" not in err
+    assert not list(tmp_path.rglob("_commits"))  # no store: the callback was not attached
+    acc = ea.EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
+    acc.Reload()
+    assert any(tag.startswith("lr-") for tag in acc.Tags()["scalars"])  # the one given ran
 
 
 def test_mlm_objective_trains_a_masked_model(tmp_path, cache):
