@@ -211,8 +211,8 @@ def test_weights_loaded_into_the_kept_model_equal_a_fresh_from_pretrained(family
         T.set_seed(step)
         cls(config).save_pretrained(tmp_path / f"step{step}")
     loader = _SeriesLoader(None, "cpu", torch.float32)
-    kept = loader.load(tmp_path / "step1", need_tokenizer=False)[0]
-    second = loader.load(tmp_path / "step2", need_tokenizer=False)[0]
+    kept = loader.load(tmp_path / "step1")
+    second = loader.load(tmp_path / "step2")
     assert second is kept
     fresh = _load_hf_dir(tmp_path / "step2").eval()
     want = fresh.state_dict()
@@ -265,6 +265,27 @@ def test_an_hf_directory_missing_a_weight_is_refused_not_filled_at_random(traine
             in err[0])
     assert "checkpoint-16: cannot load the model in" in err[1]
     assert load_run(tmp_path / "store").steps == [4]
+
+
+def test_folders_without_a_tokenizer_are_one_line_before_any_checkpoint_loads(trained, dm,
+                                                                          tmp_path, capsys):
+    """Checked before the progress bar starts: one line, once, naming --tokenizer DIR."""
+    root, _ = trained
+    for step in SAVED:
+        shutil.copytree(root / "hf" / f"checkpoint-{step}", tmp_path / "hf" / f"checkpoint-{step}",
+                        ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    capsys.readouterr()
+    argv = ["replay", str(tmp_path / "hf"), "-o", str(tmp_path / "store"), "--probes",
+            str(_probe_file(dm, tmp_path))]
+    assert main(argv) == 1  # with the progress bar: it must not have started
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"normx replay: error: no tokenizer found with the checkpoints: {tmp_path}/hf/"
+        "checkpoint-4 holds no tokenizer files (tokenizer.json), nor does the other; pass "
+        "--tokenizer DIR (tokenizer= in Python), a directory with tokenizer.json"], err
+    assert not (tmp_path / "store").exists()
+    assert main([*argv, "--tokenizer", str(root / "hf" / "checkpoint-4"), "-q"]) == 0
+    assert load_run(tmp_path / "store").steps == list(SAVED)
 
 
 class _Mkdir:
