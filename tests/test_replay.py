@@ -286,6 +286,10 @@ def test_folders_without_a_tokenizer_are_one_line_before_any_checkpoint_loads(tr
     assert not (tmp_path / "store").exists()
     assert main([*argv, "--tokenizer", str(root / "hf" / "checkpoint-4"), "-q"]) == 0
     assert load_run(tmp_path / "store").steps == list(SAVED)
+    # A --model-class .ckpt names its tokenizer through its DataModule's hyper-parameters.
+    assert main(["replay", str(root / "ckpt"), "-o", str(tmp_path / "classed"), "--probes",
+                 str(_probe_file(dm, tmp_path)), "--model-class",
+                 "normx_callbacks.demo:LanguageModel", "-q"]) == 0, capsys.readouterr().err
 
 
 class _Mkdir:
