@@ -191,6 +191,25 @@ def test_make_targets_are_printed_where_the_makefile_is(tmp_path):
     assert '.venv/bin/tensorboard --logdir "runs/x/version_0"' in proc.stdout
 
 
+def test_make_targets_without_run_use_the_newest_version_by_number(tmp_path):
+    """version_10 is newer than version_9 (a text sort says otherwise); names Lightning does
+    not write are not candidates. `make -n` prints what each target would run."""
+    logs = tmp_path / "runs" / "tiny" / "lightning_logs"
+    for version in ("2", "9", "10", "x"):
+        (logs / f"version_{version}" / "normx").mkdir(parents=True)
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "stamp").touch()
+    os.utime(tmp_path / "pyproject.toml", (0, 0))  # the stamp is newer: nothing to install
+    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-n", "STAMP=stamp", "summary",
+                           "report", "dashboard"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    run = "runs/tiny/lightning_logs/version_10"
+    assert f'.venv/bin/normx summary "{run}"' in proc.stdout
+    assert f'.venv/bin/normx report "{run}" -o "{run}/report.html"' in proc.stdout
+    assert f'.venv/bin/tensorboard --logdir "{run}"' in proc.stdout
+
+
 def test_progress_bar_counts_steps_of_max_steps(tmp_path, cache, capsys):
     args = [a for a in _args("tiny.yaml", tmp_path, cache, steps=3)]
     args[args.index("--trainer.enable_progress_bar") + 1] = "true"
