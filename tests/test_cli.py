@@ -179,6 +179,30 @@ def test_half_written_store(tiny_run, tmp_path, capsys):
         assert_one_line_error(code, err, "half-written store", "commit marker")
 
 
+def test_which_run_lists_the_ten_written_last_and_counts_the_others(tmp_path, capsys):
+    """12 stores: one line naming the 10 written last (newest first) and how to pick."""
+    from normx_callbacks import SnapshotStore
+    from normx_callbacks.store import write_run_record
+
+    for i in range(12):
+        root = tmp_path / f"exp{i:02d}" / "normx"
+        write_run_record(root, {"run_id": f"{i:02d}" + "ab" * 15})
+        SnapshotStore(root).write(i, {"metrics": pd.DataFrame({"key": ["a"], "value": [1.0]})})
+        os.utime(root / "_commits", (1_000_000 + i, 1_000_000 + i))  # exp11 written last
+    code, _, err = run_cli(capsys, "summary", tmp_path)
+    assert_one_line_error(code, err, f"{tmp_path} holds 12 normx stores, one run each: the 10 "
+                          "written last: (1) run 11abab", "; and 2 more, not listed; choose one: "
+                          "`normx ... --run ID`", "'latest' (the run written last)")
+    listed = [f"exp{i:02d}/normx" for i in range(12) if f"exp{i:02d}/normx" in err]
+    assert listed == [f"exp{i:02d}/normx" for i in range(2, 12)]
+    code, _, err = run_cli(capsys, "summary", tmp_path, "--run", "nope")
+    assert_one_line_error(code, err, "run 'nope' matches no run; the runs are: the 10 written "
+                          "last: (1) run 11abab", "; and 2 more, not listed; pass a full run id")
+    code, out, err = run_cli(capsys, "summary", tmp_path, "--run", "latest")
+    assert code == 0, err
+    assert f"store:     {tmp_path / 'exp11' / 'normx'}" in out
+
+
 def test_bad_arguments_are_one_line(tiny_ckpt, tiny_run, tmp_path, capsys):
     cases = [
         (["attribute", tiny_ckpt, "--text", "the", "--foil", "is"], "needs --target"),
