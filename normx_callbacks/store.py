@@ -626,7 +626,8 @@ def _corrupt(msg: str, step: int, root: Path, skip: bool, cause: BaseException) 
         return
     raise StoreError(
         f"{msg}. The store at {root} is corrupted at step {step}: delete {marker} to drop that "
-        f"step, or call load_run(..., skip_corrupt=True) to skip it"
+        f"step, or call load_run(..., skip_corrupt=True) (`normx ... --skip-corrupt` on the "
+        f"command line) to skip it"
     ) from cause
 
 
