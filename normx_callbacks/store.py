@@ -496,7 +496,8 @@ def empty_store_reason(root: str | os.PathLike) -> str | None:
 def find_runs(path: str | os.PathLike) -> list[RunInfo]:
     """Every store at ``path``: ``path`` itself with the stores written beside it by later
     fresh runs (``<name>-<8 hex>``), or the stores below ``path`` (named ``normx`` or
-    holding a run record). Sorted by path. When there is none, the ``StoreError`` says why
+    holding a run record). Sorted by path, numbers by value (``version_9`` before
+    ``version_10``). When there is none, the ``StoreError`` says why
     a ``normx/`` directory seen on the way holds no store (empty or half-written).
 
     The search below ``path`` is breadth first and bounded: at most 8 levels down
@@ -514,7 +515,7 @@ def find_runs(path: str | os.PathLike) -> list[RunInfo]:
         beside = [p for p in _subdirs(path.parent)
                   if p.name.startswith(f"{path.name}-") and _SIBLING.match(p.name)
                   and _is_store(p)]
-        return [run_info(p) for p in [path, *sorted(beside)]]
+        return [run_info(p) for p in [path, *sorted(beside, key=_natural)]]
     found, seen, stopped = _search(path)
     if stopped and found:
         log.warning("the search for normx stores below %s stopped after looking into %d "
@@ -530,7 +531,13 @@ def find_runs(path: str | os.PathLike) -> list[RunInfo]:
             f"{bound}; pass the directory the callback wrote (its `store_dir`)"
             + (f"; note: {note}" if note else "")
         )
-    return [run_info(p) for p in sorted(found)]
+    return [run_info(p) for p in sorted(found, key=_natural)]
+
+
+def _natural(path: Path) -> tuple:
+    """Sort key of a path with its numbers compared by value (version_9 < version_10)."""
+    parts = re.split(r"(\d+)", str(path))  # text, number, text, ...: same types line up
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def _identity(path: Path) -> tuple[int, int] | Path:

@@ -182,7 +182,8 @@ def test_load_run_finds_store_below_run_dir(tmp_path):
 
 
 def test_stores_are_found_up_to_eight_levels_below_and_never_inside_a_store(tmp_path):
-    deep = tmp_path / "runs" / "exp" / "lightning_logs" / "version_0" / STORE_DIRNAME  # 5 below
+    logs = tmp_path / "runs" / "exp" / "lightning_logs"
+    deep = logs / "version_9" / STORE_DIRNAME  # 5 below
     SnapshotStore(deep).write(1, {"m": metrics(1)})
     # Inside the store (its table directory): never looked into, so not a second run.
     SnapshotStore(deep / "m" / "copy" / STORE_DIRNAME).write(1, {"m": metrics(1)})
@@ -191,6 +192,9 @@ def test_stores_are_found_up_to_eight_levels_below_and_never_inside_a_store(tmp_
     SnapshotStore(too_deep).write(1, {"m": metrics(1)})
     assert [info.path for info in store_mod.find_runs(tmp_path)] == [deep]
     assert load_run(tmp_path).path == deep
+    SnapshotStore(logs / "version_10" / STORE_DIRNAME).write(1, {"m": metrics(1)})
+    assert [info.path.parent.name for info in store_mod.find_runs(tmp_path)] == [
+        "version_9", "version_10"]  # numbers by value
     assert load_run(tmp_path / "a").path == too_deep  # 8 below
     shutil.rmtree(too_deep)
     with pytest.raises(StoreError, match="no normx/ store found in it or up to 8 levels below"):
