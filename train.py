@@ -75,6 +75,18 @@ class NormXCLI(LightningCLI):
                 raise
             cli_errors.refuse(error)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Bad input refused before the first training step (probes longer than the context,
+        # a layer that does not exist, ...): its own line, not a traceback through Lightning.
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, RuntimeError, ImportError, OSError) as error:
+            if cli_errors.DEBUG["on"] or self.trainer.global_step > 0:
+                raise
+            sys.stderr.write(f"train.py: error: {' '.join(str(error).split())}\n"
+                             "(--debug shows the traceback)\n")
+            sys.exit(1)
+
     def before_fit(self) -> None:
         expected = ARCHITECTURES[self.model.hparams.arch][1]
         if self.datamodule.hparams.objective != expected:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,28 @@ def test_misspelled_option_on_the_command_line_names_the_closest(tmp_path, cache
     assert err[0] == ("train.py: error: unknown option 'model.d_modle'; "
                       "did you mean 'model.d_model'?")
     assert len(err) == 2
+
+
+def test_bad_input_refused_at_fit_start_is_one_line(tmp_path, cache, capsys):
+    """Probes longer than the context, refused in the callback's setup before the first
+    step: all of them in one line (not a traceback through Lightning); --debug raises."""
+    import yaml
+
+    probes = tmp_path / "long.yaml"
+    long = "the farmer near the tables behind the old red houses near the kings and the dogs"
+    probes.write_text(yaml.safe_dump([{"id": f"p{i}", "text": long * 2} for i in range(7)]
+                                     + ["the keys"]))
+    args = _args("tiny.yaml", tmp_path, cache) + [
+        "--trainer.callbacks.init_args.probes", str(probes)]
+    code, err = _error_of(args, capsys)
+    assert code == 1 and len(err) == 2, err
+    assert re.fullmatch(r"train\.py: error: 7 of 8 probes exceed max_length=32 tokens \(the "
+                        r"longest has (\d+)\): probe 'p0' \(index 0, .*long\.yaml line \d+\): "
+                        r"\1 tokens; .*; and 2 more; shorten or drop them, or use a model with a "
+                        r"context of at least \1 tokens", err[0]), err[0]
+    assert err[1] == "(--debug shows the traceback)"
+    with pytest.raises(ValueError, match="7 of 8 probes exceed"):
+        train.main([*args, "--debug"])
 
 
 def test_invalid_choice_is_one_line_with_the_choices_and_debug_shows_the_traceback(
