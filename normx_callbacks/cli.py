@@ -574,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", required=True,
                    help="probe file (.yaml/.jsonl/.json) or blimp:PATH (file, directory, glob)")
     p.add_argument("--tokenizer", metavar="DIR",
-                   help="tokenizer directory (default: found with each checkpoint)")
+                   help="tokenizer directory (default: the first one the checkpoints name, "
+                   "looked up before any is measured)")
     p.add_argument("--layers", default="all",
                    help="'all' (default), 'last', or comma-separated layer indices")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
