@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningCLI
@@ -28,6 +29,16 @@ from normx_callbacks.demo.cli_errors import OneLineParser
 from normx_callbacks.demo.progress import StepProgressBar
 from normx_callbacks.store import StoreError
 from normx_callbacks.summary import headline_lines, next_commands, summary_paragraph
+
+
+class _FirstBatch(Callback):
+    """Whether this process has started a training batch: errors before it are bad input
+    (the callback checks everything at setup and fit start), after it a traceback."""
+
+    started = False
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self.started = True
 
 
 class NormXCLI(LightningCLI):
@@ -51,6 +62,8 @@ class NormXCLI(LightningCLI):
         has_bar = any(isinstance(c, ProgressBar) for c in [*given, *callbacks])
         if wants_bar and not has_bar and (config.get("max_steps") or -1) > 0 and _RICH_AVAILABLE:
             callbacks = [*callbacks, StepProgressBar()]
+        self._started = _FirstBatch()
+        callbacks = [*callbacks, self._started]
         return super()._instantiate_trainer(config, callbacks)
 
     def _say_if_the_callback_was_dropped(self, given: list) -> None:
@@ -81,7 +94,7 @@ class NormXCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except (ValueError, RuntimeError, ImportError, OSError) as error:
-            if cli_errors.DEBUG["on"] or self.trainer.global_step > 0:
+            if cli_errors.DEBUG["on"] or self._started.started:
                 raise
             sys.stderr.write(f"train.py: error: {' '.join(str(error).split())}\n"
                              "(--debug shows the traceback)\n")

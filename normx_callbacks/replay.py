@@ -407,7 +407,7 @@ def replay(
         engine.close()
 
 
-def _tokenizer_dir(path: Path) -> Path | None:
+def _tokenizer_dir(path: Path) -> Path:
     """The tokenizer directory a checkpoint names. Raises FileNotFoundError (why: where it
     looked) when it names none, CheckpointError when the ``.ckpt`` cannot be read."""
     if path.is_dir():
