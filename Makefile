@@ -38,8 +38,13 @@ tables: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# After a run: RUN is its log directory (default: the newest runs/tiny version).
-RUN ?= $(lastword $(sort $(wildcard runs/tiny/lightning_logs/version_*)))
+# After a run: RUN is its log directory (default: the newest runs/tiny version by number,
+# version_10 after version_9).
+LOGS := runs/tiny/lightning_logs
+ifndef RUN
+RUN := $(shell ls -d $(LOGS)/version_* 2>/dev/null | sed 's|.*/version_||' | grep -xE '[0-9]+' \
+	| sort -n | tail -n 1 | sed 's|^|$(LOGS)/version_|')
+endif
 
 summary: $(STAMP)
 	@test -n "$(RUN)" || (echo "make summary: set RUN=<log dir of a run>" >&2; exit 2)

@@ -15,10 +15,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import yaml
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from normx_callbacks import NormXLogitCallback, load_run
 from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule, cli_errors
@@ -27,6 +30,16 @@ from normx_callbacks.demo.progress import StepProgressBar
 from normx_callbacks.engine import missing_summary
 from normx_callbacks.store import StoreError
 from normx_callbacks.summary import headline_lines, next_commands, summary_paragraph
+
+
+class _FirstBatch(Callback):
+    """Whether this process has started a training batch: errors before it are bad input
+    (the callback checks everything at setup and fit start), after it a traceback."""
+
+    started = False
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self.started = True
 
 
 class NormXCLI(LightningCLI):
@@ -39,13 +52,33 @@ class NormXCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        # `--trainer.callbacks=CLASS` gives one callback, not a list (the Trainer takes both).
+        given = config.get("callbacks")
+        given = [] if given is None else given if isinstance(given, list) else [given]
+        if "callbacks" in config:
+            config["callbacks"] = given
+        self._say_if_the_callback_was_dropped(given)
         # Lightning's bar reads `Epoch 0/-2` in a max_steps run: count steps instead.
         wants_bar = config.get("enable_progress_bar") is not False
-        has_bar = any(isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []),
-                                                           *callbacks])
+        has_bar = any(isinstance(c, ProgressBar) for c in [*given, *callbacks])
         if wants_bar and not has_bar and (config.get("max_steps") or -1) > 0 and _RICH_AVAILABLE:
             callbacks = [*callbacks, StepProgressBar()]
+        self._started = _FirstBatch()
+        callbacks = [*callbacks, self._started]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _say_if_the_callback_was_dropped(self, given: list) -> None:
+        """One line when the command line's `--trainer.callbacks=...` replaced a config's
+        callback list that attached NormXLogitCallback (`+=` appends to it instead)."""
+        if any(isinstance(c, NormXLogitCallback) for c in given):
+            return
+        files = [f for f in (self.config.get(str(self.subcommand), self.config).get("config")
+                             or []) if _attaches_the_callback(f)]
+        if files and rank_zero_only.rank == 0:
+            print(f"train.py: note: --trainer.callbacks replaced the callbacks of {files[0]}, "
+                  "so NormXLogitCallback is not attached and this run takes no snapshots; use "
+                  "--trainer.callbacks+=CLASS to add a callback to the config's",
+                  file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         # A value a class refuses (e.g. `schedule: logarithmic`): its message, not two tracebacks.
@@ -55,6 +88,18 @@ class NormXCLI(LightningCLI):
             if cli_errors.DEBUG["on"]:
                 raise
             cli_errors.refuse(error)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Bad input refused before the first training step (probes longer than the context,
+        # a layer that does not exist, ...): its own line, not a traceback through Lightning.
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, RuntimeError, ImportError, OSError) as error:
+            if cli_errors.DEBUG["on"] or self._started.started:
+                raise
+            sys.stderr.write(f"train.py: error: {' '.join(str(error).split())}\n"
+                             "(--debug shows the traceback)\n")
+            sys.exit(1)
 
     def before_fit(self) -> None:
         expected = ARCHITECTURES[self.model.hparams.arch][1]
@@ -75,6 +120,18 @@ class NormXCLI(LightningCLI):
                    if isinstance(cb, NormXLogitCallback) and cb.store is not None]
         print(end_of_run_message(trainer, log_dir, [cb.store.root for cb in watched],
                                  [cb.missing_steps for cb in watched]), file=sys.stderr)
+
+
+def _attaches_the_callback(config_file) -> bool:
+    """Whether a `--config` file lists NormXLogitCallback under `trainer.callbacks`."""
+    try:
+        text = Path(getattr(config_file, "absolute", config_file)).read_text("utf-8")
+        callbacks = (yaml.safe_load(text) or {}).get("trainer", {}).get("callbacks") or []
+    except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
+        return False  # not a file (an inline config) or not one this check can read
+    entries = callbacks if isinstance(callbacks, list) else [callbacks]
+    return any(isinstance(e, dict) and str(e.get("class_path", "")).rsplit(".", 1)[-1]
+               == NormXLogitCallback.__name__ for e in entries)
 
 
 def _dashboard(trainer) -> dict:

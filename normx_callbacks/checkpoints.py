@@ -278,9 +278,9 @@ def _load_hf_dir(path: Path) -> nn.Module:
     try:
         model, info = auto.from_pretrained(str(path), local_files_only=True,
                                            output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot load the model in {path}: {detail}") from error
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError,
+            EOFError, zipfile.BadZipFile) as error:
+        raise CheckpointError(_hf_load_error(path, error)) from error
     missing, mismatched = info.get("missing_keys") or (), info.get("mismatched_keys") or ()
     if missing or mismatched:
         parts = []
@@ -298,6 +298,35 @@ def _load_hf_dir(path: Path) -> nn.Module:
                     len(info["unexpected_keys"]), type(model).__name__,
                     _few(info["unexpected_keys"]))
     return model
+
+
+def _bin_files(path: Path) -> list[Path]:
+    """The pickled weight files of an HF directory (``pytorch_model.bin`` or its shards)."""
+    index = path / "pytorch_model.bin.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = ["pytorch_model.bin"]
+    return [path / name for name in shards if (path / name).is_file()]
+
+
+def _hf_load_error(path: Path, error: BaseException) -> str:
+    """One line for an HF directory ``from_pretrained`` could not load: the weight file that
+    ``torch.load(weights_only=True)`` refused or that is cut short, else the cause."""
+    detail = _first_line(error).rstrip(".")
+    if isinstance(error, pickle.UnpicklingError) and "global" in detail.lower():
+        files = _bin_files(path)
+        where = files[0] if len(files) == 1 else f"a pytorch_model*.bin file in {path}"
+        return (f"{where} holds objects other than tensors and plain containers, so it cannot "
+                f"be loaded safely (weights_only=True; nothing in it was run): {detail}; use a "
+                "copy saved with save_pretrained() (safetensors) from a source you trust")
+    for file in _bin_files(path):
+        with open(file, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if zip_start and not zipfile.is_zipfile(file):
+            return (f"{file} is truncated or corrupt (torch.save writes a zip archive and this "
+                    "is not a complete one); copy it again or use another checkpoint")
+    return f"cannot load the model in {path}: {detail}"
 
 
 def _hf_config(path: Path) -> tuple[Any, type]:

@@ -28,6 +28,7 @@ from .adapters import UnsupportedModelError
 from .probes import ProbeError
 from .store import (
     RunData,
+    SnapshotStore,
     StoreError,
     empty_store_reason,
     find_runs,
@@ -59,22 +60,27 @@ def _find(paths: Sequence[str | os.PathLike], selectors: Sequence[str] | None) -
     return list(dict.fromkeys(picked))
 
 
-def _load(paths: Sequence[str | os.PathLike],
-          selectors: Sequence[str] | None = None) -> list[RunData]:
+def _load(paths: Sequence[str | os.PathLike], selectors: Sequence[str] | None = None,
+          skip_corrupt: bool = False) -> list[RunData]:
     """The runs at ``paths``; a store without a committed snapshot is an error that says
-    why (empty or half-written)."""
+    why (empty or half-written). ``skip_corrupt``: steps whose files are missing or
+    unreadable are left out, one warning line each, instead of stopping the command."""
     runs = []
     for root in _find(paths, selectors):
-        run = load_store(root)
+        run = load_store(root, skip_corrupt=skip_corrupt)
         if not run.steps:
+            if skip_corrupt and SnapshotStore(root).steps():
+                raise StoreError(f"every snapshot in {run.path} is corrupt and was skipped "
+                                 "(--skip-corrupt): nothing to show")
             raise StoreError(empty_store_reason(root) or
                              f"{run.path} holds no committed snapshot yet: nothing to show")
         runs.append(run)
     return runs
 
 
-def _load_one(path: str | os.PathLike, selector: str | None) -> RunData:
-    runs = _load([path], [selector] if selector else None)
+def _load_one(path: str | os.PathLike, selector: str | None,
+              skip_corrupt: bool = False) -> RunData:
+    runs = _load([path], [selector] if selector else None, skip_corrupt)
     if len(runs) != 1:
         raise StoreError(f"--run {selector} selects {len(runs)} runs; this command shows one")
     return runs[0]
@@ -108,7 +114,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.max_probes < 0:
         raise ValueError(f"--max-probes {args.max_probes} must be >= 0")
     start = time.monotonic()
-    runs = _load(args.run_dirs, args.run)
+    runs = _load(args.run_dirs, args.run, args.skip_corrupt)
     out = write_report(runs, args.output, step=args.step, max_probes=args.max_probes,
                        probes=args.probe, progress=None if args.quiet else _progress_printer())
     size = out.stat().st_size / 1e6
@@ -123,7 +129,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from .report import headline_table
     from .summary import summary_paragraph
 
-    run = _load_one(args.run_dir, args.run)
+    run = _load_one(args.run_dir, args.run, args.skip_corrupt)
     meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
     probes = run["probes"]["probe_id"].nunique() if "probes" in run else "?"
     print(f"store:     {run.path}")
@@ -158,7 +164,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    run = _load_one(args.run_dir, args.run)
+    run = _load_one(args.run_dir, args.run, args.skip_corrupt)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out} exists and is not a directory")
@@ -465,6 +471,12 @@ def _add_run_option(p: argparse.ArgumentParser) -> None:
                    "id, a unique prefix of one, or 'latest' (the run written last)")
 
 
+def _add_skip_corrupt_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="leave out snapshots whose files are missing or unreadable (one warning "
+                   "line each) instead of stopping at the first")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .faithfulness import REMOVALS, REPLACEMENTS
 
@@ -492,12 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", metavar="ID",
                    help="show this probe (repeatable; overrides --max-probes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _add_skip_corrupt_option(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("summary", parents=[common], help="snapshots and headline metrics",
                        description="Print the snapshots of a run and their headline metrics.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     _add_run_option(p)
+    _add_skip_corrupt_option(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("attribute", parents=[common], help="attribute one text with a checkpoint",
@@ -560,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", required=True,
                    help="probe file (.yaml/.jsonl/.json) or blimp:PATH (file, directory, glob)")
     p.add_argument("--tokenizer", metavar="DIR",
-                   help="tokenizer directory (default: found with each checkpoint)")
+                   help="tokenizer directory (default: the first one the checkpoints name, "
+                   "looked up before any is measured)")
     p.add_argument("--layers", default="all",
                    help="'all' (default), 'last', or comma-separated layer indices")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -583,8 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=_FORMATS, default="csv",
                    help="file format (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output directory")
+    _add_skip_corrupt_option(p)
     p.set_defaults(func=cmd_export)
     return parser
+
+
+class _OneLineFormatter(logging.Formatter):
+    """A warning on one line on stderr (a library message may hold a file's newlines)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(super().format(record).split())
 
 
 def _one_line(error: BaseException) -> str:
@@ -600,8 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if debug else logging.ERROR,
-                        format="normx: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter((logging.Formatter if debug else _OneLineFormatter)(
+        "normx: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if debug else logging.ERROR, handlers=[handler])
     logging.getLogger(__package__).setLevel(logging.INFO if debug else logging.WARNING)
     with warnings.catch_warnings():
         if not debug:  # library deprecation chatter would bury the one line that matters

@@ -288,6 +288,7 @@ class ProbeSet:
         encode_one = _encode_causal if objective == "causal" else _encode_masked
         rows, kept = [], []
         unmaskable, indistinct = [], []
+        too_long: list[tuple[str, int]] = []  # (label, tokens): all reported at once
         for index, probe in enumerate(self.probes):
             label = _label(index, probe.id, self._wheres[index])
             if self._masked is not None and objective == "masked":
@@ -303,12 +304,12 @@ class ProbeSet:
                 indistinct.append(probe.id)  # a BLiMP pair this tokenizer cannot tell apart
                 continue
             if max_length is not None and len(row.ids) > max_length:
-                raise ProbeError(
-                    f"{label}: {len(row.ids)} tokens exceed max_length={max_length}; "
-                    "shorten the probe or use a model with a longer context"
-                )
+                too_long.append((label, len(row.ids)))
+                continue
             rows.append(row)
             kept.append(probe)
+        if too_long:
+            raise ProbeError(_too_long_message(too_long, len(self.probes), max_length))
         _warn_skipped(unmaskable, indistinct, len(self.probes))
         if not rows:
             raise ProbeError(f"none of the {len(self.probes)} probes can be encoded for "
@@ -325,6 +326,24 @@ class ProbeSet:
                 stacklevel=2,
             )
         return _collate(tokenizer, rows, kept)
+
+
+_NAMED = 5  # over-long probes named in the error; the rest are counted
+
+
+def _too_long_message(too_long: list[tuple[str, int]], total: int, max_length: int) -> str:
+    """Every probe longer than the context in one message (a fix-and-retry loop would find
+    them one per start): the count, the first few named, the fix."""
+    if len(too_long) == 1:
+        label, n = too_long[0]
+        return (f"{label}: {n} tokens exceed max_length={max_length}; shorten the probe or use "
+                "a model with a longer context")
+    named = "; ".join(f"{label}: {n} tokens" for label, n in too_long[:_NAMED])
+    more = f"; and {len(too_long) - _NAMED} more" if len(too_long) > _NAMED else ""
+    longest = max(n for _, n in too_long)
+    return (f"{len(too_long)} of {total} probes exceed max_length={max_length} tokens "
+            f"(the longest has {longest}): {named}{more}; shorten or drop them, or use a model "
+            f"with a context of at least {longest} tokens")
 
 
 def _warn_skipped(unmaskable: list[str], indistinct: list[str], total: int) -> None:

@@ -191,20 +191,12 @@ class _SeriesLoader:
         self.module: nn.Module | None = None
         self.converts = True  # whether the HF model kept needs from_pretrained's conversions
 
-    def load(self, path: Path, need_tokenizer: bool) -> tuple[nn.Module, Path | None]:
-        """(the module to watch, in eval mode on the device in the dtype; the tokenizer
-        directory the checkpoint names, looked up when ``need_tokenizer``)."""
+    def load(self, path: Path) -> nn.Module:
+        """The module to watch, in eval mode on the device in the dtype."""
         if path.is_dir():
-            module = self._hf(path)
-            tokenizer_dir = None
-            if need_tokenizer:
-                try:
-                    tokenizer_dir = _hf_tokenizer_dir(path)
-                except FileNotFoundError:
-                    pass
-            return module, tokenizer_dir
+            return self._hf(path)
         if self.model_class is not None:
-            return self._lightning_class(path), None
+            return self._lightning_class(path)
         ckpt, hp = _read_lightning(path)
         recipe = ("demo", hp)
         arch = hp.get("arch", DEFAULT_MODEL_CLASS)
@@ -215,13 +207,7 @@ class _SeriesLoader:
             model = _build_lightning(path, DEFAULT_MODEL_CLASS, hp)
             _load_lightning_weights(path, model, ckpt, arch)
             self._keep(model, recipe)
-        tokenizer_dir = None
-        if need_tokenizer:
-            try:
-                tokenizer_dir = _find_tokenizer(path, _datamodule_hints(ckpt))
-            except FileNotFoundError:
-                pass
-        return self.module, tokenizer_dir
+        return self.module
 
     def _hf(self, path: Path) -> nn.Module:
         config, auto = _hf_config(path)
@@ -353,8 +339,10 @@ def replay(
         checkpoints: see `resolve_checkpoints`.
         probes: what the callback accepts (a ProbeSet, a list, a file, ``"blimp:PATH"``).
         store_dir: the snapshot store to write (created or appended to).
-        tokenizer: a fast tokenizer or a tokenizer directory; default the one each
-            checkpoint names (HF directory files, the demo DataModule's cache).
+        tokenizer: a fast tokenizer or a tokenizer directory; default the first one the
+            checkpoints to replay name, in step order (an HF directory's tokenizer files, the
+            tokenizer a ``.ckpt``'s DataModule hyper-parameters name), for the whole series.
+            Looked up before anything is measured: none found is one error, at once.
         layers, norm: as for the callback.
         device: "cpu", "cuda", "cuda:1", ...; default cuda when available.
         dtype: "float32" (default), "bfloat16" or "float16": the model's weights are cast.
@@ -406,6 +394,8 @@ def replay(
                     store.root)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load_tokenizer(Path(tokenizer).expanduser())
+    elif tokenizer is None and todo:
+        tokenizer = _series_tokenizer(todo)
     engine = Engine(probe_set, layers=layers, norm=norm, schedule="steps",
                     steps=[c.step for c in series], media_probes=0, probe_batch_size=batch_size,
                     faithfulness_every=1 if faithfulness else None, owner="normx replay")
@@ -415,6 +405,47 @@ def replay(
                                   device, dtype, progress, count_corpus, _stored_shape(store))
     finally:
         engine.close()
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    """The tokenizer directory a checkpoint names. Raises FileNotFoundError (why: where it
+    looked) when it names none, CheckpointError when the ``.ckpt`` cannot be read."""
+    if path.is_dir():
+        return _hf_tokenizer_dir(path)
+    try:  # the DataModule's hyper-parameters; mmap reads only what is used
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - unreadable: reported when it is loaded
+        raise CheckpointError(str(path)) from error
+    return _find_tokenizer(path, _datamodule_hints(ckpt) if isinstance(ckpt, dict) else {})
+
+
+def _series_tokenizer(todo: list[Checkpoint]) -> Any:
+    """The tokenizer of the first checkpoint that names one, before anything is measured.
+
+    Raises:
+        ReplayError: one line when none of them names a tokenizer (not one per checkpoint
+            at the end of a full progress bar). None when no checkpoint can be read: each is
+            then reported when it is loaded.
+    """
+    why = None
+    for checkpoint in todo:
+        try:
+            found = _tokenizer_dir(checkpoint.path)
+        except CheckpointError:
+            continue
+        except FileNotFoundError as error:
+            why = why or str(error).split("; pass tokenizer=", 1)[0]
+            continue
+        try:
+            return _load_tokenizer(found)
+        except (CheckpointError, FileNotFoundError) as error:
+            raise ReplayError([f"{error}; or pass --tokenizer DIR (tokenizer= in Python)"]) from None
+    if why is None:
+        return None
+    others = ("" if len(todo) == 1 else ", nor does the other" if len(todo) == 2
+              else f", nor do the {len(todo) - 1} others")
+    raise ReplayError([f"no tokenizer found with the checkpoints: {why}{others}; pass "
+                       "--tokenizer DIR (tokenizer= in Python), a directory with tokenizer.json"])
 
 
 def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
@@ -454,16 +485,14 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
     for checkpoint in bar:
         bar.set_postfix(step=checkpoint.step)
         try:
-            module, tokenizer_dir = loader.load(checkpoint.path, need_tokenizer=tokenizer is None)
+            module = loader.load(checkpoint.path)
         except (CheckpointError, FileNotFoundError, OSError) as error:
             errors.append(_line(checkpoint.path, error))
             continue
-        if tokenizer is None:
-            if tokenizer_dir is None:
-                errors.append(f"{checkpoint.path}: no tokenizer found with it; pass "
-                              "--tokenizer DIR (tokenizer= in Python)")
-                continue
-            tokenizer = _load_tokenizer(tokenizer_dir)
+        if tokenizer is None:  # only when no checkpoint could be read before the series
+            errors.append(f"{checkpoint.path}: no tokenizer found with it; pass "
+                          "--tokenizer DIR (tokenizer= in Python)")
+            continue
         try:
             adapter = find_model(module, who="normx replay")
             shape = _shape(adapter)

@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -67,7 +68,11 @@ _STEP_FILE = re.compile(r"^step=(\d+)\.(json|parquet)$")
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 # These are RunData attributes; a table of the same name would be shadowed by them.
 _RESERVED_NAMES = frozenset({"path", "meta", "steps", "tables", "missing", "run_record"})
-_SEARCH_DEPTH = 3
+# How far `find_runs` looks below a directory: levels, and directories looked into at most.
+_SEARCH_DEPTH = 8
+_SEARCH_DIRS = 10_000
+# Stores a "which run?" error lists by name; the others are counted.
+_LISTED = 10
 # A fresh run that finds another run's store at its path writes beside it, into
 # `<name>-<first 8 hex digits of its run id>` (see `sibling_root`).
 _SIBLING = re.compile(r"^.+-[0-9a-f]{8}$")
@@ -532,10 +537,17 @@ def empty_store_reason(root: str | os.PathLike) -> str | None:
 
 def find_runs(path: str | os.PathLike) -> list[RunInfo]:
     """Every store at ``path``: ``path`` itself with the stores written beside it by later
-    fresh runs (``<name>-<8 hex>``), or the stores up to 3 levels below ``path`` (named
-    ``normx`` or holding a run record). Sorted by path. When there is none, the
-    ``StoreError`` says why a ``normx/`` directory seen on the way holds no store (empty
-    or half-written)."""
+    fresh runs (``<name>-<8 hex>``), or the stores below ``path`` (named ``normx`` or
+    holding a run record). Sorted by path, numbers by value (``version_9`` before
+    ``version_10``). When there is none, the ``StoreError`` says why
+    a ``normx/`` directory seen on the way holds no store (empty or half-written).
+
+    The search below ``path`` is breadth first and bounded: at most 8 levels down
+    (``runs/<name>/lightning_logs/version_N/normx`` is 5 below a repository) and at most
+    10,000 directories looked into, shallower ones first (a warning says when that bound
+    stopped it); it never enters a store (its table directories hold a file per snapshot),
+    a hidden or ``_``-prefixed directory, or a directory it already saw through a symlink.
+    """
     path = Path(path)
     if not path.is_dir():
         raise StoreError(
@@ -545,25 +557,64 @@ def find_runs(path: str | os.PathLike) -> list[RunInfo]:
         beside = [p for p in _subdirs(path.parent)
                   if p.name.startswith(f"{path.name}-") and _SIBLING.match(p.name)
                   and _is_store(p)]
-        return [run_info(p) for p in [path, *sorted(beside)]]
-    found: list[Path] = []
-    seen = [path]
-    level = [path]
-    for _ in range(_SEARCH_DEPTH):
-        level = sorted(p for d in level for p in _subdirs(d))
-        seen += level
-        found += [p for p in level if _is_run_store(p)]
-        # A store's table directories hold thousands of files: do not descend into them.
-        level = [p for p in level if p not in found]
+        return [run_info(p) for p in [path, *sorted(beside, key=_natural)]]
+    found, seen, stopped = _search(path)
+    if stopped and found:
+        log.warning("the search for normx stores below %s stopped after looking into %d "
+                    "directories; stores further down are not listed: pass a directory "
+                    "nearer the run", path, _SEARCH_DIRS)
     if not found:
         note = next((reason for p in seen if p.name == STORE_DIRNAME
                      and (reason := empty_store_reason(p))), None)
+        bound = (f"up to {_SEARCH_DEPTH} levels below" if not stopped else
+                 f"in the first {_SEARCH_DIRS} directories below it")
         raise StoreError(
-            f"{path} is not a normx run directory: no {STORE_DIRNAME}/ store found in it or up "
-            f"to {_SEARCH_DEPTH} levels below; pass the directory the callback wrote "
-            f"(its `store_dir`)" + (f"; note: {note}" if note else "")
+            f"{path} is not a normx run directory: no {STORE_DIRNAME}/ store found in it or "
+            f"{bound}; pass the directory the callback wrote (its `store_dir`)"
+            + (f"; note: {note}" if note else "")
         )
-    return [run_info(p) for p in sorted(found)]
+    return [run_info(p) for p in sorted(found, key=_natural)]
+
+
+def _natural(path: Path) -> tuple:
+    """Sort key of a path with its numbers compared by value (version_9 < version_10)."""
+    parts = re.split(r"(\d+)", str(path))  # text, number, text, ...: same types line up
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def _identity(path: Path) -> tuple[int, int] | Path:
+    """What a directory is, whatever path reached it (device and inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
+
+
+def _search(path: Path) -> tuple[list[Path], list[Path], bool]:
+    """(the stores below ``path``, every directory seen, whether the directory bound stopped
+    the search): `find_runs`'s bounded breadth-first search."""
+    found: list[Path] = []
+    seen = [path]
+    known = {_identity(path)}
+    queue = deque([(path, 0)])  # (a directory to look into, its level below path)
+    looked = 0
+    while queue:
+        if looked == _SEARCH_DIRS:
+            return found, seen, True
+        directory, depth = queue.popleft()
+        looked += 1
+        for sub in sorted(_subdirs(directory)):
+            if (key := _identity(sub)) in known:  # reached again through a symlink
+                continue
+            known.add(key)
+            seen.append(sub)
+            if _is_run_store(sub):
+                found.append(sub)
+            # A store's table directories hold a file per snapshot: never descend into them.
+            if depth + 1 < _SEARCH_DEPTH and not _is_store(sub):
+                queue.append((sub, depth + 1))
+    return found, seen, False
 
 
 def select_runs(runs: list[RunInfo], run: str) -> list[RunInfo]:
@@ -587,7 +638,14 @@ def select_runs(runs: list[RunInfo], run: str) -> list[RunInfo]:
 
 
 def _listing(runs: list[RunInfo]) -> str:
-    return "; ".join(f"({i}) {r.describe()}" for i, r in enumerate(runs, 1))
+    """The runs of a "which run?" error: all of them up to ten, else the ten written last
+    and how many more (one line either way)."""
+    if len(runs) <= _LISTED:
+        return "; ".join(f"({i}) {r.describe()}" for i, r in enumerate(runs, 1))
+    newest = sorted(runs, key=lambda r: (r.last_write, str(r.path)), reverse=True)[:_LISTED]
+    return (f"the {_LISTED} written last: "
+            + "; ".join(f"({i}) {r.describe()}" for i, r in enumerate(newest, 1))
+            + f"; and {len(runs) - _LISTED} more, not listed")
 
 
 def find_store(path: str | os.PathLike, run: str | None = None) -> Path:
@@ -603,8 +661,9 @@ def find_store(path: str | os.PathLike, run: str | None = None) -> Path:
     if len(runs) > 1:
         raise StoreError(
             f"{path} holds {len(runs)} normx stores, one run each: " + _listing(runs)
-            + "; choose one: load_run(path, run=ID) or `normx ... --run ID` (a run id, a unique"
-            " prefix of one, or 'latest'), or pass a store directory"
+            + "; choose one: `normx ... --run ID` or load_run(path, run=ID), where ID is a run "
+            "id, a unique prefix of one, or 'latest' (the run written last), or pass a store "
+            "directory"
         )
     return runs[0].path
 
@@ -616,7 +675,8 @@ def _corrupt(msg: str, step: int, root: Path, skip: bool, cause: BaseException) 
         return
     raise StoreError(
         f"{msg}. The store at {root} is corrupted at step {step}: delete {marker} to drop that "
-        f"step, or call load_run(..., skip_corrupt=True) to skip it"
+        f"step, or call load_run(..., skip_corrupt=True) (`normx ... --skip-corrupt` on the "
+        f"command line) to skip it"
     ) from cause
 
 
@@ -743,8 +803,8 @@ def load_run(path: str | os.PathLike, *, run: str | None = None,
     """Load every committed snapshot of a run.
 
     Args:
-        path: the store directory, or a run/log directory with a ``normx/`` store up to
-            3 levels below (e.g. ``lightning_logs/version_0/normx``).
+        path: the store directory, or a run/log directory with a ``normx/`` store below
+            it (e.g. ``lightning_logs/version_0/normx``; see `find_runs` for how far).
         run: which run, when ``path`` holds several (``StoreError`` lists them otherwise):
             a run id, a unique prefix of one, or ``latest`` (the run written last).
         skip_corrupt: log a warning and skip steps whose files are missing or unreadable,

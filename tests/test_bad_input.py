@@ -168,6 +168,14 @@ CASES = {
                         probes=[{"id": "long", "text": LONG}]),
         ProbeError, r"probe 'long' \(index 0\): \d+ tokens exceed max_length=10",
         r"shorten the probe or use a model with a longer context", "setup"),
+    "many probes longer than the context": Case(
+        lambda c: train(c, model=make_model(c.dm, context=10),
+                        probes=[{"id": f"long-{i}", "text": LONG} for i in range(30)]
+                        + ["the table near the authors"]),
+        ProbeError, r"30 of 31 probes exceed max_length=10 tokens \(the longest has \d+\): "
+                    r"probe 'long-0' \(index 0\): \d+ tokens; (probe 'long-\d' \(index \d\): \d+ "
+                    r"tokens; ){4}and 25 more",
+        r"shorten or drop them, or use a model with a context of at least \d+ tokens", "setup"),
     "unknown layer index": Case(
         lambda c: train(c, layers=[0, 5]),
         ValueError, r"NormXLogitCallback: layers contains 5",

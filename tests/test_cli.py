@@ -179,6 +179,69 @@ def test_half_written_store(tiny_run, tmp_path, capsys):
         assert_one_line_error(code, err, "half-written store", "commit marker")
 
 
+def test_which_run_lists_the_ten_written_last_and_counts_the_others(tmp_path, capsys):
+    """12 stores: one line naming the 10 written last (newest first) and how to pick."""
+    from normx_callbacks import SnapshotStore
+    from normx_callbacks.store import write_run_record
+
+    for i in range(12):
+        root = tmp_path / f"exp{i:02d}" / "normx"
+        write_run_record(root, {"run_id": f"{i:02d}" + "ab" * 15})
+        SnapshotStore(root).write(i, {"metrics": pd.DataFrame({"key": ["a"], "value": [1.0]})})
+        os.utime(root / "_commits", (1_000_000 + i, 1_000_000 + i))  # exp11 written last
+    code, _, err = run_cli(capsys, "summary", tmp_path)
+    assert_one_line_error(code, err, f"{tmp_path} holds 12 normx stores, one run each: the 10 "
+                          "written last: (1) run 11abab", "; and 2 more, not listed; choose one: "
+                          "`normx ... --run ID`", "'latest' (the run written last)")
+    listed = [f"exp{i:02d}/normx" for i in range(12) if f"exp{i:02d}/normx" in err]
+    assert listed == [f"exp{i:02d}/normx" for i in range(2, 12)]
+    code, _, err = run_cli(capsys, "summary", tmp_path, "--run", "nope")
+    assert_one_line_error(code, err, "run 'nope' matches no run; the runs are: the 10 written "
+                          "last: (1) run 11abab", "; and 2 more, not listed; pass a full run id")
+    code, out, err = run_cli(capsys, "summary", tmp_path, "--run", "latest")
+    assert code == 0, err
+    assert f"store:     {tmp_path / 'exp11' / 'normx'}" in out
+
+
+def test_skip_corrupt_leaves_out_bad_snapshots_with_one_warning_line_each(tiny_run, tmp_path,
+                                                                        capsys, caplog):
+    """summary, export and report read a store with an unreadable and a missing table file
+    when asked to; without --skip-corrupt the one error line names the option."""
+    store = tmp_path / "run" / "normx"
+    shutil.copytree(load_run(tiny_run).path, store)
+    (store / "metrics" / "step=000000008.parquet").write_bytes(b"not parquet")
+    (store / "tokens" / "step=000000016.parquet").unlink()
+    code, _, err = run_cli(capsys, "summary", store.parent)
+    assert_one_line_error(code, err, "metrics/step=000000008.parquet is missing or unreadable",
+                          "`normx ... --skip-corrupt` on the command line")
+    proc = subprocess.run([sys.executable, "-m", "normx_callbacks.cli", "summary",
+                           str(store.parent), "--skip-corrupt"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 2, proc.stderr
+    assert warnings[0].startswith(f"normx: WARNING: skipping step 8: table file {store}/metrics/"
+                                  "step=000000008.parquet is missing or unreadable")
+    assert warnings[1].startswith(f"normx: WARNING: skipping step 16: table file {store}/tokens/"
+                                  "step=000000016.parquet is missing or unreadable")
+    assert "snapshots: 5 (steps 0..20)" in proc.stdout
+    code, _, err = run_cli(capsys, "export", store.parent, "--skip-corrupt", "-o", tmp_path / "x")
+    assert code == 0, err
+    assert sorted(set(pd.read_csv(tmp_path / "x" / "tokens.csv")["step"])) == [0, 1, 2, 4, 20]
+    caplog.clear()
+    code, _, err = run_cli(capsys, "report", store.parent, "--skip-corrupt", "-q",
+                           "--max-probes", "1", "-o", tmp_path / "r.html")
+    assert code == 0, err
+    assert [r.getMessage().split(":")[0] for r in caplog.records
+            if r.name == "normx_callbacks.store"] == ["skipping step 8", "skipping step 16"]
+    for step in (8, 16):
+        (store / "_commits" / f"step={step:09d}.json").unlink()
+    for step in (0, 1, 2, 4, 20):
+        (store / "metrics" / f"step={step:09d}.parquet").write_bytes(b"")
+    code, _, err = run_cli(capsys, "summary", store.parent, "--skip-corrupt")
+    assert_one_line_error(code, err, f"every snapshot in {store} is corrupt and was skipped")
+
+
 def test_bad_arguments_are_one_line(tiny_ckpt, tiny_run, tmp_path, capsys):
     cases = [
         (["attribute", tiny_ckpt, "--text", "the", "--foil", "is"], "needs --target"),

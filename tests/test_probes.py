@@ -400,6 +400,23 @@ def test_too_long_probe_names_count_and_limit(bpe) -> None:
         probes.encode(bpe, max_length=n - 1)
 
 
+def test_every_too_long_probe_is_named_or_counted_in_one_error(bpe) -> None:
+    """Not one per start: the count, the first five with their lengths, the rest counted."""
+    long_text = "The keys to the cabinet are on the table near the old red door"
+    items = [{"id": f"long-{i}", "text": long_text + " again" * (i % 3)} for i in range(12)]
+    items.insert(3, {"id": "short", "text": "The keys"})
+    n = [len(bpe(item["text"])["input_ids"]) for item in items]
+    limit = n[3]
+    with pytest.raises(ProbeError) as caught:
+        ProbeSet(items).encode(bpe, max_length=limit)
+    named = "; ".join(f"probe '{items[i]['id']}' (index {i}): {n[i]} tokens"
+                      for i in (0, 1, 2, 4, 5))
+    assert str(caught.value) == (
+        f"12 of 13 probes exceed max_length={limit} tokens (the longest has {max(n)}): "
+        f"{named}; and 7 more; shorten or drop them, or use a model with a context of at "
+        f"least {max(n)} tokens")
+
+
 def test_multi_token_target_and_foil_explain_their_first_differing_token(bpe) -> None:
     # Unseen Cyrillic words start with the same bare-space byte token in this vocabulary.
     probes = ProbeSet([{"id": "bug", "text": "The cat", "target": "жук", "foil": "жаба"},

@@ -211,8 +211,8 @@ def test_weights_loaded_into_the_kept_model_equal_a_fresh_from_pretrained(family
         T.set_seed(step)
         cls(config).save_pretrained(tmp_path / f"step{step}")
     loader = _SeriesLoader(None, "cpu", torch.float32)
-    kept = loader.load(tmp_path / "step1", need_tokenizer=False)[0]
-    second = loader.load(tmp_path / "step2", need_tokenizer=False)[0]
+    kept = loader.load(tmp_path / "step1")
+    second = loader.load(tmp_path / "step2")
     assert second is kept
     fresh = _load_hf_dir(tmp_path / "step2").eval()
     want = fresh.state_dict()
@@ -265,6 +265,81 @@ def test_an_hf_directory_missing_a_weight_is_refused_not_filled_at_random(traine
             in err[0])
     assert "checkpoint-16: cannot load the model in" in err[1]
     assert load_run(tmp_path / "store").steps == [4]
+
+
+def test_folders_without_a_tokenizer_are_one_line_before_any_checkpoint_loads(trained, dm,
+                                                                          tmp_path, capsys):
+    """Checked before the progress bar starts: one line, once, naming --tokenizer DIR."""
+    root, _ = trained
+    for step in SAVED:
+        shutil.copytree(root / "hf" / f"checkpoint-{step}", tmp_path / "hf" / f"checkpoint-{step}",
+                        ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    capsys.readouterr()
+    argv = ["replay", str(tmp_path / "hf"), "-o", str(tmp_path / "store"), "--probes",
+            str(_probe_file(dm, tmp_path))]
+    assert main(argv) == 1  # with the progress bar: it must not have started
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"normx replay: error: no tokenizer found with the checkpoints: {tmp_path}/hf/"
+        "checkpoint-4 holds no tokenizer files (tokenizer.json), nor does the other; pass "
+        "--tokenizer DIR (tokenizer= in Python), a directory with tokenizer.json"], err
+    assert not (tmp_path / "store").exists()
+    assert main([*argv, "--tokenizer", str(root / "hf" / "checkpoint-4"), "-q"]) == 0
+    assert load_run(tmp_path / "store").steps == list(SAVED)
+    # A --model-class .ckpt names its tokenizer through its DataModule's hyper-parameters.
+    assert main(["replay", str(root / "ckpt"), "-o", str(tmp_path / "classed"), "--probes",
+                 str(_probe_file(dm, tmp_path)), "--model-class",
+                 "normx_callbacks.demo:LanguageModel", "-q"]) == 0, capsys.readouterr().err
+
+
+class _Mkdir:
+    """Unpickled, this would call os.mkdir(path): what a malicious weight file does."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def test_a_pickle_weight_file_that_would_run_code_or_is_cut_short_is_one_line(trained, dm,
+                                                                             tmp_path, capsys):
+    """HF directories whose pytorch_model.bin torch.load(weights_only=True) refuses (a pickle
+    that would call os.mkdir) or that is truncated: one line each, never run, and the series
+    goes on with the good checkpoints around them."""
+    root, _ = trained
+    pwned = tmp_path / "pwned"
+    unsafe = tmp_path / "checkpoint-6"
+    shutil.copytree(root / "hf" / "checkpoint-8", unsafe)
+    (unsafe / "model.safetensors").unlink()
+    torch.save({"transformer.wte.weight": _Mkdir(pwned)}, unsafe / "pytorch_model.bin")
+    cut = tmp_path / "checkpoint-12"
+    shutil.copytree(root / "hf" / "checkpoint-8", cut)
+    (cut / "model.safetensors").unlink()
+    torch.save(T.GPT2LMHeadModel.from_pretrained(root / "hf" / "checkpoint-8").state_dict(),
+               cut / "pytorch_model.bin")
+    data = (cut / "pytorch_model.bin").read_bytes()
+    (cut / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    code = main(["replay", str(root / "hf" / "checkpoint-4"), str(unsafe),
+                 str(root / "hf" / "checkpoint-8"), str(cut), "-o", str(tmp_path / "store"),
+                 "--probes", str(_probe_file(dm, tmp_path)), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 2, err
+    assert err[0] == (f"normx replay: error: {unsafe}/pytorch_model.bin holds objects other than "
+                      "tensors and plain containers, so it cannot be loaded safely "
+                      "(weights_only=True; nothing in it was run): Trying to load unsupported "
+                      "GLOBAL posix.mkdir whose module posix is blocked; use a copy saved with "
+                      "save_pretrained() (safetensors) from a source you trust")
+    assert err[1] == (f"normx replay: error: {cut}/pytorch_model.bin is truncated or corrupt "
+                      "(torch.save writes a zip archive and this is not a complete one); copy it "
+                      "again or use another checkpoint")
+    assert load_run(tmp_path / "store").steps == [4, 8]
+    assert not pwned.exists()
+    torch.load(unsafe / "pytorch_model.bin", weights_only=False)  # what an unsafe load does
+    assert pwned.is_dir()
 
 
 def _marker_ids(store) -> dict[int, str]:

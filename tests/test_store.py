@@ -2,6 +2,7 @@ import copy
 import errno
 import json
 import logging
+import shutil
 import threading
 
 import numpy as np
@@ -180,11 +181,41 @@ def test_load_run_finds_store_below_run_dir(tmp_path):
         load_run(tmp_path)
 
 
-def test_store_more_than_three_levels_below_is_not_found(tmp_path):
-    SnapshotStore(tmp_path / "a" / "b" / "c" / STORE_DIRNAME).write(1, {})
-    with pytest.raises(StoreError, match="not a normx run directory"):
-        load_run(tmp_path)
-    assert load_run(tmp_path / "a").steps == [1]
+def test_stores_are_found_up_to_eight_levels_below_and_never_inside_a_store(tmp_path):
+    logs = tmp_path / "runs" / "exp" / "lightning_logs"
+    deep = logs / "version_9" / STORE_DIRNAME  # 5 below
+    SnapshotStore(deep).write(1, {"m": metrics(1)})
+    # Inside the store (its table directory): never looked into, so not a second run.
+    SnapshotStore(deep / "m" / "copy" / STORE_DIRNAME).write(1, {"m": metrics(1)})
+    (tmp_path / "runs" / "exp" / "again").symlink_to(tmp_path / "runs")  # a loop: seen once
+    too_deep = tmp_path.joinpath("a", "b", "c", "d", "e", "f", "g", "h", STORE_DIRNAME)  # 9
+    SnapshotStore(too_deep).write(1, {"m": metrics(1)})
+    assert [info.path for info in store_mod.find_runs(tmp_path)] == [deep]
+    assert load_run(tmp_path).path == deep
+    SnapshotStore(logs / "version_10" / STORE_DIRNAME).write(1, {"m": metrics(1)})
+    assert [info.path.parent.name for info in store_mod.find_runs(tmp_path)] == [
+        "version_9", "version_10"]  # numbers by value
+    assert load_run(tmp_path / "a").path == too_deep  # 8 below
+    shutil.rmtree(too_deep)
+    with pytest.raises(StoreError, match="no normx/ store found in it or up to 8 levels below"):
+        load_run(tmp_path / "a")
+
+
+def test_the_search_stops_after_ten_thousand_directories_and_says_so(tmp_path, caplog):
+    """Shallower directories first: a store near the top is found, one 3 levels down behind
+    10,100 directories is not, and a warning says the search stopped."""
+    for i in range(101):
+        for j in range(100):
+            (tmp_path / "wide" / f"d{i:03d}" / f"e{j:03d}").mkdir(parents=True)
+    SnapshotStore(tmp_path / "wide" / "normx").write(1, {"m": metrics(1)})
+    far = tmp_path / "wide" / "d100" / "e099" / STORE_DIRNAME
+    SnapshotStore(far).write(1, {"m": metrics(1)})
+    with caplog.at_level(logging.WARNING, logger="normx_callbacks.store"):
+        runs = store_mod.find_runs(tmp_path)
+    assert [info.path for info in runs] == [tmp_path / "wide" / "normx"]
+    assert (f"the search for normx stores below {tmp_path} stopped after looking into 10000 "
+            "directories; stores further down are not listed") in caplog.text
+    assert store_mod.find_runs(tmp_path / "wide" / "d100")[0].path == far
 
 
 def test_not_a_run_directory(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
     assert run.probes.probe_id.nunique() == 4
     err = capsys.readouterr().err
     assert "snapshots:" in err and "Run finished:" in err
+    assert "NormXLogitCallback is not attached" not in err  # the config's callback is there
     # Headline numbers and the next commands for the logger actually used.
     assert "Next:" in err
     if config not in PROSE:  # the agreement probes have cue words and foils
@@ -79,6 +81,27 @@ def test_config_runs_three_steps(config, tmp_path, cache, monkeypatch, capsys):
         assert " sync " in err and "tensorboard" not in err
     else:
         assert "tensorboard --logdir" in err or "make dashboard" in err
+
+
+def test_one_callback_on_the_command_line_replaces_the_list_and_says_so(tmp_path, cache,
+                                                                       capsys):
+    """Lightning takes one callback as well as a list; `=` replaces the config's list (which
+    attached NormXLogitCallback), and one line says so."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    train.main(_args("tiny.yaml", tmp_path, cache)
+               + ["--trainer.callbacks=lightning.pytorch.callbacks.LearningRateMonitor"])
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert notes == [f"train.py: note: --trainer.callbacks replaced the callbacks of "
+                     f"{ROOT / 'configs' / 'tiny.yaml'}, so NormXLogitCallback is not attached "
+                     "and this run takes no snapshots; use --trainer.callbacks+=CLASS to add a "
+                     "callback to the config's"], err
+    assert "Run finished:" in err and "snapshots:" not in err
+    assert not list(tmp_path.rglob("_commits"))  # no store: the callback was not attached
+    acc = ea.EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
+    acc.Reload()
+    assert any(tag.startswith("lr-") for tag in acc.Tags()["scalars"])  # the one given ran
 
 
 def test_mlm_objective_trains_a_masked_model(tmp_path, cache):
@@ -169,6 +192,25 @@ def test_make_targets_are_printed_where_the_makefile_is(tmp_path):
     assert '.venv/bin/tensorboard --logdir "runs/x/version_0"' in proc.stdout
 
 
+def test_make_targets_without_run_use_the_newest_version_by_number(tmp_path):
+    """version_10 is newer than version_9 (a text sort says otherwise); names Lightning does
+    not write are not candidates. `make -n` prints what each target would run."""
+    logs = tmp_path / "runs" / "tiny" / "lightning_logs"
+    for version in ("2", "9", "10", "x"):
+        (logs / f"version_{version}" / "normx").mkdir(parents=True)
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "stamp").touch()
+    os.utime(tmp_path / "pyproject.toml", (0, 0))  # the stamp is newer: nothing to install
+    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-n", "STAMP=stamp", "summary",
+                           "report", "dashboard"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    run = "runs/tiny/lightning_logs/version_10"
+    assert f'.venv/bin/normx summary "{run}"' in proc.stdout
+    assert f'.venv/bin/normx report "{run}" -o "{run}/report.html"' in proc.stdout
+    assert f'.venv/bin/tensorboard --logdir "{run}"' in proc.stdout
+
+
 def test_progress_bar_counts_steps_of_max_steps(tmp_path, cache, capsys):
     args = [a for a in _args("tiny.yaml", tmp_path, cache, steps=3)]
     args[args.index("--trainer.enable_progress_bar") + 1] = "true"
@@ -203,6 +245,28 @@ def test_misspelled_option_on_the_command_line_names_the_closest(tmp_path, cache
     assert err[0] == ("train.py: error: unknown option 'model.d_modle'; "
                       "did you mean 'model.d_model'?")
     assert len(err) == 2
+
+
+def test_bad_input_refused_at_fit_start_is_one_line(tmp_path, cache, capsys):
+    """Probes longer than the context, refused in the callback's setup before the first
+    step: all of them in one line (not a traceback through Lightning); --debug raises."""
+    import yaml
+
+    probes = tmp_path / "long.yaml"
+    long = "the farmer near the tables behind the old red houses near the kings and the dogs"
+    probes.write_text(yaml.safe_dump([{"id": f"p{i}", "text": long * 2} for i in range(7)]
+                                     + ["the keys"]))
+    args = _args("tiny.yaml", tmp_path, cache) + [
+        "--trainer.callbacks.init_args.probes", str(probes)]
+    code, err = _error_of(args, capsys)
+    assert code == 1 and len(err) == 2, err
+    assert re.fullmatch(r"train\.py: error: 7 of 8 probes exceed max_length=32 tokens \(the "
+                        r"longest has (\d+)\): probe 'p0' \(index 0, .*long\.yaml line \d+\): "
+                        r"\1 tokens; .*; and 2 more; shorten or drop them, or use a model with a "
+                        r"context of at least \1 tokens", err[0]), err[0]
+    assert err[1] == "(--debug shows the traceback)"
+    with pytest.raises(ValueError, match="7 of 8 probes exceed"):
+        train.main([*args, "--debug"])
 
 
 def test_invalid_choice_is_one_line_with_the_choices_and_debug_shows_the_traceback(
