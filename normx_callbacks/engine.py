@@ -311,8 +311,16 @@ class Engine:
                             f"; counts of ids {kept}.. are dropped" if vocab < kept else "")
         self.counter = counter
         self._count_checked = False
+        frozen = not adapter.embedding.weight.requires_grad
+        if frozen and is_writer:
+            log.warning("%s: the input embedding of %s is frozen (requires_grad=False, as with "
+                        "PEFT/LoRA or a frozen base): its norms, embedding/drift and the "
+                        "norm-frequency correlations stay as they are during this run; "
+                        "NormXLogit still moves with the layers that train", self.owner,
+                        class_name(adapter.module) if adapter.module is not None else "the model")
         self.run_meta = {
             "objective": objective,
+            "embedding_frozen": frozen,
             "norm": self.norm,
             "layers": self.layers,
             "model": class_name(adapter.module) if adapter.module else None,

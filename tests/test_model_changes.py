@@ -116,3 +116,22 @@ def test_a_model_that_changed_beyond_reading_records_each_snapshot_as_missing(dm
     assert list(missing.index) == [4, 6]
     assert all("the model changed since it was read" in r and "resize_token_embeddings" in r
                for r in missing)
+
+
+def test_a_frozen_embedding_is_said_once_and_recorded(dm, tmp_path, caplog):
+    """PEFT/LoRA-style training leaves the embedding frozen: its norms never move, which the
+    run says instead of showing flat curves without a word."""
+    pl.seed_everything(0, verbose=False)
+    module = HFModule("gpt2", dm.vocab_size, dm.tokenizer)
+    module.configure_model()
+    module.model.get_input_embeddings().weight.requires_grad_(False)
+    callback = NormXLogitCallback(dm.probes, every_n_steps=100, media_probes=0,
+                                  faithfulness_every=None, store_dir=tmp_path / "store")
+    with caplog.at_level("WARNING", logger="normx_callbacks"):
+        make_trainer(tmp_path, [callback], max_steps=2).fit(module, dm)
+    notices = [r.getMessage() for r in caplog.records if "is frozen" in r.getMessage()]
+    assert len(notices) == 1 and "GPT2LMHeadModel" in notices[0]
+    run = load_run(tmp_path / "store")
+    assert run.meta["run_meta"]["embedding_frozen"] is True
+    drift = run.metrics.query("key == 'embedding/drift'")["value"]
+    assert (drift == 0).all() and len(drift) == 2  # steps 1 and 2: the rows never moved
