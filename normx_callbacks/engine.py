@@ -670,7 +670,7 @@ class Engine:
                 and plain_precision and adapter.embedding.weight.device.type == "cpu"
                 and adapter.module is not None
                 and not any(m in GRADIENT_METHODS for m in self.faithfulness_methods)
-                and _picklable(adapter.module)):
+                and _small_copy(adapter.module) and _picklable(adapter.module)):
             faithfulness = Faithfulness(
                 model=adapter.module, methods=self.faithfulness_methods,
                 replacement=self.replacement, probes=self.faithfulness_probes,
@@ -904,6 +904,23 @@ def _describe_change(before: tuple, after: tuple) -> str:
             parts.append("head tied" if after[2] else "head untied")
     text = "; ".join(parts) or "its modules changed"
     return text + " (resize_token_embeddings?)" if any("shapes" in p for p in parts) else text
+
+
+# The helper keeps a copy of the weights for the faithfulness forwards only while the copy
+# costs at most this share of the training process's memory; above it (a 124M model on the
+# CPU) the forwards run on the training thread, which costs time but no second model.
+OFFLOAD_MEMORY_SHARE = 0.05
+
+
+def _small_copy(module: torch.nn.Module) -> bool:
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values()
+                  if isinstance(t, Tensor))
+    try:
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return weights <= 64 * 2**20  # no /proc: a fixed 64 MiB
+    return weights <= OFFLOAD_MEMORY_SHARE * resident
 
 
 def _picklable(module: Any) -> bool:
