@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .adapters import ModelAdapter, probe_mode, resolve_adapter
 from .attribution import prepare_inputs
 from .methods import METHODS, attribute, batched_logits, resolve_targets
-from .metrics import bootstrap_interval
+from .metrics import bootstrap_interval, ranked_positions
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +171,11 @@ def candidate_mask(
     causal: bool = False,
     protect: Tensor | None = None,
 ) -> Tensor:
-    """[B, T] bool: tokens that may be removed (see the module docstring)."""
-    b, t = scores.shape
-    idx = torch.arange(t, device=scores.device)[None, :]
-    candidates = ~torch.isnan(scores) & attention_mask.bool() & (idx != positions[:, None])
-    if causal:
-        candidates &= idx < positions[:, None]
-    if protect is not None:
-        candidates &= ~protect.bool()
-    return candidates
+    """[B, T] bool: tokens that may be removed (see the module docstring): the positions
+    evidence alignment ranks (`metrics.ranked_positions`, one rule for both) that carry a
+    score."""
+    valid = attention_mask.bool() & ~torch.isnan(scores)
+    return ranked_positions(valid, positions, "causal" if causal else "other", protect)
 
 
 def ranks(scores: Tensor, candidates: Tensor) -> Tensor:

@@ -163,13 +163,17 @@ def dot_product_z(scores: Tensor, relevant: Tensor, valid: Tensor | None = None)
 def ranked_positions(
     valid: Tensor, positions: Tensor, objective: str, special: Tensor | None = None
 ) -> Tensor:
-    """``(B, T)`` bool: the positions that alignment ranks.
+    """``(B, T)`` bool: the candidate positions, which alignment ranks and AOPC removes.
 
-    Real tokens (``valid``) that are not special (``special``, e.g. BOS/EOS), and:
-    for a causal LM every position up to and including the explained one (the last
-    prefix word is a real input word and may be the cue); for a masked LM every
-    position except the explained mask slot (it holds no word); for any other
-    objective every position except the explained (pooled) one.
+    Real tokens (``valid``) that are not special (``special``, e.g. BOS/EOS), other than
+    the explained position ``t``: for a causal LM every position before ``t`` (``idx < t``),
+    for any other objective (masked LM, classifier) every position but ``t``.
+
+    Why ``t`` is never a candidate: for a causal LM the last-layer LogAt at ``t`` *is* the
+    model's own logit of the target, so ranking it measures the model's confidence, not
+    where the evidence sits (and the paper removes it); for a masked LM it is the mask slot,
+    which holds no word. Faithfulness (`faithfulness.candidate_mask`) uses this function, so
+    both panels rank and remove the same positions.
     """
     b, t = valid.shape
     if tuple(positions.shape) != (b,):
@@ -178,11 +182,54 @@ def ranked_positions(
     if positions.numel() and (positions.min() < 0 or positions.max() >= t):
         raise ValueError(f"positions must index [0, {t}), got {positions.tolist()}")
     idx = torch.arange(t, device=valid.device)[None, :]
-    keep = valid.bool() & (idx <= positions[:, None] if objective == "causal"
+    keep = valid.bool() & (idx < positions[:, None] if objective == "causal"
                            else idx != positions[:, None])
     if special is not None:
         keep = keep & ~special.bool().to(valid.device)
     return keep
+
+
+def cue_over_attractor(
+    scores: Tensor, cue_mask: Tensor, attractor_mask: Tensor, keep: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Whether the cue outscores every attractor, per probe and layer, and its random baseline.
+
+    Args:
+        scores: ``(B, L, T)`` token scores; NaN is ignored.
+        cue_mask, attractor_mask: ``(B, T)`` bool: the cue words, and the words of the wrong
+            number or gender (a heuristic that reads the nearest noun would follow them).
+        keep: ``(B, T)`` bool, the candidate positions (:func:`ranked_positions`).
+
+    Returns:
+        ``(win, random)``, each ``(B, L)``: ``win`` is 1 when the highest-scoring cue
+        position scores above the highest-scoring attractor position, 0 when below, and 0.5
+        on an exact tie (neither is preferred; the convention of the area under a ROC
+        curve); ``random`` is its exact expectation under a uniformly random ranking of the
+        candidates, ``r / (r + a)`` with ``r`` cue and ``a`` attractor positions among them
+        (the first of the ``r + a`` positions to come up is a cue with that probability).
+        Both NaN where a probe has no cue or no attractor among its candidates.
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have shape (B, L, T), got {tuple(scores.shape)}")
+    b, _, t = scores.shape
+    for name, mask in (("cue_mask", cue_mask), ("attractor_mask", attractor_mask),
+                       ("keep", keep)):
+        if tuple(mask.shape) != (b, t):
+            raise ValueError(f"{name} must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    scores = scores.to(_work_dtype(scores))
+    keep = keep.bool().to(scores.device)[:, None, :] & ~torch.isnan(scores)  # (B, L, T)
+    cues = cue_mask.bool().to(scores.device)[:, None, :] & keep
+    attractors = attractor_mask.bool().to(scores.device)[:, None, :] & keep & ~cues
+    low = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    best_cue = torch.where(cues, scores, low).amax(-1)
+    best_attractor = torch.where(attractors, scores, low).amax(-1)
+    win = (best_cue > best_attractor).to(scores.dtype) + 0.5 * (best_cue == best_attractor)
+    r = cues.sum(-1).to(scores.dtype)
+    a = attractors.sum(-1).to(scores.dtype)
+    defined = (r > 0) & (a > 0)
+    nan = torch.tensor(float("nan"), dtype=scores.dtype, device=scores.device)
+    return (torch.where(defined, win, nan),
+            torch.where(defined, r / (r + a).clamp(min=1), nan))
 
 
 ALIGNMENT_KEYS = ("ap", "ap_random", "dp_raw", "dp_z", "dp_random")

@@ -126,10 +126,10 @@ def test_special_tokens_are_not_ranked_by_alignment(dm, tmp_path):
                "foil": "is", "cues": ["keys"], "id": "bos"}]
     callback = _fit(dm, tmp_path, probes=probes, max_steps=1)
     attr = callback.last_attribution
-    # N excludes the special token: the baseline counts 5 ranked words (the, keys, near,
-    # the, cabinet), and the cue's AP matches a ranking without position 0.
-    assert callback.last_metrics["alignment/dp_random"] == pytest.approx(1 / 5)
-    scores = attr.scores[0, 1:6]
+    # N excludes the special token and the explained word: the baseline counts the 4 ranked
+    # words before it (the, keys, near, the), and the cue's AP matches a ranking of those.
+    assert callback.last_metrics["alignment/dp_random"] == pytest.approx(1 / 4)
+    scores = attr.scores[0, 1:5]
     rank = int((scores > scores[1]).sum()) + 1
     assert callback.last_metrics["alignment/ap"] == pytest.approx(1 / rank)
     assert torch.isfinite(attr.scores[0, 0])  # it was scored, just not ranked
