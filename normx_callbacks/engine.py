@@ -558,6 +558,7 @@ class Engine:
             adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
             targets=enc.targets, foils=enc.foils if bool((encoded.foils >= 0).any()) else None,
             layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
+            prediction_depth=True,  # when the prediction forms: probe/prediction_depth
         ).cpu()
 
     def faithfulness_parts(self, rows: Sequence[int]) -> list[pd.DataFrame]:
