@@ -449,13 +449,19 @@ class Engine:
             log.warning("%s: %s", self.owner, problem)
 
     def collect_counts(self) -> Tensor:
-        """Fold the counted batches into the counts, summed over ranks (every rank calls)."""
-        reduce = None
+        """Fold the counted batches into the counts, summed over ranks (every rank calls);
+        the next-token pairs are summed on the writer (rank 0) only."""
+        reduce = gather = None
         if self.world > 1:
             def reduce(t: Tensor) -> Tensor:
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
                 return t
-        return self.counter.collect(reduce)
+
+            def gather(mine: tuple) -> list | None:
+                box = [None] * self.world if self.rank == 0 else None
+                torch.distributed.gather_object(mine, box, dst=0)
+                return box
+        return self.counter.collect(reduce, gather)
 
     # ------------------------------------------------------------------ snapshot
 
@@ -481,6 +487,7 @@ class Engine:
         if not self.is_writer or snap is None:
             return
         snap.counts = counts.clone()
+        snap.pairs = self.counter.pairs()  # new tensors at every collect: no copy needed
         snap.train_seconds = time.perf_counter() - start
         if snap.error is None:
             self.snapshot_steps.append(step)

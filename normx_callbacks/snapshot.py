@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .attribution import Attribution
-from .embeddings import EmbeddingSnapshot, summarise_norms
+from .embeddings import EmbeddingSnapshot, PairCounts, summarise_norms
 from .faithfulness import summarise_faithfulness
 from .metrics import (
     alignment_per_probe,
@@ -77,6 +77,7 @@ class Snapshot:
     attribution: Attribution | None = None
     norms: Tensor | None = None  # (V,) float32 embedding row norms
     counts: Tensor | None = None  # (V,) int64 token counts so far (a copy)
+    pairs: PairCounts | None = None  # next-token pair counts so far
     faithfulness: list[pd.DataFrame] | None = None  # per-probe AOPC rows, when due
     train_seconds: float = 0.0
     error: str | None = None

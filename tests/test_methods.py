@@ -13,12 +13,15 @@ from torch import nn
 
 from normx_callbacks import normxlogit, resolve_adapter
 from normx_callbacks.adapters import ModelAdapter
+from normx_callbacks.attribution import prepare_inputs
 from normx_callbacks.methods import (
+    CAPTUM_METHODS,
     GRADIENT_METHODS,
     METHODS,
     attribute,
     batched_logits,
     gradient_attributions,
+    resolve_alignment_methods,
 )
 
 NAMES = ("gpt2", "llama", "bert", "bert_cls")
@@ -231,6 +234,43 @@ def test_missing_captum_names_the_install_command(monkeypatch):
         attribute("saliency", model, ids, mask)
     # Forward-only methods need no Captum.
     assert attribute("normxlogit", model, ids, mask).shape == ids.shape
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_input_x_gradient_needs_no_captum_and_equals_captums(name, monkeypatch):
+    from captum.attr import InputXGradient
+
+    model = models.build(name)
+    ids, mask, positions = _batch(name)
+    ours = gradient_attributions("input_x_gradient", model, ids, mask, positions)
+    adapter = resolve_adapter(model)
+    _, _, pos = prepare_inputs(adapter, ids, mask, positions)
+    targets = batched_logits(adapter, ids, mask, pos, None).argmax(-1)
+    embeds = adapter.embedding(ids).detach().requires_grad_(True)
+
+    def forward(x):
+        return batched_logits(adapter, ids, mask, pos, None, embeds=x)
+
+    theirs = InputXGradient(forward).attribute(embeds, target=targets).detach()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    blocked = attribute("input_x_gradient", model, ids, mask, positions)
+    torch.testing.assert_close(blocked, attribute("input_x_gradient", model, ids, mask,
+                                                  positions, batch_size=1), equal_nan=True)
+    assert torch.isfinite(blocked[_expected_valid(model, ids, mask, positions)]).all()
+    assert resolve_alignment_methods("installed") == ("input_x_gradient",)
+    with pytest.raises(ImportError, match=r"method='saliency' needs Captum"):
+        resolve_alignment_methods(["saliency"])
+
+
+def test_alignment_methods_are_validated():
+    assert resolve_alignment_methods(None) == ()
+    assert resolve_alignment_methods("installed") == ("input_x_gradient", *CAPTUM_METHODS)
+    with pytest.raises(ValueError, match=r"\['normxlogit'\] are not gradient methods"):
+        resolve_alignment_methods(["normxlogit"])
+    with pytest.raises(ValueError, match="alignment_methods='all'"):
+        resolve_alignment_methods("all")
 
 
 def test_bad_arguments():
