@@ -82,6 +82,10 @@ class NormXLogitCallback(Callback):
             background thread of this process (see `worker.py` for why a process is the
             default: a busy Python thread slows the training thread down).
         state_key_suffix: distinguishes two instances in one Trainer.
+        alignment_methods: gradient methods whose evidence alignment is measured beside
+            NormXLogit's, at the faithfulness cadence, as a reference: "installed" (default:
+            input x gradient, plus Saliency and Integrated Gradients when Captum is
+            installed), a list of them, or None. Skipped under FSDP2 (one info line).
 
     Logged metrics (prefix `normx/`; `<l>` is a layer index):
         - `embedding/{mean,std,min,max,median,p05,p95}`: input-embedding row norms
@@ -152,6 +156,7 @@ class NormXLogitCallback(Callback):
         max_pending: int = 8,
         worker: str = "process",
         state_key_suffix: str = "",
+        alignment_methods: str | Sequence[str] | None = "installed",
     ):
         super().__init__()
         self.engine = Engine(
@@ -162,7 +167,7 @@ class NormXLogitCallback(Callback):
             history_length=history_length, faithfulness_every=faithfulness_every,
             faithfulness_methods=faithfulness_methods, faithfulness_probes=faithfulness_probes,
             faithfulness_replacement=faithfulness_replacement, max_pending=max_pending,
-            worker=worker)
+            worker=worker, alignment_methods=alignment_methods)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self._user_adapter = adapter  # else found anew at each fit: the model may change

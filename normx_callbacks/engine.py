@@ -46,7 +46,15 @@ from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, embedding_norms
 from .faithfulness import REPLACEMENTS, faithfulness_rows, resolve_replacement, special_token_mask
 from .loggers import SnapshotLogger
-from .methods import FORWARD_METHODS, GRADIENT_METHODS, METHODS, require_captum
+from .methods import (
+    ALIGNMENT_DEFAULT,
+    FORWARD_METHODS,
+    GRADIENT_METHODS,
+    METHODS,
+    probe_attributions,
+    require_captum,
+    resolve_alignment_methods,
+)
 from .pipeline import Pipeline
 from .probes import ProbeSet
 from .probes import _readable as readable_tokens
@@ -121,6 +129,7 @@ class Engine:
         max_pending: int = 8,
         worker: str = "process",
         owner: str = "NormXLogitCallback",
+        alignment_methods: str | Sequence[str] | None = ALIGNMENT_DEFAULT,
     ) -> None:
         self.owner = owner
         self.probes = None if probes is None else ProbeSet.coerce(probes)
@@ -154,6 +163,10 @@ class Engine:
                              f"of {REPLACEMENTS}")
         if worker not in WORKERS:
             raise ValueError(f"worker={worker!r} is not one of {WORKERS}")
+        # The gradient reference of evidence alignment, at the faithfulness cadence.
+        self.alignment_methods = resolve_alignment_methods(alignment_methods)
+        self._alignment_now: tuple[str, ...] = ()  # what this fit measures (not under FSDP2)
+        self._alignment_failed = False
         if count_fn is not None and not callable(count_fn):
             raise ValueError(f"count_fn={count_fn!r} must be a callable batch -> token ids")
         self.layers = list(layers) if isinstance(layers, (list, tuple)) else layers
@@ -238,6 +251,12 @@ class Engine:
                                "ProbeSet, a YAML/JSONL path or 'blimp:PATH')")
         self.check_methods_for(mode)
         self.mode = mode
+        self._alignment_now = self.alignment_methods if self.faithfulness_every else ()
+        if mode == "collective" and self._alignment_now:
+            self._alignment_now = ()
+            log.info("%s: the gradient reference of evidence alignment (%s) is skipped under "
+                     "ModelParallelStrategy: its backward would reduce gradients into the "
+                     "sharded parameters", self.owner, ", ".join(self.alignment_methods))
         self.is_writer = is_writer
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank = torch.distributed.get_rank()
@@ -486,6 +505,8 @@ class Engine:
             snap = self._measure_distributed(step, final, faith_due)
         if not self.is_writer or snap is None:
             return
+        if faith_due and snap.error is None and snap.weights is None and self._alignment_now:
+            snap.gradient = self.gradient_alignment()  # here: not in the helper this time
         snap.counts = counts.clone()
         snap.pairs = self.counter.pairs()  # new tensors at every collect: no copy needed
         snap.train_seconds = time.perf_counter() - start
@@ -568,6 +589,21 @@ class Engine:
             prediction_depth=True,  # when the prediction forms: probe/prediction_depth
         ).cpu()
 
+    def gradient_alignment(self) -> dict | None:
+        """Scores of the gradient reference methods for every probe (`probe_attributions`),
+        on this process's model; None (one warning per fit) when they fail."""
+        try:
+            with preserved_rng(), self._forward_context():
+                return probe_attributions(self.adapter, self.ctx.encoded, self._alignment_now,
+                                          batch_size=self.probe_batch_size)
+        except Exception as error:  # noqa: BLE001 - the snapshot goes on without it
+            if not self._alignment_failed:
+                self._alignment_failed = True
+                log.warning("%s: the gradient reference of evidence alignment failed (%s: %s);"
+                            " alignment/<method>/* are not logged", self.owner,
+                            type(error).__name__, error)
+            return None
+
     def faithfulness_parts(self, rows: Sequence[int]) -> list[pd.DataFrame]:
         """Per-probe AOPC rows of the configured methods on the faithfulness probes at `rows`
         (a subset of the first `faithfulness_probes`). A model that takes no attention mask
@@ -606,7 +642,8 @@ class Engine:
             faithfulness = Faithfulness(
                 model=adapter.module, methods=self.faithfulness_methods,
                 replacement=self.replacement, probes=self.faithfulness_probes,
-                batch_size=self.probe_batch_size, accepts_mask=adapter.accepts_mask)
+                batch_size=self.probe_batch_size, accepts_mask=adapter.accepts_mask,
+                alignment_methods=self._alignment_now)
         self._writer_args = ((self.ctx,), dict(
             owner=self.owner, media_probes=self.media_probes,
             history_length=self.history_length, takes_images=self._logger.takes_images,

@@ -362,6 +362,46 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float(rx @ ry) / denom
 
 
+SPEARMAN_ELEMENTS = 20_000_000  # resampled values per Spearman interval, at most
+
+
+def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
+                      n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`spearman` over items (e.g. token types),
+    resampling the pairs where both are finite; seeded.
+
+    Large samples take fewer resamples (``SPEARMAN_ELEMENTS // n``, at least 200), so the
+    cost stays bounded: their interval is narrow anyway. ``(nan, nan)`` with fewer than 3
+    pairs.
+    """
+    x, y = _to_numpy(a), _to_numpy(b)
+    both = np.isfinite(x) & np.isfinite(y)
+    x, y = x[both], y[both]
+    n = x.size
+    if n < 3:
+        return math.nan, math.nan
+    n_resamples = min(n_resamples, max(200, SPEARMAN_ELEMENTS // n))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, (1 << 22) // n)
+    rhos = []
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+        rx = rankdata(x[idx], axis=1)
+        ry = rankdata(y[idx], axis=1)
+        rx -= rx.mean(axis=1, keepdims=True)
+        ry -= ry.mean(axis=1, keepdims=True)
+        denom = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rhos.append((rx * ry).sum(axis=1) / denom)
+    rhos = np.concatenate(rhos)
+    rhos = rhos[np.isfinite(rhos)]  # a resample without rank variance has none
+    if rhos.size == 0:
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(rhos, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def rank_stability(prev: Tensor, cur: Tensor) -> float:
     """Mean over rows of the Spearman correlation between two snapshots' scores.
 

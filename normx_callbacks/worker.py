@@ -33,7 +33,14 @@ import torch
 
 from .faithfulness import faithfulness_rows
 from .loggers import SnapshotMedia
-from .snapshot import ProbeContext, Snapshot, SnapshotBuilder, metrics_table
+from .methods import probe_attributions
+from .snapshot import (
+    ProbeContext,
+    Snapshot,
+    SnapshotBuilder,
+    metrics_table,
+    reference_from_store,
+)
 from .store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,7 @@ class Faithfulness:
     probes: int  # the first n probes
     batch_size: int
     accepts_mask: bool
+    alignment_methods: tuple[str, ...] = ()  # gradient reference of alignment, same cadence
 
 
 class SnapshotWriter:
@@ -88,6 +96,8 @@ class SnapshotWriter:
 
     def use_store(self, root: str, run_meta: dict) -> None:
         self.store = SnapshotStore(root, run_meta=run_meta)
+        if self.builder.reference is None:  # a resumed run: its first snapshot's alignment
+            self.builder.reference = reference_from_store(self.store)
 
     def state(self) -> dict:
         return {"prev_norms": self.builder.prev_norms, "prev_scores": self.builder.prev_scores}
@@ -108,6 +118,10 @@ class SnapshotWriter:
         try:
             if weights is not None:
                 snap.faithfulness = self._faithfulness(weights)
+                if self.faithfulness.alignment_methods:  # on the copy _faithfulness loaded
+                    snap.gradient = probe_attributions(
+                        self._adapter, self.ctx.encoded, self.faithfulness.alignment_methods,
+                        batch_size=self.faithfulness.batch_size)
             built = self.builder.build(snap)
             built.metrics["snapshot/worker_seconds"] = time.perf_counter() - start
             built.tables["metrics"] = metrics_table(built.metrics, built.intervals)
