@@ -173,8 +173,9 @@ def crossing(steps: Sequence[int], per_probe: Sequence[np.ndarray], mark: float)
     comparisons = [paired(values, mark) for values in per_probe]
     step = first_sustained(steps, comparisons, ABOVE)
     at = comparisons[list(steps).index(step)] if step is not None else None
-    reached = next((i for i, c in enumerate(comparisons)
-                    if math.isfinite(c.mean) and c.mean >= 0), None)
+    means = [float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+             for v in (np.asarray(values, dtype=np.float64) for values in per_probe)]
+    reached = next((i for i, m in enumerate(means) if m >= mark), None)
     return Crossing(mark, step, at, None if reached is None else int(steps[reached]),
                     None if reached is None else comparisons[reached])
 
@@ -228,3 +229,15 @@ def versus_step(run, column: str, step: int | None = None) -> dict[int, Comparis
     if base is None:
         return {}
     return {s: change(base, v) for s, v in values.items()}
+
+
+def sign_word(low: float, high: float) -> str | None:
+    """"positive", "negative" or "not distinguishable from 0" by a 95% interval (e.g. a
+    Spearman correlation's bootstrap interval over token types); None without one."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    if low > 0:
+        return "positive"
+    if high < 0:
+        return "negative"
+    return "not distinguishable from 0"

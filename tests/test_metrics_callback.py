@@ -96,7 +96,8 @@ def test_intervals_are_stored_with_every_probe_averaged_metric(dm, tmp_path):
     assert mean == pytest.approx(last.loc["faithfulness/normxlogit/comprehensiveness", "value"])
     # The report's curves draw the intervals as bands.
     fig = plots.alignment_curves(run)
-    assert len(fig.axes[0].collections) == 1 and len(fig.axes[1].collections) == 1
+    # Bands: NormXLogit's AP and the target-minus-foil AP; DP_z; cue over attractor.
+    assert [len(ax.collections) for ax in fig.axes] == [2, 1, 1]
     plots.close(fig)
     fig = plots.metric_history(run, ["faithfulness/normxlogit/comprehensiveness"])
     band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
