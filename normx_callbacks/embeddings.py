@@ -372,12 +372,12 @@ class TokenCounter:
         """The pending raw keys as (unique keys, counts) on their device (one host sync)."""
         if not self._raw_pairs:
             return
-        parts = [torch.cat(self._raw_pairs)]
-        weights = [torch.ones_like(parts[0])]
+        keys, counts = torch.unique(torch.cat(self._raw_pairs), sorted=True,
+                                    return_counts=True)
         if self._folded is not None:
-            parts.append(self._folded[0].to(parts[0].device))
-            weights.append(self._folded[1].to(parts[0].device))
-        self._folded = _unique_sum(torch.cat(parts), torch.cat(weights))
+            keys, counts = _unique_sum(torch.cat([self._folded[0].to(keys.device), keys]),
+                                       torch.cat([self._folded[1].to(keys.device), counts]))
+        self._folded = (keys, counts)
         self._raw_pairs, self._raw_size = [], 0
 
     def pairs(self) -> PairCounts:

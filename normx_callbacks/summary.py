@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .methods import GRADIENT_METHODS
 from .statistics import (
     ABOVE,
     BELOW,
@@ -37,6 +36,8 @@ from .store import RunData, StoreError, find_runs, read_run_record
 
 ACCURACY_MARK = 0.9  # the accuracy level the summary reports the crossing of
 VERSUS = {ABOVE: "above", BELOW: "below"}  # else "not distinguishable from"
+# The gradient reference first: input x gradient needs no optional extra, so every run has it.
+REFERENCE_ORDER = ("input_x_gradient", "saliency", "integrated_gradients")
 METHOD_NAMES = {"input_x_gradient": "input x gradient", "saliency": "Saliency",
                 "integrated_gradients": "Integrated Gradients"}
 
@@ -146,7 +147,7 @@ def controls(run: RunData) -> list[str]:
 def gradient_reference(run: RunData) -> str | None:
     """At the last snapshot with a gradient reference: its cue AP against random, and
     NormXLogit's AP against it (paired)."""
-    for method in GRADIENT_METHODS:
+    for method in REFERENCE_ORDER:
         tests = versus_reference(run, f"ap_{method}", "ap_random")
         if not tests:
             continue
@@ -287,7 +288,7 @@ def paired_tests(run: RunData) -> list[dict]:
         if first != last:
             add(f"{name} at step {last} - at step {first}", last,
                 change(values[first], values[last]))
-    for method in GRADIENT_METHODS:
+    for method in REFERENCE_ORDER:
         tests = versus_reference(run, f"ap_{method}", "ap_random")
         if tests:
             last = max(tests)
