@@ -42,7 +42,7 @@ from normx_callbacks.faithfulness import (
 from normx_callbacks.methods import METHODS
 from normx_callbacks.probes import ProbeSet
 from normx_callbacks.report import read_losses
-from normx_callbacks.statistics import change, paired, probe_correct, probe_values
+from normx_callbacks.statistics import change, paired, probe_values
 from normx_callbacks.summary import paired_tests, summary_paragraph
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +130,6 @@ def emergence(version: Path) -> str:
     steps = list(dict.fromkeys(steps))
     losses, _ = read_losses(run)
     train_loss = next((v for k, v in losses.items() if "train" in k), None)
-    correct = probe_correct(run)
     lines = ["| step | train loss | probe accuracy | cue AP | AP random | AP − random | "
              "AP − step 0 | target−foil AP − random | cue > attractor (random) | "
              "InputXGradient AP − random | NormXLogit − InputXGradient AP | prediction depth "
@@ -143,8 +142,6 @@ def emergence(version: Path) -> str:
             i = int(np.argmin([abs(x - step) for x in s]))
             loss = f"{v[i]:.2f}" + (f" (step {s[i]})" if s[i] != step else "")
         accuracy = _ci(*_value(metrics, step, "probe/accuracy"))
-        if step in correct:
-            accuracy = _ci(*_value(metrics, step, "probe/accuracy"))
         depth = _value(metrics, step, "probe/prediction_depth")[0]
         never = _value(metrics, step, "probe/prediction_depth_never")[0]
         total = _value(metrics, step, "probe/probes")[0]

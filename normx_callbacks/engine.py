@@ -251,12 +251,6 @@ class Engine:
                                "ProbeSet, a YAML/JSONL path or 'blimp:PATH')")
         self.check_methods_for(mode)
         self.mode = mode
-        self._alignment_now = self.alignment_methods if self.faithfulness_every else ()
-        if mode == "collective" and self._alignment_now:
-            self._alignment_now = ()
-            log.info("%s: the gradient reference of evidence alignment (%s) is skipped under "
-                     "ModelParallelStrategy: its backward would reduce gradients into the "
-                     "sharded parameters", self.owner, ", ".join(self.alignment_methods))
         self.is_writer = is_writer
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank = torch.distributed.get_rank()
@@ -302,6 +296,7 @@ class Engine:
         )
         if self.faithfulness_every:
             self._prepare_faithfulness(tokenizer)
+        self._prepare_alignment_methods(mode)
         counter = TokenCounter(vocab, batch_key=self.batch_key, mask_key=self.mask_key,
                                masked=objective == "masked",
                                mask_token_id=getattr(tokenizer, "mask_token_id", None),
@@ -345,6 +340,17 @@ class Engine:
             raise ValueError(f"{self.owner}: faithfulness_replacement resolves to 'attention' "
                              "but the model takes no attention mask; pass "
                              "faithfulness_replacement='eos' (or another token)")
+
+    def _prepare_alignment_methods(self, mode: str) -> None:
+        """The gradient reference of alignment this fit measures: at the faithfulness
+        cadence, when some probe has cues, and never under FSDP2."""
+        wanted = self.alignment_methods if self.faithfulness_every else ()
+        self._alignment_now = wanted if bool(self.ctx.encoded.cue_mask.any()) else ()
+        if mode == "collective" and self._alignment_now:
+            self._alignment_now = ()
+            log.info("%s: the gradient reference of evidence alignment (%s) is skipped under "
+                     "ModelParallelStrategy: its backward would reduce gradients into the "
+                     "sharded parameters", self.owner, ", ".join(self.alignment_methods))
 
     def _resolve_tracked(self, tokenizer: Any) -> dict[str, int]:
         tracked = {}

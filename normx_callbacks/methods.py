@@ -291,15 +291,16 @@ ALIGNMENT_DEFAULT = "installed"
 
 def resolve_alignment_methods(methods: str | Sequence[str] | None) -> tuple[str, ...]:
     """The gradient methods evidence alignment is also measured with (a reference for
-    NormXLogit's): "installed" (default) is input x gradient, plus Saliency and Integrated
-    Gradients when Captum is installed; None or () measures none; a list names them."""
+    NormXLogit's): "installed" (default) is input x gradient, plus Saliency when Captum is
+    installed (one backward pass each); Integrated Gradients (50 forward and backward passes
+    per probe) only when a list names it; None or () measures none."""
     if methods is None:
         return ()
     if isinstance(methods, str):
         if methods != ALIGNMENT_DEFAULT:
             raise ValueError(f"alignment_methods={methods!r}: use {ALIGNMENT_DEFAULT!r}, None or "
                              f"a list of {GRADIENT_METHODS}")
-        return ("input_x_gradient", *(CAPTUM_METHODS if captum_installed() else ()))
+        return ("input_x_gradient", *(("saliency",) if captum_installed() else ()))
     methods = tuple(methods)
     unknown = [m for m in methods if m not in GRADIENT_METHODS]
     if unknown:

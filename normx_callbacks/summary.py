@@ -104,8 +104,8 @@ def versus_random(run: RunData, column: str, baseline: str, name: str) -> str | 
             f"{_fmt(base[last].mean())} by chance: {word} it (paired difference "
             f"{test.interval()} over {test.n} probes)")
     first = first_sustained(steps, [tests[s] for s in steps], ABOVE)
-    text += (f"; first above chance at {CONSECUTIVE} consecutive snapshots from step {first}"
-             if first is not None else
+    text += (f"; it was first above chance at {CONSECUTIVE} consecutive snapshots at step "
+             f"{first}" if first is not None else
              f"; never above chance at {CONSECUTIVE} consecutive snapshots")
     if steps[0] != last:
         since = change(values[steps[0]], values[last])

@@ -15,7 +15,6 @@ from normx_callbacks import normxlogit, resolve_adapter
 from normx_callbacks.adapters import ModelAdapter
 from normx_callbacks.attribution import prepare_inputs
 from normx_callbacks.methods import (
-    CAPTUM_METHODS,
     GRADIENT_METHODS,
     METHODS,
     attribute,
@@ -266,7 +265,8 @@ def test_input_x_gradient_needs_no_captum_and_equals_captums(name, monkeypatch):
 
 def test_alignment_methods_are_validated():
     assert resolve_alignment_methods(None) == ()
-    assert resolve_alignment_methods("installed") == ("input_x_gradient", *CAPTUM_METHODS)
+    assert resolve_alignment_methods("installed") == ("input_x_gradient", "saliency")
+    assert resolve_alignment_methods(GRADIENT_METHODS) == GRADIENT_METHODS
     with pytest.raises(ValueError, match=r"\['normxlogit'\] are not gradient methods"):
         resolve_alignment_methods(["normxlogit"])
     with pytest.raises(ValueError, match="alignment_methods='all'"):

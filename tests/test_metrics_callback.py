@@ -150,7 +150,8 @@ def _ap(scores: list[float], relevant: list[bool]) -> float:
 def test_the_store_recomputes_alignment_without_the_explained_position_with_its_controls(
         dm, tmp_path):
     options = dict(faithfulness_every=2, faithfulness_probes=3,
-                   faithfulness_methods=("normxlogit", "random"))
+                   faithfulness_methods=("normxlogit", "random"),
+                   alignment_methods=("input_x_gradient", "saliency", "integrated_gradients"))
     _fit(dm, tmp_path / "process", **options)  # faithfulness and gradients in the helper
     _fit(dm, tmp_path / "thread", worker="thread", **options)  # ... on the training thread
     run = load_run(tmp_path / "process" / "store")

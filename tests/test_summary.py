@@ -61,7 +61,7 @@ def test_above_random_is_paired_and_first_above_needs_two_consecutive_snapshots(
     last = run.probes[run.probes.step == 80]
     test = paired(last.ap.to_numpy(), last.ap_random.to_numpy())
     assert test.low > 0 and f"above it (paired difference {test.interval()} over 40 probes)" in text
-    assert "first above chance at 2 consecutive snapshots from step 40" in text
+    assert "it was first above chance at 2 consecutive snapshots at step 40" in text
     assert "against the untrained model (step 0: " in text and ") rose (+0.30" in text
     assert "Probe accuracy first reached 0.9 at step 40" in text  # 36/40: not above 0.9
     assert "never lay above 0.9" in text
