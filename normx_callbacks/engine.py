@@ -304,6 +304,7 @@ class Engine:
         counter.device = adapter.embedding.weight.device
         if self.counter is not None and self.counter.vocab_size == vocab:
             counter.counts = self.counter.counts  # loaded from a checkpoint
+            counter.pair_keys, counter.pair_counts, counter.pairs_dropped = self.counter.pairs()
         self.counter = counter
         self._count_checked = False
         self.run_meta = {
