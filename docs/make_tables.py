@@ -175,10 +175,12 @@ def account(run, steps: list[int]) -> str:
     at_target = _value(metrics, last, "alignment/probes_cue_at_target")[0]
     contrast = _value(metrics, last, "alignment/ap_contrast_probes")[0]
     attractor = _value(metrics, last, "alignment/cue_over_attractor_probes")[0]
+    masked = run.meta.get("run_meta", {}).get("objective") == "masked"
+    ranked = ("every real token but the explained mask slot" if masked else
+              "every real token before the explained position (never the explained one)")
     text = [
         f"Brackets: 95% bootstrap intervals over probes (2000 resamples, seeded). Alignment "
-        f"ranks every real token before the explained position (never the explained one), so "
-        f"{entered} of {n} probes enter it"
+        f"ranks {ranked}, so {entered} of {n} probes enter it"
         + (f"; {int(at_target)} whose only cue sits at the explained position cannot"
            if at_target == at_target and at_target else "")
         + (f". The target−foil column: {int(contrast)} probes with a foil" if contrast == contrast
@@ -194,12 +196,51 @@ def account(run, steps: list[int]) -> str:
         "(information gain: types with at least 20 counted next-token pairs; log frequency: "
         "types seen), with bootstrap intervals over types."]
     tests = paired_tests(run)
+    text.append(reading(tests))
     if tests:
         text.append("Paired tests at the last snapshot: " + "; ".join(
             f"{t['comparison']} {t['difference']} ({t['verdict']}, {t['probes']} probes)"
             for t in tests) + ".")
     text.append(summary_paragraph(run))
     return " ".join(text)
+
+
+def reading(tests: list[dict]) -> str:
+    """What the paired tests support, in words that follow their verdicts (so a rerun with
+    other numbers rewrites them): the cue against chance, then its controls."""
+    verdict = {t["comparison"]: t["verdict"] for t in tests}
+    ap = verdict.get("cue AP - random")
+    if ap is None:
+        return ""
+    out = []
+    if ap == "above":
+        out.append("**Reading.** NormXLogit ranks the cue above chance at the end of the run")
+        if verdict.get("target-minus-foil AP - random") != "above":
+            out.append("but its target-minus-foil form does not: what puts the cue first is "
+                       "not detectably evidence for the right number over the wrong one, and a "
+                       "word-class effect (a subject predicts a verb, whatever its number) "
+                       "would give the same picture")
+    elif ap == "below":
+        out.append("**Reading.** NormXLogit ranks the cue below chance at the end of the run")
+    else:
+        out.append("**Reading.** NormXLogit's cue ranking is not distinguishable from chance "
+                   "at the end of the run")
+    text = ", ".join(out) + "."
+    attractor = verdict.get("cue over attractor - random")
+    if attractor is not None:
+        text += (" The cue outscores the wrong-number attractor more often than chance."
+                 if attractor == "above" else
+                 " The cue does not outscore the wrong-number attractor more often than "
+                 "chance" + (" (less often)." if attractor == "below" else "."))
+    reference = verdict.get("input x gradient AP - random")
+    follows = verdict.get("NormXLogit AP - input x gradient AP")
+    if reference is not None:
+        where = {"above": "above", "below": "below"}.get(reference, "not distinguishable from")
+        text += f" By the gradient reference (input × gradient) the cue ranks {where} chance"
+        text += {"below": ", and NormXLogit ranks it lower than that reference.",
+                 "above": ", and NormXLogit ranks it higher than that reference."}.get(
+            follows, ", and NormXLogit is not distinguishable from that reference.")
+    return text
 
 
 # ------------------------------------------------------------------------------ faithfulness
@@ -231,9 +272,11 @@ def faithfulness(version: Path, suite: str, num_probes: int = 64) -> str:
     first = table.iloc[0]
     prob = float(np.mean([float(p) for p in _original_probs(model, encoded)]))
     agree = float(np.mean(rows[rows.method == rows.method.iloc[0]]["correct"] == 1))
+    given = int((explained == "target").sum())
+    others = "" if given == len(explained) else "; the model's argmax for the others"
     lines += ["", f"{len(encoded)} probes; explained: each probe's target "
-              f"({int((explained == 'target').sum())} of {len(explained)}; the model's argmax "
-              f"for the others), which is also its argmax in {agree:.0%} of the probes; tokens "
+              f"({given} of {len(explained)}{others}), which is also the model's argmax in "
+              f"{agree:.0%} of the probes; tokens "
               f"removed by {replacement.describe()} (the default, fixed by a rule stated "
               f"before any result: docs/method.md), count rule `{first.removal}` "
               f"({int(first.degenerate_cells)} of {int(first.cells)} (probe, k) cells "

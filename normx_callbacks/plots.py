@@ -627,7 +627,7 @@ def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
                       for m, name in GRADIENT_CURVES)
     panels = ((axes[0], "average precision (AP)",
                (("ap", "-o", "NormXLogit"), ("ap_random", ":", "random"),
-                ("ap_reference", (0, (1, 3)), "first snapshot"), ("ap_logat", "--", "LogAt"),
+                ("ap_reference", (0, (6, 2, 1, 2)), "first snapshot"), ("ap_logat", "--", "LogAt"),
                 ("ap_contrast", "-s", "norm x (target - foil) LogAt"), *gradients)),
               (axes[1], "dot product (DP)",
                (("dp_z", "-o", "DP_z (standardised, scale-free)"),
@@ -636,7 +636,7 @@ def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
               (axes[2], "cue over attractor",
                (("cue_over_attractor", "-o", "cue outscores every attractor"),
                 ("cue_over_attractor_random", ":", "random"),
-                ("cue_over_attractor_reference", (0, (1, 3)), "first snapshot"))))
+                ("cue_over_attractor_reference", (0, (6, 2, 1, 2)), "first snapshot"))))
     for ax, name, curves in panels:
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
             colour = colours[i % len(colours)]
