@@ -370,9 +370,11 @@ def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
     """Percentile bootstrap interval of :func:`spearman` over items (e.g. token types),
     resampling the pairs where both are finite; seeded.
 
-    Large samples take fewer resamples (``SPEARMAN_ELEMENTS // n``, at least 200), so the
-    cost stays bounded: their interval is narrow anyway. ``(nan, nan)`` with fewer than 3
-    pairs.
+    A resample is held as how often each item is drawn, so its ranks come from one sort of
+    the items (an item drawn k times is a tie of k, with average ranks, as `rankdata` gives
+    the resampled values) and its Spearman is the weighted Pearson of those ranks. Large
+    samples take fewer resamples (``SPEARMAN_ELEMENTS // n``, at least 200), so the cost
+    stays bounded: their interval is narrow anyway. ``(nan, nan)`` with fewer than 3 pairs.
     """
     x, y = _to_numpy(a), _to_numpy(b)
     both = np.isfinite(x) & np.isfinite(y)
@@ -385,14 +387,16 @@ def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
     chunk = max(1, (1 << 22) // n)
     rhos = []
     for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
-        rx = rankdata(x[idx], axis=1)
-        ry = rankdata(y[idx], axis=1)
-        rx -= rx.mean(axis=1, keepdims=True)
-        ry -= ry.mean(axis=1, keepdims=True)
-        denom = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+        rows = min(chunk, n_resamples - start)
+        idx = rng.integers(0, n, size=(rows, n))
+        flat = (idx + np.arange(rows)[:, None] * n).ravel()
+        weights = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+        rx, ry = _weighted_ranks(x, weights), _weighted_ranks(y, weights)
+        rx -= (weights * rx).sum(axis=1, keepdims=True) / n
+        ry -= (weights * ry).sum(axis=1, keepdims=True) / n
+        denom = np.sqrt((weights * rx * rx).sum(axis=1) * (weights * ry * ry).sum(axis=1))
         with np.errstate(invalid="ignore", divide="ignore"):
-            rhos.append((rx * ry).sum(axis=1) / denom)
+            rhos.append((weights * rx * ry).sum(axis=1) / denom)
     rhos = np.concatenate(rhos)
     rhos = rhos[np.isfinite(rhos)]  # a resample without rank variance has none
     if rhos.size == 0:
@@ -400,6 +404,21 @@ def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(rhos, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``(R, n)`` average ranks of the items in each resample, ``weights`` ``(R, n)`` how
+    often each item is drawn: equal values (and the copies of one item) share the mean of
+    the ranks they span."""
+    n = values.size
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
+    group = np.add.reduceat(weights[:, order], starts, axis=1)  # (R, G) items per tie group
+    rank = np.cumsum(group, axis=1) - group + (group + 1) / 2
+    ranks = np.empty_like(weights)
+    ranks[:, order] = np.repeat(rank, np.diff(np.r_[starts, n]), axis=1)
+    return ranks
 
 
 def rank_stability(prev: Tensor, cur: Tensor) -> float:

@@ -20,6 +20,7 @@ from normx_callbacks.metrics import (
     rank_stability,
     ranked_positions,
     spearman,
+    spearman_interval,
     standardised,
 )
 
@@ -394,3 +395,19 @@ def test_bootstrap_interval_keeps_resamples_that_miss_an_infinite_value():
         low, high = bootstrap_interval(values)
     assert math.isfinite(low) and -1.0 < low < 1.0
     assert not math.isfinite(high)
+
+
+def test_spearman_interval_is_the_bootstrap_of_spearman_over_items_with_ties():
+    # The same draws resampled by hand, ranked with scipy (ties and repeated items averaged).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=60)
+    y = x + rng.normal(size=60)
+    x[::5] = 1.0  # ties
+    y[::7] = np.round(y[::7])
+    draws = np.random.default_rng(0).integers(0, 60, size=(2000, 60))
+    rhos = [scipy.stats.spearmanr(x[i], y[i]).statistic for i in draws]
+    expected = np.percentile(rhos, [2.5, 97.5])
+    low, high = spearman_interval(torch.tensor(x), torch.tensor(y))
+    assert (low, high) == pytest.approx(tuple(expected), abs=1e-12)
+    assert low < spearman(torch.tensor(x), torch.tensor(y)) < high
+    assert all(math.isnan(v) for v in spearman_interval(torch.ones(2), torch.ones(2)))
