@@ -23,7 +23,7 @@ per snapshot, folding what was counted (100 steps' batches): the dense counts on
 
 Helper process (or training thread when faithfulness runs there), per faithfulness snapshot:
 the gradient reference of alignment, `methods.probe_attributions` over the 64 probes, for
-each gradient method (Saliency and Integrated Gradients need Captum), and the snapshot
+each gradient method (Integrated Gradients needs Captum), and the snapshot
 builder's work (`SnapshotBuilder.build`, metrics, intervals, tables) with the gradient
 scores and pair counts.
 """
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
           f"(+{per_snapshot_with - per_snapshot_without:.1f} ms, ratio "
           f"{per_snapshot_with / per_snapshot_without:.3f}).")
 
-    methods = ("input_x_gradient", *(("saliency", "integrated_gradients")
-                                     if captum_installed() else ()))
+    methods = ("input_x_gradient", "saliency",
+               *(("integrated_gradients",) if captum_installed() else ()))
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(max(2, rounds // 10)):
         for method, (_, s) in probe_attributions(adapter, enc, methods,

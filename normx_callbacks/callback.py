@@ -70,7 +70,7 @@ class NormXLogitCallback(Callback):
         faithfulness_every: evaluate AOPC faithfulness at every n-th snapshot (and the
             final one); None turns it off.
         faithfulness_methods: methods compared (`normx_callbacks.METHODS`); default the
-            forward-only ones; gradient methods need `pip install 'normx-callbacks[baselines]'`.
+            forward-only ones; integrated_gradients needs `pip install 'normx-callbacks[baselines]'`.
         faithfulness_probes: how many probes (the first n) the faithfulness evaluation uses.
         faithfulness_replacement: how AOPC removes a token (`normx_callbacks.REPLACEMENTS`):
             "auto" (default; see `resolve_replacement`), "mask", "unk", "pad", "eos" or
@@ -84,8 +84,8 @@ class NormXLogitCallback(Callback):
         state_key_suffix: distinguishes two instances in one Trainer.
         alignment_methods: gradient methods whose evidence alignment is measured beside
             NormXLogit's, at the faithfulness cadence, as a reference: "installed" (default:
-            input x gradient, plus Saliency when Captum is installed; one backward pass
-            each), a list of them (Integrated Gradients: 50 passes per probe), or None.
+            input x gradient and Saliency, one backward pass each, no optional package), a
+            list of them (Integrated Gradients: Captum, 50 passes per probe), or None.
             Skipped under FSDP2 (one info line) and when no probe has cues.
 
     Logged metrics (prefix `normx/`; `<l>` is a layer index; docs/reference.md has them all):

@@ -6,11 +6,12 @@ Forward-only methods read `normxlogit()`: "normxlogit" (||x_i^0|| * LogAt),
 "logat" (signed), "norm" (||x_i^0||, unsigned). "random" draws uniform scores from
 its own `torch.Generator`, i.e. a random permutation, never touching the global RNG.
 
-Gradient methods (see docs/method.md): "saliency" (|gradient|) and
-"integrated_gradients" (zero baseline, `n_steps`) use Captum (an optional extra);
-"input_x_gradient" (gradient x input) is computed here with `torch.autograd.grad`, so it
-needs no extra and serves as the gradient reference of evidence alignment. All are taken
-with respect to the output of the model's input embedding module, i.e. the word
+Gradient methods (see docs/method.md): "saliency" (|gradient|, Captum's `Saliency`) and
+"input_x_gradient" (gradient x input, Captum's `InputXGradient`) are one backward pass each,
+computed here with `torch.autograd.grad`, so they need no optional package and serve as the
+gradient reference of evidence alignment (importing Captum costs a process seconds);
+"integrated_gradients" (zero baseline, `n_steps`) uses Captum (an optional extra). All are
+taken with respect to the output of the model's input embedding module, i.e. the word
 embedding *before* position/type embeddings are added (what HF calls
 `inputs_embeds`; for Gemma-style scaled embeddings, before the scaling done in the
 model's forward). The token score is the L1 norm of that attribution over the
@@ -45,7 +46,7 @@ METHODS = (
     "integrated_gradients",
 )
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
-CAPTUM_METHODS = ("saliency", "integrated_gradients")  # the others need no optional extra
+CAPTUM_METHODS = ("integrated_gradients",)  # the others need no optional extra
 # Forward-only methods are cheap enough to evaluate during training by default; gradient
 # methods (a backward pass per probe, x n_steps for IG) are opt-in.
 FORWARD_METHODS = tuple(m for m in METHODS if m not in GRADIENT_METHODS)
@@ -189,13 +190,14 @@ def _gradient_chunk(
         logits = batched_logits(adapter, ids_, mask_, positions_, None, embeds=x)  # (n, C)
         return logits[:, 0] if regression else logits
 
-    if algorithm is None:  # input x gradient, without Captum: one backward per chunk
+    if algorithm is None:  # saliency or input x gradient, without Captum: one backward
         logits = forward(embeds, ids, mask, positions)
-        chosen = logits if regression else logits.gather(1, targets[:, None])[:, 0]
+        chosen = logits[:, 0] if regression else logits.gather(1, targets[:, None])[:, 0]
         # Rows are independent (attention stays within a row): the gradient of the sum is
         # each row's own gradient.
         (grad,) = torch.autograd.grad(chosen.sum(), embeds)
-        return (grad * embeds).detach(), None
+        raw = grad.abs() if method == "saliency" else grad * embeds
+        return raw.detach(), None
     explainer = algorithm(forward)
     kwargs = {
         "target": None if regression else targets,
@@ -279,11 +281,10 @@ def require_captum(method: str) -> None:
 
 
 def captum_installed() -> bool:
-    try:
-        import captum.attr  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Captum can be imported, without importing it (seconds per process)."""
+    import importlib.util
+
+    return importlib.util.find_spec("captum") is not None
 
 
 ALIGNMENT_DEFAULT = "installed"
@@ -291,8 +292,8 @@ ALIGNMENT_DEFAULT = "installed"
 
 def resolve_alignment_methods(methods: str | Sequence[str] | None) -> tuple[str, ...]:
     """The gradient methods evidence alignment is also measured with (a reference for
-    NormXLogit's): "installed" (default) is input x gradient, plus Saliency when Captum is
-    installed (one backward pass each); Integrated Gradients (50 forward and backward passes
+    NormXLogit's): "installed" (default) is input x gradient and Saliency (one backward pass
+    each, no optional package); Integrated Gradients (Captum; 50 forward and backward passes
     per probe) only when a list names it; None or () measures none."""
     if methods is None:
         return ()
@@ -300,7 +301,7 @@ def resolve_alignment_methods(methods: str | Sequence[str] | None) -> tuple[str,
         if methods != ALIGNMENT_DEFAULT:
             raise ValueError(f"alignment_methods={methods!r}: use {ALIGNMENT_DEFAULT!r}, None or "
                              f"a list of {GRADIENT_METHODS}")
-        return ("input_x_gradient", *(("saliency",) if captum_installed() else ()))
+        return ("input_x_gradient", "saliency")
     methods = tuple(methods)
     unknown = [m for m in methods if m not in GRADIENT_METHODS]
     if unknown:

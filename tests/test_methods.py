@@ -230,18 +230,17 @@ def test_missing_captum_names_the_install_command(monkeypatch):
     model = models.build("gpt2")
     ids, mask, _ = _batch("gpt2")
     with pytest.raises(ImportError, match=r"pip install 'normx-callbacks\[baselines\]'"):
-        attribute("saliency", model, ids, mask)
+        attribute("integrated_gradients", model, ids, mask)
     # Forward-only methods need no Captum.
     assert attribute("normxlogit", model, ids, mask).shape == ids.shape
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
-def test_input_x_gradient_needs_no_captum_and_equals_captums(name, monkeypatch):
-    from captum.attr import InputXGradient
+def test_saliency_and_input_x_gradient_need_no_captum_and_equal_captums(name, monkeypatch):
+    from captum.attr import InputXGradient, Saliency
 
     model = models.build(name)
     ids, mask, positions = _batch(name)
-    ours = gradient_attributions("input_x_gradient", model, ids, mask, positions)
     adapter = resolve_adapter(model)
     _, _, pos = prepare_inputs(adapter, ids, mask, positions)
     targets = batched_logits(adapter, ids, mask, pos, None).argmax(-1)
@@ -250,17 +249,21 @@ def test_input_x_gradient_needs_no_captum_and_equals_captums(name, monkeypatch):
     def forward(x):
         return batched_logits(adapter, ids, mask, pos, None, embeds=x)
 
-    theirs = InputXGradient(forward).attribute(embeds, target=targets).detach()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for method, captum_class in (("input_x_gradient", InputXGradient),
+                                 ("saliency", Saliency)):
+        ours = gradient_attributions(method, model, ids, mask, positions)
+        theirs = captum_class(forward).attribute(embeds, target=targets).detach()
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     monkeypatch.setitem(sys.modules, "captum", None)
     monkeypatch.setitem(sys.modules, "captum.attr", None)
-    blocked = attribute("input_x_gradient", model, ids, mask, positions)
-    torch.testing.assert_close(blocked, attribute("input_x_gradient", model, ids, mask,
-                                                  positions, batch_size=1), equal_nan=True)
-    assert torch.isfinite(blocked[_expected_valid(model, ids, mask, positions)]).all()
-    assert resolve_alignment_methods("installed") == ("input_x_gradient",)
-    with pytest.raises(ImportError, match=r"method='saliency' needs Captum"):
-        resolve_alignment_methods(["saliency"])
+    for method in ("input_x_gradient", "saliency"):
+        blocked = attribute(method, model, ids, mask, positions)
+        torch.testing.assert_close(blocked, attribute(method, model, ids, mask, positions,
+                                                      batch_size=1), equal_nan=True)
+        assert torch.isfinite(blocked[_expected_valid(model, ids, mask, positions)]).all()
+    assert resolve_alignment_methods("installed") == ("input_x_gradient", "saliency")
+    with pytest.raises(ImportError, match=r"method='integrated_gradients' needs Captum"):
+        resolve_alignment_methods(["integrated_gradients"])
 
 
 def test_alignment_methods_are_validated():
