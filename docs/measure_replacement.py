@@ -1,4 +1,9 @@
-"""Which token-removal strategy should AOPC use by default? Measured on the demo models.
+"""How sensitive is AOPC to the token-removal strategy? Measured on the demo models.
+
+A sensitivity check, not what chooses the default: the default (`faithfulness.AUTO_ORDER`) is
+a rule fixed before looking at results (a token the model was trained to read in place of a
+word), because a choice made by measuring the same checkpoint and probes that are then
+reported would be circular (issue #23).
 
     python docs/measure_replacement.py CHECKPOINT [CHECKPOINT ...] [-o docs/replacement.md]
 
@@ -13,7 +18,7 @@ held-out probes (count rule "nearest") and two diagnostics:
   averaged over the two measures; a sound removal puts it near the middle (0.5) and never
   at an end.
 
-The chosen strategy maximises separation among those where random is at neither end on
+The strategy named "most separating" maximises separation among those where random is at neither end on
 either measure (if none qualifies: the one with random closest to the middle). Writes a
 Markdown report (default: print only).
 """
@@ -102,7 +107,8 @@ def report(per_checkpoint: dict[str, list[dict]]) -> str:
         for r in results:
             lines.append(f"| {r['strategy']} | {r['replacement']} | {r['separation']:.3f} | "
                          f"{r['random_place']:.2f} | {'yes' if r['random_at_end'] else 'no'} |")
-        lines += ["", f"Chosen by the rule: **{chosen['strategy']}**.", ""]
+        lines += ["", f"Most separating (a sensitivity check; the default is fixed a priori, "
+                  f"docs/method.md): **{chosen['strategy']}**.", ""]
         for r in results:
             t = r["table"][["comprehensiveness", "comprehensiveness_low",
                             "comprehensiveness_high", "sufficiency", "sufficiency_low",

@@ -55,6 +55,9 @@ class Attribution:
     # kind changes at the last layer).
     layer_each: Tensor | None = None
     layer_contrast: Tensor | None = None  # (B, K, T) LogAt_l(target) - LogAt_l(foil)
+    # (B,) the first layer 0..L whose logit lens ranks the target first at the explained
+    # position (float; NaN where no layer does): when the prediction forms in depth.
+    prediction_depth: Tensor | None = None
 
     def cpu(self) -> Attribution:
         """A copy with every tensor on the CPU."""
@@ -186,6 +189,7 @@ def normxlogit(
     norm: str = "layer0",
     batch_size: int | None = 64,
     probabilities: bool = True,
+    prediction_depth: bool = False,
 ) -> Attribution:
     """NormXLogit attribution of each row's prediction at `positions`.
 
@@ -206,6 +210,10 @@ def normxlogit(
         probabilities: compute `target_probs` (a softmax over the whole vocabulary at the
             B explained positions). With False and every target given, only target rows
             of the unembedding are read and `target_probs` is NaN.
+        prediction_depth: also compute `prediction_depth`: the logit lens of every layer
+            over the whole vocabulary at the explained positions only, one layer of one
+            batch at a time, so memory stays ``batch_size x vocabulary`` (language models
+            and classifiers; NaN for regression).
 
     No gradients are computed; the model's flags, hooks and grads are unchanged.
     """
@@ -237,7 +245,7 @@ def normxlogit(
     with probe_mode(adapter.module):
         if not adapter.accepts_mask:
             return _by_length(adapter, input_ids, attention_mask, positions, targets, foils,
-                              layer_ids, norm, probabilities, step)
+                              layer_ids, norm, probabilities, step, prediction_depth)
         for start in range(0, batch, step):
             sl = slice(start, start + step)
             parts.append(
@@ -251,13 +259,14 @@ def normxlogit(
                     layer_ids,
                     norm,
                     probabilities,
+                    prediction_depth,
                 )
             )
     return _concat(parts, layer_ids, norm, adapter.kind)
 
 
 def _by_length(adapter, ids, mask, positions, targets, foils, layer_ids, norm, probabilities,
-               step) -> Attribution:
+               step, depth=False) -> Attribution:
     """For models that take no attention mask: run rows of equal length together, each
     trimmed to its real tokens, so no row ever sees padding; results go back in place."""
     batch, width = ids.shape
@@ -279,7 +288,7 @@ def _by_length(adapter, ids, mask, positions, targets, foils, layer_ids, norm, p
                 positions[rows] - starts[rows],
                 None if targets is None else targets[rows],
                 None if foils is None else foils[rows],
-                layer_ids, norm, probabilities,
+                layer_ids, norm, probabilities, depth,
             )
             parts.append(_place(out, cols, width, starts[rows]))
             order.append(rows)
@@ -310,7 +319,7 @@ def _num_outputs(adapter: ModelAdapter) -> int | None:
 
 
 def _attribute_chunk(
-    adapter, ids, mask, positions, targets, foils, layer_ids, norm, probabilities
+    adapter, ids, mask, positions, targets, foils, layer_ids, norm, probabilities, depth=False
 ) -> dict:
     states = adapter.hidden_states(ids, mask)  # L+1 x (B, T, d)
     last = states[-1]
@@ -376,6 +385,9 @@ def _attribute_chunk(
         contrast = logat - adapter.target_logits(last_stack, foils)[0]
         out["contrast_logat"] = contrast.masked_fill(no_foil[0], float("nan"))
 
+    if depth:
+        out["prediction_depth"] = _prediction_depth(adapter, states, rows, positions, targets)
+
     if layer_ids is not None:
         lens = _lens_states(adapter, states, layer_ids)  # (K, B, T, d)
         pools = lens[:, rows, positions].unsqueeze(2) if adapter.kind == "regression" else None
@@ -388,6 +400,25 @@ def _attribute_chunk(
             contrast = (layer_logat - foil_logat).masked_fill(no_foil, float("nan"))
             out["layer_contrast"] = contrast.transpose(0, 1)
     return out
+
+
+def _prediction_depth(adapter: ModelAdapter, states, rows: Tensor, positions: Tensor,
+                      targets: Tensor) -> Tensor:
+    """(B,) the first layer whose logit lens ranks the target first at the explained
+    position; NaN where none does. The final norm is applied below the last layer, never
+    twice at it; one layer's (B, C) logits at a time."""
+    b = rows.shape[0]
+    if adapter.kind == "regression":
+        return torch.full((b,), float("nan"), device=rows.device)
+    depth = torch.full((b,), float("nan"), device=rows.device)
+    last_index = len(states) - 1
+    for layer in range(len(states)):
+        x = states[layer][rows, positions]  # (B, d)
+        if layer != last_index and adapter.final_norm is not None:
+            x = adapter.final_norm(x)
+        top = adapter.full_logits(x).argmax(dim=-1) == targets  # (B,)
+        depth = torch.where(top & torch.isnan(depth), float(layer), depth)
+    return depth
 
 
 def _lens_states(adapter: ModelAdapter, states, layer_ids) -> Tensor:
@@ -442,4 +473,5 @@ def _concat(parts: list[dict], layer_ids, norm: str, kind: str) -> Attribution:
         layer_scores=None if layer_logat is None else norms[:, None, :] * layer_logat,
         layer_each=masked(cat("layer_each")),
         layer_contrast=layer_contrast,
+        prediction_depth=cat("prediction_depth"),
     )

@@ -70,7 +70,7 @@ class NormXLogitCallback(Callback):
         faithfulness_every: evaluate AOPC faithfulness at every n-th snapshot (and the
             final one); None turns it off.
         faithfulness_methods: methods compared (`normx_callbacks.METHODS`); default the
-            forward-only ones; gradient methods need `pip install 'normx-callbacks[baselines]'`.
+            forward-only ones; integrated_gradients needs `pip install 'normx-callbacks[baselines]'`.
         faithfulness_probes: how many probes (the first n) the faithfulness evaluation uses.
         faithfulness_replacement: how AOPC removes a token (`normx_callbacks.REPLACEMENTS`):
             "auto" (default; see `resolve_replacement`), "mask", "unk", "pad", "eos" or
@@ -82,11 +82,21 @@ class NormXLogitCallback(Callback):
             background thread of this process (see `worker.py` for why a process is the
             default: a busy Python thread slows the training thread down).
         state_key_suffix: distinguishes two instances in one Trainer.
+        alignment_methods: gradient methods whose evidence alignment is measured beside
+            NormXLogit's, at the faithfulness cadence, as a reference: "installed" (default:
+            input x gradient and Saliency, one backward pass each, no optional package), a
+            list of them (Integrated Gradients: Captum, 50 passes per probe), or None.
+            Skipped under FSDP2 (one info line) and when no probe has cues.
 
-    Logged metrics (prefix `normx/`; `<l>` is a layer index):
+    Logged metrics (prefix `normx/`; `<l>` is a layer index; docs/reference.md has them all):
         - `embedding/{mean,std,min,max,median,p05,p95}`: input-embedding row norms
         - `embedding/drift`: relative change of the norm vector since the last snapshot
-        - `embedding/norm_logfreq_spearman`: Spearman(norm, log frequency) over seen tokens
+        - `embedding/norm_logfreq_spearman`: Spearman(norm, log frequency) over seen token
+          types (the paper predicts < 0); `embedding/norm_infogain_spearman`: Spearman(norm,
+          information gain KL(p(next | w) || p(next))) over types with >= 20 counted
+          next-token pairs (the paper predicts > 0); both with intervals over types;
+          `embedding/{seen,unseen}_{tokens,norm_median}`: never-seen tokens apart;
+          `embedding/bigram_pairs{,_dropped}`
         - `embedding/tied`: 1 if input and output embeddings share weights
         - `embedding/track/<word>`: norm of each tracked token
         - `probe/target_prob`, `probe/target_logit`: mean over probes (`probe/probes` of them)
@@ -94,21 +104,32 @@ class NormXLogitCallback(Callback):
           `probe/accuracy_probes` probes with a foil and a finite contrast
         - `probe/contrast`: mean target-minus-foil logit at the explained position
         - `probe/{accuracy,contrast}/<group>`: the same per probe group (e.g. BLiMP paradigm)
+        - `probe/prediction_depth`: mean first layer whose logit lens ranks the target first
+          (over the probes where one does); `probe/prediction_depth_never` counts the others
         - `alignment/{ap,dp_raw,dp_z}` and `alignment/{ap,dp}_random`: evidence alignment of
-          cue words (NormXLogit, the model's last layer whatever `layers` lists): Average
-          Precision, the paper's Dot Product, its scale-free form on per-probe standardised
-          scores, and their exact random baselines; `alignment/probes` counts the probes that
-          entered, `alignment/probes_without_cues` those left out for having no cue word;
-          `alignment/ap_logat` the AP of LogAt alone
+          cue words (NormXLogit, the model's last layer whatever `layers` lists) over every
+          real position but the explained one: Average Precision, the paper's Dot Product,
+          its scale-free form on per-probe standardised scores, and their exact random
+          baselines; `alignment/probes` counts the probes that entered,
+          `alignment/probes_without_cues` those left out for having no cue word,
+          `alignment/probes_cue_at_target` those whose cue sits only at the explained
+          position; `alignment/ap_logat` the AP of LogAt alone
+        - controls: `alignment/ap_contrast(_random)` (norm x target-minus-foil LogAt),
+          `alignment/cue_over_attractor(_random)` (share of probes whose cue outscores every
+          attractor; ties 0.5), `alignment/<key>_reference` (the first snapshot's value);
+          paired differences over probes `alignment/<key>_vs_random` and `_vs_reference`
+        - `alignment/<method>/{ap,ap_random,ap_vs_random,normxlogit_minus_method,spearman,
+          seconds}`: the gradient reference (`alignment_methods`) at faithfulness snapshots
         - `alignment/ap_layer<l>`: AP per requested layer
         - `stability/spearman`: rank stability of NormXLogit vs the previous snapshot
         - `importance/norm_logat_spearman`: Spearman(norm, LogAt) over probe tokens
         - `nonfinite/{embedding,scores,logits}`: count of NaN/Inf embedding norms, scores
           and target logits (warns when > 0; the store's `nonfinite` table says where)
         - `faithfulness/<method>/{comprehensiveness,sufficiency}`: AOPC every
-          `faithfulness_every` snapshots; `.../seconds_per_instance` its cost;
-          `faithfulness/probes` and `faithfulness/degenerate_cells` (see `aopc`); per probe,
-          with the replacement used, in the store's `faithfulness` table
+          `faithfulness_every` snapshots, explaining each probe's target where it has one;
+          `.../seconds_per_instance` its cost; `faithfulness/probes` and
+          `faithfulness/degenerate_cells` (see `aopc`); per probe, with the replacement used
+          and what was explained, in the store's `faithfulness` table
         Probe-averaged metrics carry a seeded 95% bootstrap interval over probes in the
         store's `metrics` table (`low`, `high`; NaN where there is none).
         - `snapshot/train_seconds`: wall time the training thread spent on the snapshot
@@ -152,6 +173,7 @@ class NormXLogitCallback(Callback):
         max_pending: int = 8,
         worker: str = "process",
         state_key_suffix: str = "",
+        alignment_methods: str | Sequence[str] | None = "installed",
     ):
         super().__init__()
         self.engine = Engine(
@@ -162,7 +184,7 @@ class NormXLogitCallback(Callback):
             history_length=history_length, faithfulness_every=faithfulness_every,
             faithfulness_methods=faithfulness_methods, faithfulness_probes=faithfulness_probes,
             faithfulness_replacement=faithfulness_replacement, max_pending=max_pending,
-            worker=worker)
+            worker=worker, alignment_methods=alignment_methods)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self._user_adapter = adapter  # else found anew at each fit: the model may change

@@ -126,8 +126,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from .report import headline_table
-    from .summary import summary_paragraph
+    from .summary import paired_tests, summary_paragraph
 
     run = _load_one(args.run_dir, args.run, args.skip_corrupt)
     meta = run.meta.get("run_meta", {}) if isinstance(run.meta, dict) else {}
@@ -149,8 +151,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}"))
     print("\nap, dp_raw (the paper's DP), dp_z (DP of per-probe standardised scores, "
           "scale-free; random: dp_random): evidence alignment of the cue words, NormXLogit at "
-          "the last layer (random = expected by chance); stability: Spearman vs the previous "
-          "snapshot. 95% intervals over probes: load_run(...).metrics low/high.")
+          "the last layer over the positions before the explained one (random = expected by "
+          "chance); ap_contrast: the same for norm x (target - foil LogAt); "
+          "cue_over_attractor: share of probes whose cue outscores every attractor; "
+          "ap_input_x_gradient: the gradient reference; prediction_depth: first layer whose "
+          "logit lens ranks the target first; stability: Spearman vs the previous snapshot. "
+          "95% intervals over probes: load_run(...).metrics low/high.")
+    tests = paired_tests(run)
+    if tests:
+        print("\npaired tests over probes (bootstrap of the per-probe difference, 95% interval):")
+        print(pd.DataFrame(tests).to_string(index=False))
     paragraph = summary_paragraph(run)
     if paragraph:
         print()

@@ -46,7 +46,15 @@ from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, embedding_norms
 from .faithfulness import REPLACEMENTS, faithfulness_rows, resolve_replacement, special_token_mask
 from .loggers import SnapshotLogger
-from .methods import FORWARD_METHODS, GRADIENT_METHODS, METHODS, require_captum
+from .methods import (
+    ALIGNMENT_DEFAULT,
+    FORWARD_METHODS,
+    GRADIENT_METHODS,
+    METHODS,
+    probe_attributions,
+    require_captum,
+    resolve_alignment_methods,
+)
 from .pipeline import Pipeline
 from .probes import ProbeSet
 from .probes import _readable as readable_tokens
@@ -123,6 +131,7 @@ class Engine:
         max_pending: int = 8,
         worker: str = "process",
         owner: str = "NormXLogitCallback",
+        alignment_methods: str | Sequence[str] | None = ALIGNMENT_DEFAULT,
     ) -> None:
         self.owner = owner
         self.probes = None if probes is None else ProbeSet.coerce(probes)
@@ -156,6 +165,10 @@ class Engine:
                              f"of {REPLACEMENTS}")
         if worker not in WORKERS:
             raise ValueError(f"worker={worker!r} is not one of {WORKERS}")
+        # The gradient reference of evidence alignment, at the faithfulness cadence.
+        self.alignment_methods = resolve_alignment_methods(alignment_methods)
+        self._alignment_now: tuple[str, ...] = ()  # what this fit measures (not under FSDP2)
+        self._alignment_failed = False
         if count_fn is not None and not callable(count_fn):
             raise ValueError(f"count_fn={count_fn!r} must be a callable batch -> token ids")
         self.layers = list(layers) if isinstance(layers, (list, tuple)) else layers
@@ -296,19 +309,19 @@ class Engine:
         )
         if self.faithfulness_every:
             self._prepare_faithfulness(tokenizer)
+        self._prepare_alignment_methods(mode)
         counter = TokenCounter(vocab, batch_key=self.batch_key, mask_key=self.mask_key,
                                masked=objective == "masked",
                                mask_token_id=getattr(tokenizer, "mask_token_id", None),
                                count_fn=self.count_fn)
         counter.device = adapter.embedding.weight.device
         if self.counter is not None:  # loaded from a checkpoint, or counted in an earlier fit
-            kept = min(vocab, self.counter.vocab_size)
-            counter.counts[:kept] = self.counter.counts[:kept]
             if self.counter.vocab_size != vocab:
                 log.warning("%s: the vocabulary has %d rows now, %d before (a resized "
-                            "embedding): token counts go on for ids below %d%s", self.owner,
-                            vocab, self.counter.vocab_size, kept,
-                            f"; counts of ids {kept}.. are dropped" if vocab < kept else "")
+                            "embedding): token and next-token counts go on for ids below %d",
+                            self.owner, vocab, self.counter.vocab_size,
+                            min(vocab, self.counter.vocab_size))
+            counter.carry_from(self.counter)
         self.counter = counter
         self._count_checked = False
         frozen = not adapter.embedding.weight.requires_grad
@@ -353,6 +366,17 @@ class Engine:
             raise ValueError(f"{self.owner}: faithfulness_replacement resolves to 'attention' "
                              "but the model takes no attention mask; pass "
                              "faithfulness_replacement='eos' (or another token)")
+
+    def _prepare_alignment_methods(self, mode: str) -> None:
+        """The gradient reference of alignment this fit measures: at the faithfulness
+        cadence, when some probe has cues, and never under FSDP2."""
+        wanted = self.alignment_methods if self.faithfulness_every else ()
+        self._alignment_now = wanted if bool(self.ctx.encoded.cue_mask.any()) else ()
+        if mode == "collective" and self._alignment_now:
+            self._alignment_now = ()
+            log.info("%s: the gradient reference of evidence alignment (%s) is skipped under "
+                     "ModelParallelStrategy: its backward would reduce gradients into the "
+                     "sharded parameters", self.owner, ", ".join(self.alignment_methods))
 
     def _resolve_tracked(self, tokenizer: Any) -> dict[str, int]:
         tracked = {}
@@ -490,13 +514,19 @@ class Engine:
             log.warning("%s: %s", self.owner, problem)
 
     def collect_counts(self) -> Tensor:
-        """Fold the counted batches into the counts, summed over ranks (every rank calls)."""
-        reduce = None
+        """Fold the counted batches into the counts, summed over ranks (every rank calls);
+        the next-token pairs are summed on the writer (rank 0) only."""
+        reduce = gather = None
         if self.world > 1:
             def reduce(t: Tensor) -> Tensor:
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
                 return t
-        return self.counter.collect(reduce)
+
+            def gather(mine: tuple) -> list | None:
+                box = [None] * self.world if self.rank == 0 else None
+                torch.distributed.gather_object(mine, box, dst=0)
+                return box
+        return self.counter.collect(reduce, gather)
 
     # ------------------------------------------------------------------ snapshot
 
@@ -525,7 +555,10 @@ class Engine:
             snap = self._measure_distributed(step, final, faith_due)
         if not self.is_writer or snap is None:
             return
+        if faith_due and snap.error is None and snap.weights is None and self._alignment_now:
+            snap.gradient = self.gradient_alignment()  # here: not in the helper this time
         snap.counts = counts.clone()
+        snap.pairs = self.counter.pairs()  # new tensors at every collect: no copy needed
         snap.train_seconds = time.perf_counter() - start
         if snap.error is None:
             self.snapshot_steps.append(step)
@@ -634,7 +667,23 @@ class Engine:
             adapter, enc.input_ids, enc.attention_mask, positions=enc.positions,
             targets=enc.targets, foils=enc.foils if bool((encoded.foils >= 0).any()) else None,
             layers=self.layers, norm=self.norm, batch_size=self.probe_batch_size,
+            prediction_depth=True,  # when the prediction forms: probe/prediction_depth
         ).cpu()
+
+    def gradient_alignment(self) -> dict | None:
+        """Scores of the gradient reference methods for every probe (`probe_attributions`),
+        on this process's model; None (one warning per fit) when they fail."""
+        try:
+            with preserved_rng(), self._forward_context():
+                return probe_attributions(self.adapter, self.ctx.encoded, self._alignment_now,
+                                          batch_size=self.probe_batch_size)
+        except Exception as error:  # noqa: BLE001 - the snapshot goes on without it
+            if not self._alignment_failed:
+                self._alignment_failed = True
+                log.warning("%s: the gradient reference of evidence alignment failed (%s: %s);"
+                            " alignment/<method>/* are not logged", self.owner,
+                            type(error).__name__, error)
+            return None
 
     def faithfulness_parts(self, rows: Sequence[int]) -> list[pd.DataFrame]:
         """Per-probe AOPC rows of the configured methods on the faithfulness probes at `rows`
@@ -674,7 +723,8 @@ class Engine:
             faithfulness = Faithfulness(
                 model=adapter.module, methods=self.faithfulness_methods,
                 replacement=self.replacement, probes=self.faithfulness_probes,
-                batch_size=self.probe_batch_size, accepts_mask=adapter.accepts_mask)
+                batch_size=self.probe_batch_size, accepts_mask=adapter.accepts_mask,
+                alignment_methods=self._alignment_now)
         self._writer_args = ((self.ctx,), dict(
             owner=self.owner, media_probes=self.media_probes,
             history_length=self.history_length, takes_images=self._logger.takes_images,

@@ -8,7 +8,9 @@ c(k, n) candidates (descending signed score; ties: earlier position first) are r
     sufficiency_k       = p(y | x) - p(y | x with only its top-c tokens)  (lower: better)
 
 and AOPC is the mean over the k values (and over rows). `y` is the model's argmax at the
-explained position on the unmasked input unless `targets` is given.
+explained position on the unmasked input unless `targets` is given; `faithfulness_rows`
+gives each probe's own target where it has one (the prediction the probe is about, as
+evidence alignment explains it) and records which (`explained`).
 
 Removal count c(k, n) (`removal=`):
 - "nearest" (default): round(k * n) (halves up), clipped to 1..n-1 when n >= 2 (1 when
@@ -49,18 +51,24 @@ from torch import Tensor, nn
 from .adapters import ModelAdapter, probe_mode, resolve_adapter
 from .attribution import prepare_inputs
 from .methods import METHODS, attribute, batched_logits, resolve_targets
-from .metrics import bootstrap_interval
+from .metrics import bootstrap_interval, ranked_positions
 
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 REMOVALS = ("nearest", "floor")
 REPLACEMENTS = ("auto", "mask", "unk", "pad", "eos", "attention")
-# What "auto" tries in order: the mask token (what a masked LM was trained to read), else,
-# chosen by docs/measure_replacement.py on the demo causal model (docs/replacement.md: it
-# separates the methods most with random between them), the eos token, else deletion by
-# attention mask.
+# What "auto" tries in order, a rule fixed before any result was looked at: a token the model
+# was trained to read in place of a word. A masked LM's mask token is exactly that; a causal
+# LM pre-trained on concatenated documents has read its end-of-text token at every document
+# boundary (and never reads a pad token it is not trained on); a tokenizer with neither
+# deletes by attention mask. docs/replacement.md compares the strategies as a sensitivity
+# check only: it did not choose the default.
 AUTO_ORDER = ("mask", "eos", "attention")
+# The random baseline's AOPC is the mean over this many seeded draws: its standard deviation
+# halves, and each draw costs one method's AOPC.
+RANDOM_PERMUTATIONS = 4
+EXPLAIN = ("target", "argmax")
 
 
 @dataclass(frozen=True)
@@ -171,15 +179,11 @@ def candidate_mask(
     causal: bool = False,
     protect: Tensor | None = None,
 ) -> Tensor:
-    """[B, T] bool: tokens that may be removed (see the module docstring)."""
-    b, t = scores.shape
-    idx = torch.arange(t, device=scores.device)[None, :]
-    candidates = ~torch.isnan(scores) & attention_mask.bool() & (idx != positions[:, None])
-    if causal:
-        candidates &= idx < positions[:, None]
-    if protect is not None:
-        candidates &= ~protect.bool()
-    return candidates
+    """[B, T] bool: tokens that may be removed (see the module docstring): the positions
+    evidence alignment ranks (`metrics.ranked_positions`, one rule for both) that carry a
+    score."""
+    valid = attention_mask.bool() & ~torch.isnan(scores)
+    return ranked_positions(valid, positions, "causal" if causal else "other", protect)
 
 
 def ranks(scores: Tensor, candidates: Tensor) -> Tensor:
@@ -270,6 +274,7 @@ def aopc(
     "*_curve" [K] (mean over rows per k); "*_rows" [B] (mean over k per row); "*_probs"
     [B, K] target probability on each variant and "*_preds" [B, K] its argmax; "original_probs" [B]; "targets" [B];
     "n_candidates" [B]; "degenerate_cells" [B] (k values whose count is 0 or n);
+    "predicted" [B] (the argmax on the unmasked input);
     "removal_counts" [B, K]; "fractions"; "removal"; "replacement" (a `Replacement`). With
     `gold`: "accuracy" (unmasked), "comprehensiveness_accuracy" / "sufficiency_accuracy"
     (mean over k) and their "*_accuracy_curve" [K]. Tensors are on the CPU.
@@ -345,6 +350,7 @@ def aopc(
         out[f"{name}_preds"] = preds[i].cpu()
     out["original_probs"] = original.cpu()
     out["targets"] = targets.cpu()
+    out["predicted"] = predicted.cpu()
     n = candidate_mask(mask, positions, scores, causal=causal, protect=protect).sum(dim=1)
     out["n_candidates"] = n.cpu()
     out["removal_counts"] = counts.T.cpu()
@@ -375,20 +381,27 @@ def faithfulness_rows(
     protect: Tensor | str | None = "special",
     tokenizer: Any = None,
     removal: str = "nearest",
+    explain: str = "target",
+    permutations: int = RANDOM_PERMUTATIONS,
 ):
     """One row per (method, probe): AOPC of each method on `encoded_probes` (an
     `EncodedProbes`) and the attribution's cost; `summarise_faithfulness` turns it into
     one row per method. Rows of several calls (e.g. equal-length probe groups) may be
     concatenated before summarising.
 
-    Columns: method, probe_id, comprehensiveness, sufficiency, [correct,
-    comprehensiveness_correct, sufficiency_correct: accuracies' per-probe parts, where
-    the probe has a target], n_candidates, degenerate_cells, cells (k values), seconds
-    (this call's attribution wall time for the method, spread evenly over its probes),
-    peak_memory_mb, replacement, replacement_token, removal.
+    Columns: method, probe_id, explained ("target" or "argmax"), comprehensiveness,
+    sufficiency, [correct (the argmax is the target), comprehensiveness_correct,
+    sufficiency_correct: accuracies' per-probe parts, where the probe has a target],
+    n_candidates, degenerate_cells, cells (k values), seconds (this call's attribution wall
+    time for the method, spread evenly over its probes), peak_memory_mb, replacement,
+    replacement_token, removal.
 
-    The prediction explained is the model's argmax at each probe's position (the original
-    protocol); the probes' targets are the gold labels for the accuracy columns.
+    The prediction explained (`explain`): "target" (default) explains each probe's own
+    target where it has one and the model's argmax elsewhere, so faithfulness and evidence
+    alignment are about the same prediction; "argmax" explains the argmax everywhere (the
+    original protocol). The "random" method's rows are the mean over `permutations` seeded
+    random rankings (seeds ``seed .. seed + permutations - 1``), its expectation rather than
+    one draw.
     `batch_size` bounds the attribution's forward passes, `aopc_batch_size` the evaluation's.
 
     peak_memory_mb is the CUDA allocator's peak during the attribution minus what was
@@ -401,50 +414,71 @@ def faithfulness_rows(
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"methods contains {method!r}: valid names are {METHODS}")
+    if explain not in EXPLAIN:
+        raise ValueError(f"explain={explain!r} is not one of {EXPLAIN}")
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise ValueError(f"permutations={permutations!r} must be a positive integer")
     adapter = resolve_adapter(model)  # resolved once, outside the timed region
     device = adapter.embedding.weight.device
     probes = encoded_probes.to(device)
     ids, mask, positions = probes.input_ids, probes.attention_mask, probes.positions
     protect = _protect_mask(protect, adapter, ids, tokenizer)
     gold = probes.targets if bool((probes.targets >= 0).any()) else None
+    # -1 (no target given): the model's argmax, resolved by `attribute` and `aopc`.
+    targets = probes.targets if explain == "target" else torch.full_like(probes.targets, -1)
+    explained = np.where((targets >= 0).cpu().numpy(), "target", "argmax")
     n = ids.shape[0]
     cuda = device.type == "cuda"
     frames = []
     for method in methods:
         # Untimed warm-up on one row: imports (captum), lazy initialisation and allocator
         # growth would otherwise be charged to whichever method runs first.
-        attribute(method, adapter, ids[:1], mask[:1], positions[:1], None, seed=seed,
+        attribute(method, adapter, ids[:1], mask[:1], positions[:1], targets[:1], seed=seed,
                   n_steps=n_steps, batch_size=batch_size)
         if cuda:
             torch.cuda.synchronize(device)
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        draws = permutations if method == "random" else 1
         start = time.perf_counter()
-        scores = attribute(method, adapter, ids, mask, positions, None, seed=seed,
-                           n_steps=n_steps, batch_size=batch_size)
+        scores = torch.cat([attribute(method, adapter, ids, mask, positions, targets,
+                                      seed=seed + i, n_steps=n_steps, batch_size=batch_size)
+                            for i in range(draws)])  # (draws * B, T)
         if cuda:
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds = (time.perf_counter() - start) / draws
         peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else float("nan")
-        result = aopc(adapter, ids, mask, positions, scores, replacement=replacement,
-                      gold=gold, fractions=fractions, batch_size=aopc_batch_size,
-                      protect=protect, removal=removal)
+        # The draws of the random ranking are rows of one call (variants shared by several
+        # draws are evaluated once), averaged per probe below.
+        result = aopc(adapter, ids.repeat(draws, 1), mask.repeat(draws, 1),
+                      positions.repeat(draws), scores, replacement=replacement,
+                      targets=targets.repeat(draws),
+                      gold=None if gold is None else gold.repeat(draws),
+                      fractions=fractions, batch_size=aopc_batch_size,
+                      protect=None if protect is None else protect.repeat(draws, 1),
+                      removal=removal)
         used = result["replacement"]
+
+        def per_probe(values: Tensor, draws: int = draws) -> np.ndarray:
+            return values.double().reshape(draws, n, *values.shape[1:]).mean(0).numpy()
+
         frame = pd.DataFrame({
             "method": method,
             "probe_id": list(probes.ids),
-            "comprehensiveness": result["comprehensiveness_rows"].double().numpy(),
-            "sufficiency": result["sufficiency_rows"].double().numpy(),
+            "explained": explained,
+            "comprehensiveness": per_probe(result["comprehensiveness_rows"]),
+            "sufficiency": per_probe(result["sufficiency_rows"]),
         })
         if gold is not None:
             known = (gold >= 0).cpu()
-            predicted = result["targets"]  # the argmax: the explained prediction
+            predicted = result["predicted"][:n]  # the argmax on the unmasked input
             for name in ("comprehensiveness", "sufficiency"):
-                variant = _variant_correct(result, name, gold.cpu())
-                frame[f"{name}_correct"] = np.where(known, variant, np.nan)
+                variant = _variant_correct(result, name, gold.repeat(draws).cpu())
+                frame[f"{name}_correct"] = np.where(known, per_probe(torch.from_numpy(variant)),
+                                                    np.nan)
             frame["correct"] = np.where(known, (predicted == gold.cpu()).double(), np.nan)
-        frame["n_candidates"] = result["n_candidates"].numpy()
-        frame["degenerate_cells"] = result["degenerate_cells"].numpy()
+        frame["n_candidates"] = result["n_candidates"][:n].numpy()
+        frame["degenerate_cells"] = result["degenerate_cells"][:n].numpy()
         frame["cells"] = len(fractions)
         frame["seconds"] = seconds / n
         frame["peak_memory_mb"] = peak

@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 TENSORBOARD_LAYOUT = {
     "normx: cue words": {
         "AP: NormXLogit, LogAt and random": ["Multiline", [r"^normx/alignment/ap(_random|_logat)?$"]],
+        "AP controls: first snapshot, target - foil score, gradient references": [
+            "Multiline", [r"^normx/alignment/ap(_reference|_contrast|_contrast_random)?$",
+                          r"^normx/alignment/[a-z_]+/ap$"]],
+        "paired differences over probes (0 = none): vs random, vs first snapshot": [
+            "Multiline", [r"^normx/alignment/.*_vs_(random|reference)$",
+                          r"^normx/alignment/[a-z_]+/normxlogit_minus_method$"]],
+        "cue over attractor, random and first snapshot": [
+            "Multiline", [r"^normx/alignment/cue_over_attractor(_random|_reference)?$"]],
         "DP: standardised (dp_z), paper's (dp_raw) and random": [
             "Multiline", [r"^normx/alignment/dp_(z|raw|random)$"]],
         "AP per layer": ["Multiline", [r"^normx/alignment/ap_layer\d+$"]],
@@ -45,13 +53,18 @@ TENSORBOARD_LAYOUT = {
         "probe accuracy and target probability": [
             "Multiline", [r"^normx/probe/(accuracy|target_prob)$"]],
         "target - foil logit": ["Multiline", [r"^normx/probe/contrast$"]],
+        "prediction depth: first layer whose logit lens ranks the target first": [
+            "Multiline", [r"^normx/probe/prediction_depth$"]],
     },
     "normx: embedding norms": {
         "norm distribution": ["Multiline", [r"^normx/embedding/(mean|median|p05|p95|min|max)$"]],
         "tracked tokens": ["Multiline", [r"^normx/embedding/track/"]],
-        "Spearman(norm, log frequency) and (norm, LogAt)": [
-            "Multiline", [r"^normx/embedding/norm_logfreq_spearman$",
-                          r"^normx/importance/norm_logat_spearman$"]],
+        "Spearman(norm, information gain) (paper: > 0), (norm, log frequency) (paper: < 0)": [
+            "Multiline", [r"^normx/embedding/norm_(infogain|logfreq)_spearman$"]],
+        "Spearman(norm, LogAt) over probe tokens": [
+            "Multiline", [r"^normx/importance/norm_logat_spearman$"]],
+        "median norm: seen and never-seen tokens": [
+            "Multiline", [r"^normx/embedding/(seen|unseen)_norm_median$"]],
     },
     "normx: stability and faithfulness": {
         "rank stability vs previous snapshot": ["Multiline", [r"^normx/stability/spearman$"]],

@@ -6,16 +6,19 @@ Forward-only methods read `normxlogit()`: "normxlogit" (||x_i^0|| * LogAt),
 "logat" (signed), "norm" (||x_i^0||, unsigned). "random" draws uniform scores from
 its own `torch.Generator`, i.e. a random permutation, never touching the global RNG.
 
-Gradient methods (see docs/method.md) use Captum: "saliency" (|gradient|),
-"input_x_gradient", "integrated_gradients" (zero baseline, `n_steps`), all taken
-with respect to the output of the model's input embedding module, i.e. the word
+Gradient methods (see docs/method.md): "saliency" (|gradient|, Captum's `Saliency`) and
+"input_x_gradient" (gradient x input, Captum's `InputXGradient`) are one backward pass each,
+computed here with `torch.autograd.grad`, so they need no optional package and serve as the
+gradient reference of evidence alignment (importing Captum costs a process seconds);
+"integrated_gradients" (zero baseline, `n_steps`) uses Captum (an optional extra). All are
+taken with respect to the output of the model's input embedding module, i.e. the word
 embedding *before* position/type embeddings are added (what HF calls
 `inputs_embeds`; for Gemma-style scaled embeddings, before the scaling done in the
 model's forward). The token score is the L1 norm of that attribution over the
 hidden dimension. The function differentiated is the *logit* (pre-softmax) of the
 explained target at the explained position, as LogAt reads it; for a regression
-head, the single output. Captum computes gradients with `torch.autograd.grad` on
-inputs only, so no parameter `.grad` is ever written; the embedding output is
+head, the single output. Gradients are taken with `torch.autograd.grad` on the
+embedding output only (by Captum, or here), so no parameter `.grad` is ever written; the embedding output is
 replaced through a temporary forward hook (removed in a `finally`), dropout is off
 during the computation and every submodule's train/eval flag is restored after.
 
@@ -43,6 +46,7 @@ METHODS = (
     "integrated_gradients",
 )
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+CAPTUM_METHODS = ("integrated_gradients",)  # the others need no optional extra
 # Forward-only methods are cheap enough to evaluate during training by default; gradient
 # methods (a backward pass per probe, x n_steps for IG) are opt-in.
 FORWARD_METHODS = tuple(m for m in METHODS if m not in GRADIENT_METHODS)
@@ -82,7 +86,7 @@ def attribute(
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps={n_steps!r} must be a positive integer")
-    if method in GRADIENT_METHODS:
+    if method in CAPTUM_METHODS:
         _captum_class(method)  # fail on a missing backend before any work
     adapter = resolve_adapter(model)
     ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
@@ -127,7 +131,7 @@ def gradient_attributions(
     batch_size: int = 16,
     return_delta: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Raw Captum attributions at the input-embedding output, [B, T, d] (before the L1 norm).
+    """Raw attributions at the input-embedding output, [B, T, d] (before the L1 norm).
 
     With `return_delta` (integrated gradients only) also Captum's convergence delta [B]:
     sum of attributions minus (f(x) - f(baseline)).
@@ -136,7 +140,7 @@ def gradient_attributions(
         raise ValueError(f"method={method!r} is not one of {GRADIENT_METHODS}")
     if return_delta and method != "integrated_gradients":
         raise ValueError("return_delta=True needs method='integrated_gradients'")
-    algorithm = _captum_class(method)
+    algorithm = _captum_class(method) if method in CAPTUM_METHODS else None
     adapter = resolve_adapter(model)
     ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
     targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
@@ -186,6 +190,14 @@ def _gradient_chunk(
         logits = batched_logits(adapter, ids_, mask_, positions_, None, embeds=x)  # (n, C)
         return logits[:, 0] if regression else logits
 
+    if algorithm is None:  # saliency or input x gradient, without Captum: one backward
+        logits = forward(embeds, ids, mask, positions)
+        chosen = logits[:, 0] if regression else logits.gather(1, targets[:, None])[:, 0]
+        # Rows are independent (attention stays within a row): the gradient of the sum is
+        # each row's own gradient.
+        (grad,) = torch.autograd.grad(chosen.sum(), embeds)
+        raw = grad.abs() if method == "saliency" else grad * embeds
+        return raw.detach(), None
     explainer = algorithm(forward)
     kwargs = {
         "target": None if regression else targets,
@@ -262,9 +274,70 @@ def _with_embeddings(adapter: ModelAdapter, ids: Tensor, mask: Tensor, embeds: T
 
 
 def require_captum(method: str) -> None:
-    """Raise the install hint for gradient `method` now if Captum is missing (the callback
-    checks at setup)."""
-    _captum_class(method)
+    """Raise the install hint for gradient `method` now if it needs Captum and Captum is
+    missing (the callback checks at setup)."""
+    if method in CAPTUM_METHODS:
+        _captum_class(method)
+
+
+def captum_installed() -> bool:
+    """Whether Captum can be imported, without importing it (seconds per process)."""
+    import importlib.util
+
+    return importlib.util.find_spec("captum") is not None
+
+
+ALIGNMENT_DEFAULT = "installed"
+
+
+def resolve_alignment_methods(methods: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The gradient methods evidence alignment is also measured with (a reference for
+    NormXLogit's): "installed" (default) is input x gradient and Saliency (one backward pass
+    each, no optional package); Integrated Gradients (Captum; 50 forward and backward passes
+    per probe) only when a list names it; None or () measures none."""
+    if methods is None:
+        return ()
+    if isinstance(methods, str):
+        if methods != ALIGNMENT_DEFAULT:
+            raise ValueError(f"alignment_methods={methods!r}: use {ALIGNMENT_DEFAULT!r}, None or "
+                             f"a list of {GRADIENT_METHODS}")
+        return ("input_x_gradient", "saliency")
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in GRADIENT_METHODS]
+    if unknown:
+        raise ValueError(f"alignment_methods={list(methods)!r}: {unknown} are not gradient "
+                         f"methods; choose from {GRADIENT_METHODS}")
+    for method in methods:
+        require_captum(method)
+    return methods
+
+
+def probe_attributions(adapter: ModelAdapter, encoded, methods: Sequence[str], *,
+                       batch_size: int = 16, n_steps: int = 50) -> dict[str, tuple[Tensor, float]]:
+    """Scores of each gradient method for every probe of `encoded` (an `EncodedProbes`): the
+    probe's target where it has one, the model's argmax elsewhere, as NormXLogit explains.
+
+    Returns ``{method: ((B, T) float32 CPU scores, NaN where a token has none; seconds)}``.
+    A model that takes no attention mask sees padding as text: probes of each length are
+    attributed apart and put back in place.
+    """
+    import time
+
+    device = adapter.embedding.weight.device
+    encoded = encoded.to(device)
+    groups = ([(list(range(len(encoded))), encoded)] if adapter.accepts_mask
+              else encoded.equal_length_groups())
+    out = {}
+    for method in methods:
+        scores = torch.full(tuple(encoded.input_ids.shape), float("nan"))
+        start = time.perf_counter()
+        for rows, group in groups:
+            part = attribute(method, adapter, group.input_ids, group.attention_mask,
+                             group.positions, group.targets, n_steps=n_steps,
+                             batch_size=batch_size)
+            scores[rows, : part.shape[1]] = part.float().cpu()
+        out[method] = (scores, time.perf_counter() - start)
+    return out
 
 
 def _captum_class(method: str):

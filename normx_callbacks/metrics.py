@@ -163,13 +163,17 @@ def dot_product_z(scores: Tensor, relevant: Tensor, valid: Tensor | None = None)
 def ranked_positions(
     valid: Tensor, positions: Tensor, objective: str, special: Tensor | None = None
 ) -> Tensor:
-    """``(B, T)`` bool: the positions that alignment ranks.
+    """``(B, T)`` bool: the candidate positions, which alignment ranks and AOPC removes.
 
-    Real tokens (``valid``) that are not special (``special``, e.g. BOS/EOS), and:
-    for a causal LM every position up to and including the explained one (the last
-    prefix word is a real input word and may be the cue); for a masked LM every
-    position except the explained mask slot (it holds no word); for any other
-    objective every position except the explained (pooled) one.
+    Real tokens (``valid``) that are not special (``special``, e.g. BOS/EOS), other than
+    the explained position ``t``: for a causal LM every position before ``t`` (``idx < t``),
+    for any other objective (masked LM, classifier) every position but ``t``.
+
+    Why ``t`` is never a candidate: for a causal LM the last-layer LogAt at ``t`` *is* the
+    model's own logit of the target, so ranking it measures the model's confidence, not
+    where the evidence sits (and the paper removes it); for a masked LM it is the mask slot,
+    which holds no word. Faithfulness (`faithfulness.candidate_mask`) uses this function, so
+    both panels rank and remove the same positions.
     """
     b, t = valid.shape
     if tuple(positions.shape) != (b,):
@@ -178,11 +182,54 @@ def ranked_positions(
     if positions.numel() and (positions.min() < 0 or positions.max() >= t):
         raise ValueError(f"positions must index [0, {t}), got {positions.tolist()}")
     idx = torch.arange(t, device=valid.device)[None, :]
-    keep = valid.bool() & (idx <= positions[:, None] if objective == "causal"
+    keep = valid.bool() & (idx < positions[:, None] if objective == "causal"
                            else idx != positions[:, None])
     if special is not None:
         keep = keep & ~special.bool().to(valid.device)
     return keep
+
+
+def cue_over_attractor(
+    scores: Tensor, cue_mask: Tensor, attractor_mask: Tensor, keep: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Whether the cue outscores every attractor, per probe and layer, and its random baseline.
+
+    Args:
+        scores: ``(B, L, T)`` token scores; NaN is ignored.
+        cue_mask, attractor_mask: ``(B, T)`` bool: the cue words, and the words of the wrong
+            number or gender (a heuristic that reads the nearest noun would follow them).
+        keep: ``(B, T)`` bool, the candidate positions (:func:`ranked_positions`).
+
+    Returns:
+        ``(win, random)``, each ``(B, L)``: ``win`` is 1 when the highest-scoring cue
+        position scores above the highest-scoring attractor position, 0 when below, and 0.5
+        on an exact tie (neither is preferred; the convention of the area under a ROC
+        curve); ``random`` is its exact expectation under a uniformly random ranking of the
+        candidates, ``r / (r + a)`` with ``r`` cue and ``a`` attractor positions among them
+        (the first of the ``r + a`` positions to come up is a cue with that probability).
+        Both NaN where a probe has no cue or no attractor among its candidates.
+    """
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have shape (B, L, T), got {tuple(scores.shape)}")
+    b, _, t = scores.shape
+    for name, mask in (("cue_mask", cue_mask), ("attractor_mask", attractor_mask),
+                       ("keep", keep)):
+        if tuple(mask.shape) != (b, t):
+            raise ValueError(f"{name} must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    scores = scores.to(_work_dtype(scores))
+    keep = keep.bool().to(scores.device)[:, None, :] & ~torch.isnan(scores)  # (B, L, T)
+    cues = cue_mask.bool().to(scores.device)[:, None, :] & keep
+    attractors = attractor_mask.bool().to(scores.device)[:, None, :] & keep & ~cues
+    low = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    best_cue = torch.where(cues, scores, low).amax(-1)
+    best_attractor = torch.where(attractors, scores, low).amax(-1)
+    win = (best_cue > best_attractor).to(scores.dtype) + 0.5 * (best_cue == best_attractor)
+    r = cues.sum(-1).to(scores.dtype)
+    a = attractors.sum(-1).to(scores.dtype)
+    defined = (r > 0) & (a > 0)
+    nan = torch.tensor(float("nan"), dtype=scores.dtype, device=scores.device)
+    return (torch.where(defined, win, nan),
+            torch.where(defined, r / (r + a).clamp(min=1), nan))
 
 
 ALIGNMENT_KEYS = ("ap", "ap_random", "dp_raw", "dp_z", "dp_random")
@@ -313,6 +360,65 @@ def spearman(a: Tensor, b: Tensor) -> float:
     if denom == 0.0:
         return math.nan
     return float(rx @ ry) / denom
+
+
+SPEARMAN_ELEMENTS = 20_000_000  # resampled values per Spearman interval, at most
+
+
+def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
+                      n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`spearman` over items (e.g. token types),
+    resampling the pairs where both are finite; seeded.
+
+    A resample is held as how often each item is drawn, so its ranks come from one sort of
+    the items (an item drawn k times is a tie of k, with average ranks, as `rankdata` gives
+    the resampled values) and its Spearman is the weighted Pearson of those ranks. Large
+    samples take fewer resamples (``SPEARMAN_ELEMENTS // n``, at least 200), so the cost
+    stays bounded: their interval is narrow anyway. ``(nan, nan)`` with fewer than 3 pairs.
+    """
+    x, y = _to_numpy(a), _to_numpy(b)
+    both = np.isfinite(x) & np.isfinite(y)
+    x, y = x[both], y[both]
+    n = x.size
+    if n < 3:
+        return math.nan, math.nan
+    n_resamples = min(n_resamples, max(200, SPEARMAN_ELEMENTS // n))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, (1 << 22) // n)
+    rhos = []
+    for start in range(0, n_resamples, chunk):
+        rows = min(chunk, n_resamples - start)
+        idx = rng.integers(0, n, size=(rows, n))
+        flat = (idx + np.arange(rows)[:, None] * n).ravel()
+        weights = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+        rx, ry = _weighted_ranks(x, weights), _weighted_ranks(y, weights)
+        rx -= (weights * rx).sum(axis=1, keepdims=True) / n
+        ry -= (weights * ry).sum(axis=1, keepdims=True) / n
+        denom = np.sqrt((weights * rx * rx).sum(axis=1) * (weights * ry * ry).sum(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rhos.append((weights * rx * ry).sum(axis=1) / denom)
+    rhos = np.concatenate(rhos)
+    rhos = rhos[np.isfinite(rhos)]  # a resample without rank variance has none
+    if rhos.size == 0:
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(rhos, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``(R, n)`` average ranks of the items in each resample, ``weights`` ``(R, n)`` how
+    often each item is drawn: equal values (and the copies of one item) share the mean of
+    the ranks they span."""
+    n = values.size
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
+    group = np.add.reduceat(weights[:, order], starts, axis=1)  # (R, G) items per tie group
+    rank = np.cumsum(group, axis=1) - group + (group + 1) / 2
+    ranks = np.empty_like(weights)
+    ranks[:, order] = np.repeat(rank, np.diff(np.r_[starts, n]), axis=1)
+    return ranks
 
 
 def rank_stability(prev: Tensor, cur: Tensor) -> float:

@@ -606,24 +606,37 @@ def metric_history(runs, keys: Sequence[str], *, labels: Sequence[str] | None = 
                          bands=bands)
 
 
+GRADIENT_CURVES = (("input_x_gradient", "input x gradient"), ("saliency", "Saliency"),
+                   ("integrated_gradients", "Integrated Gradients"))
+
+
 def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
-    """Evidence alignment of the cue words against random: AP (left) and the scale-free DP
-    (right; the paper's DP, `dp_raw`, dash-dotted beside it), the NormXLogit AP and DP_z
-    curves with their 95% interval over probes as a band. Old stores' ``alignment/dp`` is
-    read as ``dp_raw``."""
+    """Evidence alignment of the cue words beside its controls, over the positions before the
+    explained one: AP (left: NormXLogit with its 95% band, LogAt, the target-minus-foil score,
+    the gradient references at the faithfulness steps, the random ranking and the first
+    snapshot's value), the scale-free DP (middle; the paper's DP, `dp_raw`, dash-dotted) and
+    the share of probes whose cue outscores every attractor (right, with its random
+    baseline). Old stores' ``alignment/dp`` is read as ``dp_raw``."""
     runs = _as_runs(runs)
     labels = _labels(runs, labels)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), dpi=100)
     colours = RUN_COLOURS
     found = False
     all_steps: list[int] = []
+    gradients = tuple((f"{m}/ap", "x", f"AP by {name} (reference)")
+                      for m, name in GRADIENT_CURVES)
     panels = ((axes[0], "average precision (AP)",
                (("ap", "-o", "NormXLogit"), ("ap_random", ":", "random"),
-                ("ap_logat", "--", "LogAt"))),
+                ("ap_reference", (0, (6, 2, 1, 2)), "first snapshot"), ("ap_logat", "--", "LogAt"),
+                ("ap_contrast", "-s", "norm x (target - foil) LogAt"), *gradients)),
               (axes[1], "dot product (DP)",
                (("dp_z", "-o", "DP_z (standardised, scale-free)"),
                 ("dp_raw", "-.", "DP (paper, scale-dependent)"),
-                ("dp_random", ":", "random"))))
+                ("dp_random", ":", "random"))),
+              (axes[2], "cue over attractor",
+               (("cue_over_attractor", "-o", "cue outscores every attractor"),
+                ("cue_over_attractor_random", ":", "random"),
+                ("cue_over_attractor_reference", (0, (6, 2, 1, 2)), "first snapshot"))))
     for ax, name, curves in panels:
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
             colour = colours[i % len(colours)]
@@ -633,15 +646,24 @@ def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
                     continue
                 found = True
                 all_steps += series[0]
-                ax.plot(*series, style, color=colour, markersize=3, label=_named(label, what))
-                band = metric_band(run, f"alignment/{metric}") if style == "-o" else None
+                if isinstance(style, tuple):
+                    ax.plot(*series, color=colour, linestyle=style, label=_named(label, what))
+                else:
+                    ax.plot(*series, style, color=colour, markersize=3,
+                            label=_named(label, what), alpha=0.6 if style == "x" else 1.0)
+                banded = style == "-o" or metric == "ap_contrast"
+                band = metric_band(run, f"alignment/{metric}") if banded else None
                 if band is not None:
-                    ax.fill_between(*band, color=colour, alpha=0.2, linewidth=0)
+                    ax.fill_between(*band, color=colour, alpha=0.2 if style == "-o" else 0.1,
+                                    linewidth=0)
         ax.set_ylabel(name)
         ax.set_title(f"cue words: {name}", fontsize=9)
         _symlog_steps(ax, all_steps)
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "not logged (no attractors or no data)", ha="center",
+                    transform=ax.transAxes, fontsize=8)
     if not found:
         plt.close(fig)
         raise ValueError("no alignment/* metrics in the runs: the probes have no cue words")
@@ -684,13 +706,15 @@ def norm_distribution(run, *, max_outlines: int = 4) -> Figure:
 
 
 def norm_frequency(run, step: int | None = None) -> Figure:
-    """Norm vs log token frequency at ``step`` (left), their Spearman correlation over time."""
+    """The paper's first claim at ``step``: norm vs log token frequency (left; never-seen
+    tokens apart) and vs information gain (middle; types with enough next-token pairs), and
+    both Spearman correlations over training with their 95% bands over token types (right)."""
     if "embedding" not in run:
         raise ValueError(f"{run.path} has no 'embedding' table; available: {sorted(run.tables)}")
     table = run["embedding"]
     step = nearest_step(table["step"].unique(), step)
     at = table[table["step"] == step]
-    fig, (scatter, curve) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    fig, (scatter, gain, curve) = plt.subplots(1, 3, figsize=(15, 3.4), dpi=100)
     seen = at["count"] > 0
     scatter.scatter(np.log10(at.loc[seen, "count"]), at.loc[seen, "norm"], s=6, alpha=0.5,
                     color="C0", label=f"seen ({int(seen.sum())})")
@@ -701,16 +725,40 @@ def norm_frequency(run, step: int | None = None) -> Figure:
     scatter.set_ylabel("input-embedding row norm")
     scatter.set_title(f"norm vs frequency at step {step}", fontsize=9)
     scatter.legend(fontsize=7)
-    series = metric_series(run, "embedding/norm_logfreq_spearman")
-    if series is not None:
-        curve.plot(*series, "-o", markersize=3)
+    info = at["infogain"] if "infogain" in at else at["norm"] * np.nan  # older stores: none
+    known = info.notna()
+    if known.any():
+        gain.scatter(info[known], at.loc[known, "norm"], s=8, alpha=0.6, color="C2",
+                     label=f"types with enough pairs ({int(known.sum())})")
+        gain.legend(fontsize=7)
+    else:
+        gain.text(0.5, 0.5, "no information gain (no type has enough pairs yet)",
+                  ha="center", transform=gain.transAxes, fontsize=8)
+    gain.set_xlabel("information gain KL(p(next | w) || p(next)), nats")
+    gain.set_ylabel("input-embedding row norm")
+    gain.set_title(f"norm vs information gain at step {step}", fontsize=9)
+    drawn = False
+    for key, colour, name in (("embedding/norm_infogain_spearman", "C2", "information gain "
+                               "(predicted > 0)"),
+                              ("embedding/norm_logfreq_spearman", "C0", "log frequency "
+                               "(predicted < 0)")):
+        series = metric_series(run, key)
+        if series is None:
+            continue
+        drawn = True
+        curve.plot(*series, "-o", markersize=3, color=colour, label=name)
+        band = metric_band(run, key)
+        if band is not None:
+            curve.fill_between(*band, color=colour, alpha=0.2, linewidth=0)
+        _symlog_steps(curve, series[0])
+    if drawn:
         curve.axhline(0.0, color="grey", linewidth=0.6)
         curve.set_ylim(-1.05, 1.05)
-        _symlog_steps(curve, series[0])
+        curve.legend(fontsize=7)
     else:
-        curve.text(0.5, 0.5, "no embedding/norm_logfreq_spearman metric", ha="center",
+        curve.text(0.5, 0.5, "no embedding/norm_*_spearman metric", ha="center",
                    transform=curve.transAxes)
-    curve.set_ylabel("Spearman(norm, log frequency)")
-    curve.set_title("norm-frequency correlation over training", fontsize=9)
+    curve.set_ylabel("Spearman with the norm")
+    curve.set_title("the norm correlations over training (95% bands over types)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -1,7 +1,8 @@
 """Probe sets: fixed short texts whose next-word (causal) or masked-word prediction is explained.
 
 A probe names the word the model should predict (``target``), optionally a contrast word
-(``foil``), and the words in the text that carry the evidence (``cues``). ``ProbeSet.encode``
+(``foil``), the words in the text that carry the evidence (``cues``) and the words that
+carry misleading evidence of the wrong number or gender (``attractors``). ``ProbeSet.encode``
 turns probes into padded tensors plus the token positions the attribution is read at.
 """
 
@@ -22,7 +23,7 @@ import yaml
 MASK_PLACEHOLDER = "[MASK]"
 OBJECTIVES = ("causal", "masked")
 SUFFIXES = (".yaml", ".yml", ".jsonl", ".json")
-_KEYS = ("cues", "foil", "group", "id", "target", "text")
+_KEYS = ("attractors", "cues", "foil", "group", "id", "target", "text")
 BLIMP_PREFIX = "blimp:"
 _GROUP = re.compile(r"[\w.\-]*")
 _BLIMP_KEYS = ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_bad", "UID", "pairID")
@@ -46,13 +47,18 @@ class Probe:
     cues: tuple[str, ...] = ()
     id: str = ""
     group: str = ""  # e.g. a BLiMP paradigm; metrics are also reported per group
+    # Words of the wrong number/gender (e.g. the noun between subject and verb), aligned to
+    # tokens as cues are: `alignment/cue_over_attractor` asks whether the cue outscores them.
+    attractors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # YAML/JSON give lists and people write a single cue bare; a tuple keeps Probe hashable.
-        if isinstance(self.cues, str):
-            object.__setattr__(self, "cues", (self.cues,))
-        elif isinstance(self.cues, Iterable) and not isinstance(self.cues, tuple):
-            object.__setattr__(self, "cues", tuple(self.cues))
+        # YAML/JSON give lists and people write a single word bare; a tuple keeps Probe hashable.
+        for name in ("cues", "attractors"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, Iterable) and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
 
 
 @dataclass
@@ -71,6 +77,8 @@ class EncodedProbes:
     # Every piece the target / foil word tokenises to (readable); [] when not given.
     target_tokens: list[list[str]] = field(default_factory=list)
     foil_tokens: list[list[str]] = field(default_factory=list)
+    # (N, T) bool, True on tokens overlapping an attractor word; None: no probe names any.
+    attractor_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -427,8 +435,9 @@ def _to_probe(item: Any, label: str) -> Probe:
                 f"{label}: missing required key 'text'; add the prefix (causal) or a sentence "
                 f"with {MASK_PLACEHOLDER} (masked)"
             )
-        cues = item.get("cues")
-        return Probe(**{**item, "cues": () if cues is None else cues})
+        cues, attractors = item.get("cues"), item.get("attractors")
+        return Probe(**{**item, "cues": () if cues is None else cues,
+                        "attractors": () if attractors is None else attractors})
     raise ProbeError(
         f"{label}: got {type(item).__name__} {item!r}; a probe is a text string, a mapping "
         f"with keys {', '.join(_KEYS)}, or a Probe"
@@ -475,17 +484,30 @@ def _check(probe: Probe, label: str) -> None:
         raise ProbeError(
             f"{label}: cues must be a list of words, got {probe.cues!r}; write e.g. [keys]"
         )
-    for cue in probe.cues:
-        if not isinstance(cue, str) or not cue.strip() or cue != cue.strip():
-            raise ProbeError(
-                f"{label}: cue {cue!r} must be a non-empty word without surrounding whitespace; "
-                "list cues as words copied from the text"
-            )
-        if not _cue_spans(probe.text, cue):
-            raise ProbeError(
-                f"{label}: cue {cue!r} does not occur as a whole word in text {probe.text!r} "
-                "(case-sensitive); copy the cue from the text exactly or remove it"
-            )
+    if not isinstance(probe.attractors, tuple):
+        raise ProbeError(
+            f"{label}: attractors must be a list of words, got {probe.attractors!r}; write "
+            "e.g. [cabinets]"
+        )
+    for kind, words in (("cue", probe.cues), ("attractor", probe.attractors)):
+        for word in words:
+            if not isinstance(word, str) or not word.strip() or word != word.strip():
+                raise ProbeError(
+                    f"{label}: {kind} {word!r} must be a non-empty word without surrounding "
+                    f"whitespace; list {kind}s as words copied from the text"
+                )
+            if not _cue_spans(probe.text, word):
+                raise ProbeError(
+                    f"{label}: {kind} {word!r} does not occur as a whole word in text "
+                    f"{probe.text!r} (case-sensitive); copy the {kind} from the text exactly "
+                    "or remove it"
+                )
+    both = sorted(set(probe.cues) & set(probe.attractors))
+    if both:
+        raise ProbeError(
+            f"{label}: {both[0]!r} is listed as a cue and as an attractor; a word either "
+            "carries the evidence (cues) or misleads (attractors): keep it in one list"
+        )
 
 
 def _build(items: list[Any], wheres: list[str] | None, source: str | None) -> list[Probe]:
@@ -606,6 +628,7 @@ class _Row:
     foil: int
     target_pieces: list[int] = field(default_factory=list)
     foil_pieces: list[int] = field(default_factory=list)
+    attractor_mask: list[bool] = field(default_factory=list)
 
 
 def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
@@ -625,6 +648,7 @@ def _cue_mask(
     offsets: list[tuple[int, int]],
     special: list[int],
     spans: dict[str, list[tuple[int, int]]],
+    kind: str = "cue",
 ) -> list[bool]:
     mask = [False] * len(offsets)
     for cue, cue_spans in spans.items():
@@ -637,8 +661,8 @@ def _cue_mask(
                 mask[i] = hit = True
         if not hit:
             raise ProbeError(
-                f"{label}: cue {cue!r} does not line up with any token (the tokenizer's "
-                "normalizer may have changed it); pick a cue that survives tokenisation"
+                f"{label}: {kind} {cue!r} does not line up with any token (the tokenizer's "
+                f"normalizer may have changed it); pick a {kind} that survives tokenisation"
             )
     return mask
 
@@ -704,6 +728,8 @@ def _encode_causal(tokenizer: Any, probe: Probe, label: str) -> _Row:
     ids, offsets, special = ids[:end], offsets[:end], special[:end]
     spans = {cue: _cue_spans(text, cue) for cue in probe.cues}
     cue_mask = _cue_mask(label, offsets, special, spans)
+    attractor_mask = _cue_mask(label, offsets, special,
+                               {w: _cue_spans(text, w) for w in probe.attractors}, "attractor")
     target_pieces = foil_pieces = []
     if probe.target is not None:
         target_pieces = _causal_word_pieces(tokenizer, text, ids, probe.target, label, "target")
@@ -712,7 +738,9 @@ def _encode_causal(tokenizer: Any, probe: Probe, label: str) -> _Row:
     shared, target, foil = _explained(tokenizer, probe, label, target_pieces, foil_pieces)
     ids = ids + shared
     cue_mask = cue_mask + [False] * len(shared)
-    return _Row(ids, cue_mask, len(ids) - 1, target, foil, target_pieces, foil_pieces)
+    attractor_mask = attractor_mask + [False] * len(shared)
+    return _Row(ids, cue_mask, len(ids) - 1, target, foil, target_pieces, foil_pieces,
+                attractor_mask)
 
 
 def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
@@ -727,16 +755,19 @@ def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
     mask_token = tokenizer.mask_token
     text = probe.text[:start] + mask_token + probe.text[end:]
     shift = len(mask_token) - len(MASK_PLACEHOLDER)
-    spans: dict[str, list[tuple[int, int]]] = {}
-    for cue in probe.cues:
-        # Cue spans come from the original text, then move with the swapped-in mask token.
-        outside = [(s, e) for s, e in _cue_spans(probe.text, cue) if e <= start or s >= end]
-        if not outside:
-            raise ProbeError(
-                f"{label}: cue {cue!r} only occurs inside the {MASK_PLACEHOLDER} placeholder; "
-                "cues must be visible words of the text"
-            )
-        spans[cue] = [(s + shift, e + shift) if s >= end else (s, e) for s, e in outside]
+    spans: dict[str, dict[str, list[tuple[int, int]]]] = {"cue": {}, "attractor": {}}
+    for kind, words in (("cue", probe.cues), ("attractor", probe.attractors)):
+        for word in words:
+            # Spans come from the original text, then move with the swapped-in mask token.
+            outside = [(s, e) for s, e in _cue_spans(probe.text, word)
+                       if e <= start or s >= end]
+            if not outside:
+                raise ProbeError(
+                    f"{label}: {kind} {word!r} only occurs inside the {MASK_PLACEHOLDER} "
+                    f"placeholder; {kind}s must be visible words of the text"
+                )
+            spans[kind][word] = [(s + shift, e + shift) if s >= end else (s, e)
+                                 for s, e in outside]
     ids, offsets, special = _tokenize(tokenizer, text)
     hits = [i for i, token_id in enumerate(ids) if token_id == tokenizer.mask_token_id]
     if len(hits) != 1:
@@ -744,7 +775,8 @@ def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
             f"{label}: expected one mask token {mask_token!r} after tokenising, found "
             f"{len(hits)}; the tokenizer must keep its mask token whole (register it as special)"
         )
-    cue_mask = _cue_mask(label, offsets, special, spans)
+    cue_mask = _cue_mask(label, offsets, special, spans["cue"])
+    attractor_mask = _cue_mask(label, offsets, special, spans["attractor"], "attractor")
     # The word form depends on whether a space precedes it (byte-level BPE: "Ġare" vs "are").
     spaced = start > 0 and probe.text[start - 1].isspace()
     target_pieces = foil_pieces = []
@@ -758,8 +790,10 @@ def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
     position = hits[0]
     ids = ids[:position] + shared + ids[position:]
     cue_mask = cue_mask[:position] + [False] * len(shared) + cue_mask[position:]
+    attractor_mask = (attractor_mask[:position] + [False] * len(shared)
+                      + attractor_mask[position:])
     return _Row(ids, cue_mask, position + len(shared), target, foil, target_pieces,
-                foil_pieces)
+                foil_pieces, attractor_mask)
 
 
 def _readable(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -777,11 +811,13 @@ def _collate(tokenizer: Any, rows: list[_Row], probes: list[Probe]) -> EncodedPr
     input_ids = torch.full((n, t), pad, dtype=torch.long)  # (N, T)
     attention_mask = torch.zeros((n, t), dtype=torch.long)  # (N, T)
     cue_mask = torch.zeros((n, t), dtype=torch.bool)  # (N, T)
+    attractor_mask = torch.zeros((n, t), dtype=torch.bool)  # (N, T)
     for i, row in enumerate(rows):
         length = len(row.ids)
         input_ids[i, :length] = torch.tensor(row.ids, dtype=torch.long)
         attention_mask[i, :length] = 1
         cue_mask[i, :length] = torch.tensor(row.cue_mask, dtype=torch.bool)
+        attractor_mask[i, :length] = torch.tensor(row.attractor_mask, dtype=torch.bool)
     return EncodedProbes(
         ids=[p.id for p in probes],
         input_ids=input_ids,
@@ -794,4 +830,5 @@ def _collate(tokenizer: Any, rows: list[_Row], probes: list[Probe]) -> EncodedPr
         probes=list(probes),
         target_tokens=[_readable(tokenizer, row.target_pieces) for row in rows],
         foil_tokens=[_readable(tokenizer, row.foil_pieces) for row in rows],
+        attractor_mask=attractor_mask if any(p.attractors for p in probes) else None,
     )

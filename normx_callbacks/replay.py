@@ -38,6 +38,7 @@ from .checkpoints import (
     import_class,
 )
 from .discovery import find_model
+from .embeddings import TokenCounter
 from .engine import Engine
 from .probes import ProbeSet
 from .store import SnapshotStore, _read_meta
@@ -479,7 +480,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
 
     errors: list[str] = []
     taken: list[Checkpoint] = []
-    counts: torch.Tensor | None = None
+    counts: tuple | None = None
     loader = _SeriesLoader(model_class, device, DTYPES[dtype])
     bar = tqdm(todo, desc="replay", unit="ckpt", disable=not progress, file=sys.stderr)
     for checkpoint in bar:
@@ -514,8 +515,9 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
             engine.append_to(root)
         if counts is None:
             counts = (_count(count_corpus, tokenizer, shape[2]) if count_corpus
-                      else torch.zeros(shape[2], dtype=torch.long))  # no batches in a replay
-        engine.counter.counts = counts.clone()
+                      else TokenCounter(shape[2]))  # no batches in a replay: zeros
+        engine.counter.counts = counts.counts.clone()
+        engine.counter.pair_keys, engine.counter.pair_counts, _ = counts.pairs()
         engine.snapshot(checkpoint.step, final=checkpoint is series[-1])
         taken.append(checkpoint)
         del module, adapter  # the loader keeps the one model of the series
@@ -535,17 +537,20 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
     return written
 
 
-def _count(path: str | os.PathLike, tokenizer: Any, vocab: int) -> torch.Tensor:
-    """``(vocab,)`` token counts of a text file, each line tokenised without special tokens."""
+def _count(path: str | os.PathLike, tokenizer: Any, vocab: int) -> TokenCounter:
+    """The token and next-token pair counts of a text file, each line tokenised without
+    special tokens (a line is a row: no pair spans two lines)."""
     try:
         lines = Path(path).expanduser().read_text("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise ReplayError([f"--count-corpus {str(path)!r}: cannot read it ({error})"]) from None
-    counts = torch.zeros(vocab, dtype=torch.long)
+    counter = TokenCounter(vocab)
     for ids in tokenizer([line for line in lines if line.strip()],
                          add_special_tokens=False)["input_ids"]:
-        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab]
-    return counts
+        if ids:
+            counter.update(torch.tensor(ids, dtype=torch.long)[None])
+    counter.collect()
+    return counter
 
 
 def _one_line(error: BaseException) -> str:

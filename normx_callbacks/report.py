@@ -17,7 +17,7 @@ import pandas as pd
 from . import plots
 from .pages import esc, figure_html, grid, html_table, note, page, token_legend, token_strip
 from .store import RunData, load_run
-from .summary import summary_paragraph
+from .summary import paired_tests, summary_paragraph
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,16 @@ HEADLINE = {
     "accuracy": "probe/accuracy",
     "ap": "alignment/ap",
     "ap_random": "alignment/ap_random",
+    "ap_contrast": "alignment/ap_contrast",
+    "cue_over_attractor": "alignment/cue_over_attractor",
+    "ap_input_x_gradient": "alignment/input_x_gradient/ap",
     "dp_raw": "alignment/dp_raw",
     "dp_z": "alignment/dp_z",
     "dp_random": "alignment/dp_random",
+    "prediction_depth": "probe/prediction_depth",
     "stability": "stability/spearman",
     "norm_logfreq_spearman": "embedding/norm_logfreq_spearman",
+    "norm_infogain_spearman": "embedding/norm_infogain_spearman",
 }
 
 SECTIONS = {
@@ -163,13 +168,22 @@ def render_report(
         lambda: plots.metric_history(runs, ["probe/target_prob", "probe/accuracy"],
                                      labels=labels, title="mean over probes",
                                      ylabel="probability / accuracy"), "probe predictions")
-        + _group_figure(runs, labels))]))
+        + _group_figure(runs, labels)
+        + _try_figure(lambda: plots.metric_history(
+            runs, ["probe/prediction_depth"], labels=labels,
+            title="when the prediction forms: first layer whose logit lens ranks the target "
+                  "first (mean over probes that have one)", ylabel="layer"),
+            "prediction depth"))]))
     count("loss and predictions")
     parts.append(_section("alignment", "<p class=\"meta\">Do the cue words get the highest "
-                          "scores? AP/DP of the cue positions under NormXLogit (last layer) and "
-                          "LogAt, against the expected value for a random ranking.</p>"
+                          "scores among the positions before the explained one? AP/DP of the "
+                          "cue positions under NormXLogit (last layer) and LogAt, beside their "
+                          "controls: the random ranking, the first snapshot (the untrained "
+                          "model: what word class alone gives), the target-minus-foil score, "
+                          "cue over attractor, and gradient methods as a reference.</p>"
                           + _try_figure(lambda: plots.alignment_curves(runs, labels=labels),
-                                        "evidence alignment")))
+                                        "evidence alignment")
+                          + _tests_html(runs, names)))
     count("alignment")
     parts.append(grid([_section("stability", "<p class=\"meta\">Spearman rank correlation of "
                                  "the NormXLogit scores with the previous snapshot.</p>"
@@ -258,6 +272,22 @@ def _cost_table(runs: Sequence[RunData], labels: Sequence[str], keys: Sequence[s
         frame = frame.drop(columns="run")
     return ('<p class="meta">Cost of each method (last snapshot that measured it):</p>'
             + html_table(frame, left=("run", "method")))
+
+
+def _tests_html(runs: Sequence[RunData], names: Sequence[str]) -> str:
+    """The paired tests the summary's words rest on, per run (`summary.paired_tests`)."""
+    out = []
+    for run, name in zip(runs, names, strict=True):
+        rows = paired_tests(run)
+        if not rows:
+            out.append(note(f"{name}: the store keeps no per-probe values, so no paired test "
+                            "can be shown (point values only)"))
+            continue
+        lead = f"{esc(name)}: " if len(runs) > 1 else ""
+        out.append(f'<p class="meta">{lead}Paired tests over probes (bootstrap of the '
+                   "per-probe difference, 95% interval):</p>"
+                   + html_table(pd.DataFrame(rows), left=("comparison", "verdict")))
+    return "".join(out)
 
 
 def _section(key: str, body: str) -> str:

@@ -8,8 +8,8 @@ intervals, the long-format tables the store keeps, and the one pass over non-fin
 that both the `nonfinite/*` counts and the `nonfinite` table come from.
 
 The builder keeps the little state that spans snapshots (the previous norms and scores, for
-drift and rank stability, and which probes a warning already named); snapshots reach it in
-step order.
+drift and rank stability, the first snapshot's per-probe alignment as the structural
+reference, and which probes a warning already named); snapshots reach it in step order.
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ import torch
 from torch import Tensor
 
 from .attribution import Attribution
-from .embeddings import EmbeddingSnapshot, summarise_norms
+from .embeddings import EmbeddingSnapshot, PairCounts, summarise_norms
 from .faithfulness import summarise_faithfulness
 from .metrics import (
     alignment_per_probe,
     bootstrap_interval,
+    cue_over_attractor,
     group_contrast,
     rank_stability,
     ranked_positions,
     spearman,
+    spearman_interval,
 )
 from .probes import EncodedProbes
+from .statistics import paired
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,13 @@ class Snapshot:
     attribution: Attribution | None = None
     norms: Tensor | None = None  # (V,) float32 embedding row norms
     counts: Tensor | None = None  # (V,) int64 token counts so far (a copy)
+    pairs: PairCounts | None = None  # next-token pair counts so far
     faithfulness: list[pd.DataFrame] | None = None  # per-probe AOPC rows, when due
     train_seconds: float = 0.0
     error: str | None = None
     weights: dict | None = None  # the model's state, when faithfulness runs in the helper
+    # Gradient reference of alignment at faithfulness steps: method -> ((B, T) scores, seconds)
+    gradient: dict[str, tuple[Tensor, float]] | None = None
 
 
 @dataclass
@@ -102,6 +108,10 @@ class SnapshotBuilder:
         self.prev_norms: Tensor | None = None
         self.prev_scores: Tensor | None = None
         self.warned_left_out: set[str] = set()
+        # Per-probe alignment of the first snapshot (the untrained model in a training run):
+        # the structural reference "above step 0" is tested against (`reference_from_store`
+        # restores it after a resume).
+        self.reference: pd.DataFrame | None = None
 
     def build(self, snap: Snapshot) -> Built:
         ctx = self.ctx
@@ -110,14 +120,15 @@ class SnapshotBuilder:
         if previous is not None and previous.shape != snap.norms.shape:
             previous = None  # the vocabulary was resized: no drift across the change
         embed = summarise_norms(snap.norms, counts=snap.counts, previous=previous,
-                                top_k=ctx.top_k, tied=ctx.tied)
+                                top_k=ctx.top_k, tied=ctx.tied, pairs=snap.pairs)
         nonfinite = _nonfinite(ctx, attr, embed)
-        metrics, intervals = self._metrics(attr, embed, nonfinite)
+        self._per_probe: dict[str, np.ndarray] = {}
+        metrics, intervals = self._metrics(attr, embed, nonfinite, snap)
         if snap.faithfulness is not None:
             found, rows = faithfulness_summary(ctx, snap.faithfulness, intervals)
             metrics.update(found)
         metrics["snapshot/train_seconds"] = snap.train_seconds
-        tables = build_tables(ctx, attr, embed, snap.counts)
+        tables = build_tables(ctx, attr, embed, snap.counts, self._per_probe)
         if len(nonfinite):
             tables["nonfinite"] = nonfinite
         if snap.faithfulness is not None:
@@ -129,22 +140,29 @@ class SnapshotBuilder:
     # ------------------------------------------------------------------ metrics
 
     def _metrics(self, attr: Attribution, embed: EmbeddingSnapshot,
-                 nonfinite: pd.DataFrame) -> tuple[dict[str, float],
-                                                   dict[str, tuple[float, float]]]:
+                 nonfinite: pd.DataFrame, snap: Snapshot) -> tuple[dict[str, float],
+                                                                   dict[str, tuple[float, float]]]:
         ctx = self.ctx
         enc = ctx.encoded
         intervals: dict[str, tuple[float, float]] = {}
+        self._intervals = intervals
         mean = _Mean(intervals)
         m: dict[str, float] = {f"embedding/{k}": v for k, v in embed.stats.items()}
         m["embedding/tied"] = float(embed.tied)
         if embed.drift is not None:
             m["embedding/drift"] = embed.drift
-        m["embedding/norm_logfreq_spearman"] = embed.norm_logfreq_spearman
+        m.update(_norm_statistics(embed, snap, intervals))
         for word, token_id in ctx.track_ids.items():
             m[f"embedding/track/{word}"] = float(embed.norms[token_id])
         mean(m, "probe/target_prob", attr.target_probs)
         mean(m, "probe/target_logit", attr.target_logits)
         m["probe/probes"] = float(len(attr.target_probs))
+        if attr.prediction_depth is not None:
+            depth = attr.prediction_depth.double()
+            # Over the probes whose target some layer ranks first; the others are counted.
+            mean(m, "probe/prediction_depth", depth)
+            m["probe/prediction_depth_never"] = float(torch.isnan(depth).sum())
+            self._per_probe["prediction_depth"] = depth.numpy()
         has_foil = enc.foils >= 0
         if bool(has_foil.any()):
             rows = torch.arange(len(enc))[has_foil]
@@ -162,10 +180,14 @@ class SnapshotBuilder:
         without_cues = int((~enc.cue_mask.any(dim=1)).sum())
         if without_cues and has_cues:
             m["alignment/probes_without_cues"] = float(without_cues)  # left out of alignment
+        keep = ranked_positions(attr.valid, attr.positions, ctx.objective, ctx.protect)
         if has_cues:
-            m.update(self._alignment(attr, mean))
+            m.update(self._alignment(attr, mean, keep, snap))
         if self.prev_scores is not None and self.prev_scores.shape == attr.scores.shape:
-            m["stability/spearman"] = rank_stability(self.prev_scores, attr.scores)
+            # Over the candidates alignment ranks (the same probes, so the same positions).
+            nan = torch.tensor(float("nan"))
+            m["stability/spearman"] = rank_stability(torch.where(keep, self.prev_scores, nan),
+                                                     torch.where(keep, attr.scores, nan))
         m["importance/norm_logat_spearman"] = spearman(attr.norms[attr.valid],
                                                        attr.logat[attr.valid])
         source = nonfinite["source"]
@@ -183,33 +205,140 @@ class SnapshotBuilder:
                         counts["score"], counts["target_logit"])
         return m, intervals
 
-    def _alignment(self, attr: Attribution, mean: _Mean) -> dict[str, float]:
-        """`alignment/*` from the model's last layer (whatever `layers` lists) and AP per
-        listed layer; a probe with cues that drops out is named once in a warning."""
+    def _alignment(self, attr: Attribution, mean: _Mean, keep: Tensor,
+                   snap: Snapshot) -> dict[str, float]:
+        """`alignment/*` from the model's last layer (whatever `layers` lists) over the
+        candidate positions (`ranked_positions`: never the explained one), its controls (the
+        target-minus-foil score, cue over attractor, the first snapshot's value) with paired
+        tests, AP per listed layer and of the gradient reference methods; per-probe values
+        go to the `probes` table. A probe with cues that cannot enter is named once."""
         ctx = self.ctx
         enc = ctx.encoded
-        keep = ranked_positions(attr.valid, attr.positions, ctx.objective, ctx.protect)
+        per_probe = self._per_probe
         last = alignment_per_probe(attr.scores[:, None], enc.cue_mask, keep)
         entered = ~torch.isnan(last["ap"][:, 0])
-        out = {"alignment/probes": float(entered.sum())}
+        rows = torch.arange(len(enc))
+        has_cue = enc.cue_mask.any(dim=1)
+        at_target = has_cue & ~entered & enc.cue_mask[rows, attr.positions]
+        out = {"alignment/probes": float(entered.sum()),
+               "alignment/probes_cue_at_target": float(at_target.sum())}
         for key, values in last.items():
             mean(out, f"alignment/{key}", values[:, 0])
+            per_probe[key] = values[:, 0].double().numpy()
+        self._paired(out, "alignment/ap_vs_random", per_probe["ap"], per_probe["ap_random"])
         logat = alignment_per_probe(attr.logat[:, None], enc.cue_mask, keep)["ap"][:, 0]
         mean(out, "alignment/ap_logat", logat)
+        per_probe["ap_logat"] = logat.double().numpy()
         if attr.layer_scores is not None and attr.layers is not None:
             per_layer = alignment_per_probe(attr.layer_scores, enc.cue_mask, keep)["ap"]
             for i, layer in enumerate(attr.layers):
                 mean(out, f"alignment/ap_layer{layer}", per_layer[:, i])
-        left_out = [enc.ids[b] for b in
-                    torch.nonzero(enc.cue_mask.any(dim=1) & ~entered).flatten().tolist()]
-        new = sorted(set(left_out) - self.warned_left_out)
+        if attr.contrast_scores is not None and bool((enc.foils >= 0).any()):
+            # norm x (LogAt(target) - LogAt(foil)): what speaks for the target over the foil,
+            # not for the target's word class (NaN without a foil: those probes stay out).
+            contrast = alignment_per_probe(attr.contrast_scores[:, None], enc.cue_mask, keep)
+            for key in ("ap", "ap_random"):
+                name = "ap_contrast" + key[2:]
+                per_probe[name] = contrast[key][:, 0].double().numpy()
+                mean(out, f"alignment/{name}", contrast[key][:, 0])
+            out["alignment/ap_contrast_probes"] = float(np.isfinite(per_probe["ap_contrast"]).sum())
+            self._paired(out, "alignment/ap_contrast_vs_random", per_probe["ap_contrast"],
+                         per_probe["ap_contrast_random"])
+        if enc.attractor_mask is not None:
+            win, random = cue_over_attractor(attr.scores[:, None], enc.cue_mask,
+                                             enc.attractor_mask, keep)
+            per_probe["cue_over_attractor"] = win[:, 0].double().numpy()
+            per_probe["cue_over_attractor_random"] = random[:, 0].double().numpy()
+            mean(out, "alignment/cue_over_attractor", win[:, 0])
+            mean(out, "alignment/cue_over_attractor_random", random[:, 0])
+            out["alignment/cue_over_attractor_probes"] = float(torch.isfinite(win).sum())
+            self._paired(out, "alignment/cue_over_attractor_vs_random",
+                         per_probe["cue_over_attractor"], per_probe["cue_over_attractor_random"])
+        self._reference(out, enc.ids)
+        for method, (scores, seconds) in (snap.gradient or {}).items():
+            self._gradient(out, mean, method, scores, seconds, attr, keep)
+        self._name_left_out(enc, entered, at_target)
+        return out
+
+    def _reference(self, out: dict[str, float], ids: list[str]) -> None:
+        """`alignment/<key>_reference` (the first snapshot's mean) and the paired change
+        since then, `alignment/<key>_vs_reference`, for AP, its contrast form and cue over
+        attractor."""
+        columns = [c for c in REFERENCE_COLUMNS if c in self._per_probe]
+        now = pd.DataFrame({c: self._per_probe[c] for c in columns}, index=ids)
+        if self.reference is None:
+            self.reference = now
+        reference = self.reference.reindex(index=ids)
+        for column in columns:
+            if column not in reference:
+                continue
+            before = reference[column].to_numpy(dtype=float)
+            kept = before[np.isfinite(before)]
+            out[f"alignment/{column}_reference"] = float(kept.mean()) if kept.size else NAN
+            self._paired(out, f"alignment/{column}_vs_reference", now[column].to_numpy(), before)
+
+    def _gradient(self, out: dict[str, float], mean: _Mean, method: str, scores: Tensor,
+                  seconds: float, attr: Attribution, keep: Tensor) -> None:
+        """AP of a gradient reference method on the same probes and candidates, against its
+        random baseline and against NormXLogit's AP (paired), and how closely NormXLogit's
+        ranking follows it (mean per-probe Spearman over the candidates)."""
+        enc = self.ctx.encoded
+        found = alignment_per_probe(scores.float()[:, None], enc.cue_mask, keep)
+        ap = found["ap"][:, 0].double().numpy()
+        self._per_probe[f"ap_{method}"] = ap
+        mean(out, f"alignment/{method}/ap", found["ap"][:, 0])
+        mean(out, f"alignment/{method}/ap_random", found["ap_random"][:, 0])
+        self._paired(out, f"alignment/{method}/ap_vs_random", ap,
+                     found["ap_random"][:, 0].double().numpy())
+        self._paired(out, f"alignment/{method}/normxlogit_minus_method",
+                     self._per_probe["ap"], ap)
+        nan = torch.tensor(float("nan"))
+        out[f"alignment/{method}/spearman"] = rank_stability(
+            torch.where(keep, attr.scores, nan), torch.where(keep, scores.float(), nan))
+        out[f"alignment/{method}/seconds"] = float(seconds)
+
+    def _paired(self, out: dict[str, float], key: str, a: np.ndarray, b: np.ndarray) -> None:
+        found = paired(a, b)
+        out[key] = found.mean
+        self._intervals[key] = (found.low, found.high)
+
+    def _name_left_out(self, enc: EncodedProbes, entered: Tensor, at_target: Tensor) -> None:
+        ids = np.asarray(enc.ids, dtype=object)
+        at = sorted(set(ids[at_target.numpy()]) - self.warned_left_out)
+        if at:
+            log.warning("NormXLogitCallback: probe(s) %s have cue words only at the explained "
+                        "position, which alignment never ranks (for a causal LM its last-layer "
+                        "LogAt is the model's own target logit); they cannot enter alignment/* "
+                        "and are counted in alignment/probes_cue_at_target", at)
+            self.warned_left_out.update(at)
+        other = enc.cue_mask.any(dim=1) & ~entered & ~at_target
+        new = sorted(set(ids[other.numpy()]) - self.warned_left_out)
         if new:
             log.warning("NormXLogitCallback: probe(s) %s have cue words but none is among the "
-                        "ranked positions (cue only at the explained mask slot, a special "
-                        "token, or a non-finite score); they are left out of alignment/* "
-                        "(alignment/probes counts those that entered)", new)
+                        "ranked positions (a special token, or a non-finite score); they are "
+                        "left out of alignment/* (alignment/probes counts those that entered)",
+                        new)
             self.warned_left_out.update(new)
-        return out
+
+
+REFERENCE_COLUMNS = ("ap", "ap_contrast", "cue_over_attractor")
+
+
+def reference_from_store(store) -> pd.DataFrame | None:
+    """The per-probe reference columns of the first snapshot a store holds (a resumed run's
+    structural reference), or None when it holds none or an older store lacks them."""
+    steps = store.steps() if store is not None else []
+    if not steps:
+        return None
+    path = store.root / "probes" / f"step={steps[0]:09d}.parquet"
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError):
+        return None
+    columns = [c for c in REFERENCE_COLUMNS if c in table.columns]
+    if not columns:
+        return None
+    return table.set_index("probe_id")[columns]
 
 
 class _Mean:
@@ -224,6 +353,35 @@ class _Mean:
         kept = values[~np.isnan(values)]
         m[key] = float(kept.mean()) if kept.size else NAN
         self.intervals[key] = bootstrap_interval(kept)
+
+
+def _norm_statistics(embed: EmbeddingSnapshot, snap: Snapshot,
+                     intervals: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The paper's first claim over token types: Spearman(norm, log frequency) over types
+    seen in training and Spearman(norm, information gain) over types with enough pairs, each
+    with a bootstrap interval over the types; never-seen tokens reported apart."""
+    norms = embed.norms.double()
+    m = {"embedding/norm_logfreq_spearman": embed.norm_logfreq_spearman}
+    if snap.counts is not None:
+        counts = snap.counts.to(torch.float64)
+        seen = counts > 0
+        intervals["embedding/norm_logfreq_spearman"] = spearman_interval(
+            norms[seen], torch.log(counts[seen]))
+        m["embedding/seen_tokens"] = float(seen.sum())
+        m["embedding/unseen_tokens"] = float((~seen).sum())
+        for name, rows in (("seen", seen), ("unseen", ~seen)):
+            values = norms[rows & torch.isfinite(norms)]
+            m[f"embedding/{name}_norm_median"] = (float(np.median(values.numpy()))
+                                                  if values.numel() else NAN)
+    if embed.infogain is not None:
+        key = "embedding/norm_infogain_spearman"
+        m[key] = embed.norm_infogain_spearman
+        intervals[key] = spearman_interval(norms, embed.infogain)
+        m["embedding/infogain_types"] = float(torch.isfinite(embed.infogain).sum())
+    if snap.pairs is not None:
+        m["embedding/bigram_pairs"] = float(snap.pairs.keys.numel())
+        m["embedding/bigram_pairs_dropped"] = float(snap.pairs.dropped)
+    return m
 
 
 def faithfulness_summary(ctx: ProbeContext, parts: list[pd.DataFrame],
@@ -260,8 +418,10 @@ def metrics_table(metrics: dict[str, float],
 
 
 def build_tables(ctx: ProbeContext, attr: Attribution, embed: EmbeddingSnapshot,
-                 counts: Tensor) -> dict[str, pd.DataFrame]:
-    """The long-format `tokens`, `probes` and `embedding` tables, built column-wise."""
+                 counts: Tensor, per_probe: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, pd.DataFrame]:
+    """The long-format `tokens`, `probes` and `embedding` tables, built column-wise;
+    ``per_probe``: each probe's alignment values (columns of `probes`, for paired tests)."""
     enc = ctx.encoded
     layers = list(attr.layers) if attr.layers is not None else [ctx.num_layers]
     n_layers = len(layers)
@@ -292,6 +452,9 @@ def build_tables(ctx: ProbeContext, attr: Attribution, embed: EmbeddingSnapshot,
         "token_id": ids.astype(np.int64),
         "token": flat_tokens,
         "is_cue": enc.cue_mask.numpy()[b_idx, t_idx],
+        "is_attractor": (enc.attractor_mask.numpy()[b_idx, t_idx]
+                         if enc.attractor_mask is not None else np.zeros(len(b_idx), bool)),
+        "is_special": ctx.protect.numpy()[b_idx, t_idx],
         "is_explained": t_idx == positions[b_idx],
         "norm": norms,
         "logat": logat,
@@ -316,11 +479,15 @@ def build_tables(ctx: ProbeContext, attr: Attribution, embed: EmbeddingSnapshot,
         "target_tokens": enc.target_tokens,
         "foil_tokens": enc.foil_tokens,
         "contrast": _explained_contrast(attr, enc.foils),
+        **{name: np.asarray(values, dtype=np.float64)
+           for name, values in (per_probe or {}).items()},
     })
     embedding = pd.DataFrame({
         "token_id": np.arange(len(embed.norms)),
         "norm": embed.norms.numpy(),
         "count": counts.numpy(),
+        "infogain": (embed.infogain.numpy() if embed.infogain is not None
+                     else np.full(len(embed.norms), NAN)),
     })
     return {"tokens": tokens, "probes": probes, "embedding": embedding}
 

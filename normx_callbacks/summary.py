@@ -1,10 +1,10 @@
 """A run in words: headline numbers and a generated summary paragraph.
 
-Shared by the end-of-run message of `train.py`, `normx summary` and the top of
-`normx report`, so all three say the same thing. A claim that cue AP "rose above
-random" is made only when the store's 95% interval (`low`/`high` columns of the
-metrics table) lies above the random baseline; a store without intervals gets the
-point values and nothing stronger.
+Shared by the end-of-run message of `train.py`, `normx summary`, the top of `normx report`
+and the README's tables (`docs/make_tables.py`), so all say the same thing. Every "above",
+"below", "rose" and "fell" comes from `statistics` (paired bootstraps over the probes the
+store keeps per-probe values of; "first above" only at two consecutive snapshots); a store
+without per-probe values gets point values and no verdict.
 """
 
 from __future__ import annotations
@@ -16,9 +16,30 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from .statistics import (
+    ABOVE,
+    BELOW,
+    CONSECUTIVE,
+    change,
+    change_word,
+    crossing,
+    first_sustained,
+    paired,
+    probe_correct,
+    probe_values,
+    sign_word,
+    versus_reference,
+)
 from .store import RunData, StoreError, find_runs, read_run_record
 
 ACCURACY_MARK = 0.9  # the accuracy level the summary reports the crossing of
+VERSUS = {ABOVE: "above", BELOW: "below"}  # else "not distinguishable from"
+# The gradient reference first: input x gradient needs no optional extra, so every run has it.
+REFERENCE_ORDER = ("input_x_gradient", "saliency", "integrated_gradients")
+METHOD_NAMES = {"input_x_gradient": "input x gradient", "saliency": "Saliency",
+                "integrated_gradients": "Integrated Gradients"}
 
 
 @dataclass(frozen=True)
@@ -60,45 +81,100 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}" if math.isfinite(value) else "n/a"
 
 
+def _ci(point: Point) -> str:
+    return (f"{_fmt(point.value)} [{_fmt(point.low)}, {_fmt(point.high)}]" if point.has_interval
+            else _fmt(point.value))
+
+
+def versus_random(run: RunData, column: str, baseline: str, name: str) -> str | None:
+    """``name`` against its random baseline, paired over probes: at the last snapshot, the
+    first step it is above at two consecutive snapshots, and its change since the first
+    snapshot (the untrained model's structural reference). None without per-probe values."""
+    tests = versus_reference(run, column, baseline)
+    values, base = probe_values(run, column), probe_values(run, baseline)
+    steps = sorted(tests)
+    if not steps:
+        return None
+    last = steps[-1]
+    test = tests[last]
+    if test.verdict is None:
+        return None
+    word = VERSUS.get(test.verdict, "not distinguishable from")
+    text = (f"{name} at the last snapshot (step {last}) is {_fmt(values[last].mean())} against "
+            f"{_fmt(base[last].mean())} by chance: {word} it (paired difference "
+            f"{test.interval()} over {test.n} probes)")
+    first = first_sustained(steps, [tests[s] for s in steps], ABOVE)
+    text += (f"; it was first above chance at {CONSECUTIVE} consecutive snapshots at step "
+             f"{first}" if first is not None else
+             f"; never above chance at {CONSECUTIVE} consecutive snapshots")
+    if steps[0] != last:
+        since = change(values[steps[0]], values[last])
+        word = change_word(since)
+        if word is not None:
+            text += (f"; against the untrained model (step {steps[0]}: "
+                     f"{_fmt(values[steps[0]].mean())}) {word} ({since.interval()})")
+    return text + "."
+
+
+def _point_values(run: RunData, key: str, baseline: str, name: str) -> str | None:
+    """Point values only: a store without the per-probe values a test needs."""
+    points, base = metric_points(run, key), metric_points(run, baseline)
+    if not points:
+        return None
+    first, last = points[0], points[-1]
+    r = _at(base, last.step)
+    chance = f" (random {_fmt(r.value)})" if r is not None else ""
+    return (f"{name} went from {_fmt(first.value)} at step {first.step} to {_fmt(last.value)} "
+            f"at step {last.step}{chance}; the store keeps no per-probe values, so no "
+            "comparison is tested.")
+
+
 def ap_emergence(run: RunData) -> str | None:
-    """When cue AP first rose above its random baseline, or the point values when it is unsure."""
-    ap = metric_points(run, "alignment/ap")
-    rand = metric_points(run, "alignment/ap_random")
-    if not ap or not rand:
-        return None
-    pairs = [(p, r) for p in ap if (r := _at(rand, p.step)) is not None]
-    if not pairs:
-        return None
-    if all(p.has_interval for p, _ in pairs):
-        first = next(((p, r) for p, r in pairs if p.low > r.value), None)
-        if first is None:
-            last, r = pairs[-1]
-            return (f"Cue AP never rose above its random baseline with 95% confidence (last "
-                    f"snapshot, step {last.step}: {_fmt(last.value)}, interval "
-                    f"[{_fmt(last.low)}, {_fmt(last.high)}], random {_fmt(r.value)}).")
-        p, r = first
-        text = (f"Cue AP first rose above its random baseline at step {p.step} "
-                f"({_fmt(p.value)}, 95% interval [{_fmt(p.low)}, {_fmt(p.high)}] vs random "
-                f"{_fmt(r.value)})")
-        last, r = pairs[-1]
-        if last.step != p.step and not last.low > r.value:
-            # The first crossing is not the end of the story: say where the run ended.
-            text += (f", but at the last snapshot (step {last.step}) it is no longer above it "
-                     f"({_fmt(last.value)}, interval [{_fmt(last.low)}, {_fmt(last.high)}] "
-                     f"vs random {_fmt(r.value)})")
-        return text + "."
-    above = next(((p, r) for p, r in pairs if p.value > r.value), None)
-    if above is None:
-        last, r = pairs[-1]
-        return (f"Cue AP stayed at or below its random baseline (step {last.step}: "
-                f"{_fmt(last.value)} vs random {_fmt(r.value)}).")
-    p, r = above
-    return (f"Cue AP was first above its random baseline at step {p.step} ({_fmt(p.value)} vs "
-            f"{_fmt(r.value)}); the store has no intervals, so these are point values only.")
+    """Cue AP against random and against the first snapshot (paired), or point values."""
+    return (versus_random(run, "ap", "ap_random", "Cue AP (NormXLogit)")
+            or _point_values(run, "alignment/ap", "alignment/ap_random", "Cue AP"))
+
+
+def controls(run: RunData) -> list[str]:
+    """The controls of alignment: the target-minus-foil score and cue over attractor."""
+    out = [versus_random(run, "ap_contrast", "ap_contrast_random",
+                         "Cue AP of the target-minus-foil score"),
+           versus_random(run, "cue_over_attractor", "cue_over_attractor_random",
+                         "The share of probes whose cue outscores every attractor")]
+    return [s for s in out if s]
+
+
+def gradient_reference(run: RunData) -> str | None:
+    """At the last snapshot with a gradient reference: its cue AP against random, and
+    NormXLogit's AP against it (paired)."""
+    for method in REFERENCE_ORDER:
+        tests = versus_reference(run, f"ap_{method}", "ap_random")
+        if not tests:
+            continue
+        step = max(tests)
+        if tests[step].verdict is None:
+            continue
+        ours = versus_reference(run, "ap", f"ap_{method}")[step]
+        values = probe_values(run, f"ap_{method}")[step]
+        word = VERSUS.get(tests[step].verdict, "not distinguishable from")
+        lead = {ABOVE: "higher than", BELOW: "lower than"}.get(ours.verdict,
+                                                                "not distinguishable from")
+        return (f"By {METHOD_NAMES[method]} (the gradient reference, step {step}) cue AP is "
+                f"{_fmt(values.mean())}, {word} chance (paired difference "
+                f"{tests[step].interval()}); NormXLogit's cue AP is {lead} it (paired "
+                f"difference {ours.interval()}).")
+    return None
 
 
 def accuracy_crossing(run: RunData, mark: float = ACCURACY_MARK) -> str | None:
-    """When probe accuracy (target logit > foil logit) first reached ``mark``."""
+    """When probe accuracy (target logit > foil logit) crossed ``mark``, with its interval
+    (per-probe right/wrong from the store's contrasts); point values without them."""
+    correct = probe_correct(run)
+    if correct:
+        steps = sorted(correct)
+        if any(np.isfinite(correct[s].to_numpy()).sum() >= 2 for s in steps):
+            return crossing(steps, [correct[s].to_numpy() for s in steps],
+                            mark).sentence("Probe accuracy")
     points = metric_points(run, "probe/accuracy")
     if not points:
         return None
@@ -106,30 +182,130 @@ def accuracy_crossing(run: RunData, mark: float = ACCURACY_MARK) -> str | None:
     if first is None:
         return (f"Probe accuracy never reached {mark:g} (best {_fmt(max(p.value for p in points))}"
                 f", last {_fmt(points[-1].value)} at step {points[-1].step}).")
-    return f"Probe accuracy first reached {mark:g} at step {first.step} ({_fmt(first.value)})."
+    return (f"Probe accuracy first reached {mark:g} at step {first.step} ({_fmt(first.value)}; "
+            "a point value, no per-probe record to test it).")
 
 
-def norm_frequency(run: RunData) -> str | None:
-    """How the Spearman correlation of embedding norm and log frequency moved."""
-    points = metric_points(run, "embedding/norm_logfreq_spearman")
-    if not points:
+def prediction_depth(run: RunData) -> str | None:
+    """When the prediction forms in depth: the mean first layer whose logit lens ranks the
+    target first, at the last and the first snapshot."""
+    points = metric_points(run, "probe/prediction_depth")
+    never = metric_points(run, "probe/prediction_depth_never")
+    probes = metric_points(run, "probe/probes")
+    if not never:
         return None
-    first, last = points[0], points[-1]
-    if first.step == last.step:
-        return (f"Embedding norms and log token frequency: Spearman {_fmt(last.value)} "
-                f"at step {last.step}.")
-    verb = "tracked" if last.value >= 0.3 else "did not clearly track"
-    peak = max(points, key=lambda p: p.value)
-    extra = (f" (highest {_fmt(peak.value)} at step {peak.step})"
-             if peak.value - last.value > 0.1 else "")
-    return (f"Embedding norms {verb} token frequency at the last snapshot: Spearman(norm, log "
-            f"frequency) over tokens seen in training went from {_fmt(first.value)} at step "
-            f"{first.step} to {_fmt(last.value)} at step {last.step}{extra}.")
+    last_never = never[-1]
+    step = last_never.step
+    total, last = _at(probes, step), _at(points, step)
+    if total is None:
+        return None
+    reached = int(total.value) - int(last_never.value)
+    if last is None:
+        text = f"At step {step} no layer's logit lens ranks any probe's target first"
+    else:
+        text = (f"The logit lens ranks the target first from layer {_fmt(last.value)} on "
+                f"average at step {step}, over the {reached} of {int(total.value)} probes "
+                "whose target some layer ranks first")
+    first_step = run.steps[0] if run.steps else step
+    if first_step != step and _at(never, first_step) is not None:
+        start = _at(points, first_step)
+        text += (f" (at step {first_step}: layer {_fmt(start.value)}, "
+                 f"{int(_at(probes, first_step).value) - int(_at(never, first_step).value)} "
+                 "probes)" if start is not None else
+                 f" (at step {first_step}: none)")
+    return text + "."
+
+
+def norm_claims(run: RunData) -> list[str]:
+    """The paper's first claim, measured as stated: norms against information gain and
+    log frequency over token types, with the sign the paper predicts, and the tokens left
+    out of both."""
+    out = []
+    ig = metric_points(run, "embedding/norm_infogain_spearman")
+    freq = metric_points(run, "embedding/norm_logfreq_spearman")
+    if ig or freq:
+        parts = []
+        for points, name, predicted in ((ig, "Spearman(norm, information gain)", "positive"),
+                                        (freq, "Spearman(norm, log frequency)", "negative")):
+            if not points:
+                continue
+            last = points[-1]
+            sign = sign_word(last.low, last.high)
+            if sign is None:
+                verdict = "a point value, no interval stored"
+            elif sign == predicted:
+                verdict = f"{sign}: the predicted sign"
+            elif sign.startswith("not"):
+                verdict = f"{sign}: the predicted sign is not shown"
+            else:
+                verdict = f"{sign}: the opposite of the predicted sign"
+            parts.append(f"{name} is {_ci(last)} at step {last.step} ({verdict})")
+        out.append("The paper predicts larger norms for more informative words: a positive "
+                   "Spearman(norm, information gain) (Oyama et al.'s KL of the next-token "
+                   "distribution; rarer words tend to carry more, hence also a negative "
+                   "Spearman(norm, log frequency)). " + "; ".join(parts) + ".")
+    unseen = metric_points(run, "embedding/unseen_tokens")
+    seen = metric_points(run, "embedding/seen_tokens")
+    if unseen and seen:
+        u, k = unseen[-1], _at(seen, unseen[-1].step)
+        med_u = _at(metric_points(run, "embedding/unseen_norm_median"), u.step)
+        med_s = _at(metric_points(run, "embedding/seen_norm_median"), u.step)
+        medians = (f" (median norm {_fmt(med_u.value)}, against {_fmt(med_s.value)} for seen "
+                   "tokens)" if med_u is not None and med_s is not None else "")
+        total = int(u.value) + (int(k.value) if k is not None else 0)
+        out.append(f"{int(u.value)} of {total} embedding rows belong to tokens never seen in "
+                   f"training by step {u.step}{medians}; they enter neither correlation.")
+    tied = metric_points(run, "embedding/tied")
+    if tied and tied[-1].value == 1:
+        out.append("Input and output embeddings are tied, so a row's norm is also shaped by "
+                   "the output softmax, not by the input side alone.")
+    return out
+
+
+def paired_tests(run: RunData) -> list[dict]:
+    """Every paired comparison the words rest on, at the last snapshot that holds it: the
+    comparison, step, difference with its 95% interval, probes, verdict ("above", "below",
+    "not distinguishable"). Empty for a store without per-probe values."""
+    rows = []
+
+    def add(what: str, step: int, test) -> None:
+        if test is not None and test.verdict is not None:
+            rows.append({"comparison": what, "step": step, "difference": test.interval(),
+                         "probes": test.n, "verdict": test.verdict})
+
+    for column, baseline, name in (("ap", "ap_random", "cue AP"),
+                                   ("ap_contrast", "ap_contrast_random",
+                                    "target-minus-foil AP"),
+                                   ("cue_over_attractor", "cue_over_attractor_random",
+                                    "cue over attractor")):
+        tests = versus_reference(run, column, baseline)
+        if not tests:
+            continue
+        last = max(tests)
+        add(f"{name} - random", last, tests[last])
+        values = probe_values(run, column)
+        first = min(values)
+        if first != last:
+            add(f"{name} at step {last} - at step {first}", last,
+                change(values[first], values[last]))
+    for method in REFERENCE_ORDER:
+        tests = versus_reference(run, f"ap_{method}", "ap_random")
+        if tests:
+            last = max(tests)
+            add(f"{METHOD_NAMES[method]} AP - random", last, tests[last])
+            add(f"NormXLogit AP - {METHOD_NAMES[method]} AP", last,
+                versus_reference(run, "ap", f"ap_{method}")[last])
+    correct = probe_correct(run)
+    if correct:
+        last = max(correct)
+        add("probe accuracy - 0.5 (chance)", last, paired(correct[last].to_numpy(), 0.5))
+    return rows
 
 
 def summary_paragraph(run: RunData) -> str:
     """The run in a few sentences (empty when the store holds none of the metrics used)."""
-    parts = [ap_emergence(run), accuracy_crossing(run), norm_frequency(run)]
+    parts = [ap_emergence(run), *controls(run), gradient_reference(run),
+             accuracy_crossing(run), prediction_depth(run), *norm_claims(run)]
     return " ".join(p for p in parts if p)
 
 
@@ -143,17 +319,19 @@ def headline_lines(run: RunData) -> list[str]:
         text = []
         for p in ends:
             r = _at(rand, p.step)
-            interval = f" [{_fmt(p.low)}, {_fmt(p.high)}]" if p.has_interval else ""
             baseline = f" (random {_fmt(r.value)})" if r is not None else ""
-            text.append(f"{_fmt(p.value)}{interval}{baseline} at step {p.step}")
-        lines.append("cue AP:         " + " -> ".join(text))
+            text.append(f"{_ci(p)}{baseline} at step {p.step}")
+        line = "cue AP:         " + " -> ".join(text)
+        test = versus_reference(run, "ap", "ap_random").get(ap[-1].step)
+        if test is not None and test.verdict is not None:
+            line += f"; vs random (paired) {test.interval()}: {test.verdict}"
+        lines.append(line)
     acc = metric_points(run, "probe/accuracy")
     if acc:
         ends = [acc[0], acc[-1]] if len(acc) > 1 else [acc[0]]
-        lines.append("probe accuracy: " + " -> ".join(f"{_fmt(p.value)} at step {p.step}"
+        lines.append("probe accuracy: " + " -> ".join(f"{_ci(p)} at step {p.step}"
                                                      for p in ends))
     return lines
-
 
 
 def _shown(path: str | os.PathLike, cwd: Path) -> str:

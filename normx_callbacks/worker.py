@@ -40,7 +40,14 @@ import torch
 
 from .faithfulness import faithfulness_rows
 from .loggers import SnapshotMedia
-from .snapshot import ProbeContext, Snapshot, SnapshotBuilder, metrics_table
+from .methods import probe_attributions
+from .snapshot import (
+    ProbeContext,
+    Snapshot,
+    SnapshotBuilder,
+    metrics_table,
+    reference_from_store,
+)
 from .store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ class Faithfulness:
     probes: int  # the first n probes
     batch_size: int
     accepts_mask: bool
+    alignment_methods: tuple[str, ...] = ()  # gradient reference of alignment, same cadence
 
 
 class SnapshotWriter:
@@ -103,6 +111,8 @@ class SnapshotWriter:
 
     def use_store(self, root: str, run_meta: dict) -> None:
         self.store = SnapshotStore(root, run_meta=run_meta)
+        if self.builder.reference is None:  # a resumed run: its first snapshot's alignment
+            self.builder.reference = reference_from_store(self.store)
 
     def set_state(self, state: dict) -> None:
         self.builder.prev_norms = state["prev_norms"]
@@ -120,6 +130,10 @@ class SnapshotWriter:
         try:
             if weights is not None:
                 snap.faithfulness = self._faithfulness(weights)
+                if self.faithfulness.alignment_methods:  # on the copy _faithfulness loaded
+                    snap.gradient = probe_attributions(
+                        self._adapter, self.ctx.encoded, self.faithfulness.alignment_methods,
+                        batch_size=self.faithfulness.batch_size)
             built = self.builder.build(snap)
             built.metrics["snapshot/worker_seconds"] = time.perf_counter() - start
             built.tables["metrics"] = metrics_table(built.metrics, built.intervals)
@@ -522,22 +536,26 @@ class _Watch:
 
 
 class _Child:
-    """The helper's pid, with `subprocess.Popen`'s poll / wait / returncode."""
+    """The helper's pid, with `subprocess.Popen`'s poll / wait / returncode. One lock: the
+    worker thread polls a helper that died mid-call while another thread may wait for it,
+    and only the thread that reaps the pid learns its exit code."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self._lock = threading.Lock()
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = -1
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    self.returncode = -1
+                    return self.returncode
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
 
     def status(self) -> tuple[str, int] | None:
         """(scheduler state letter, CPU time in clock ticks) from /proc; None elsewhere."""
@@ -549,12 +567,10 @@ class _Child:
         return fields[0], int(fields[11]) + int(fields[12])  # state, utime + stime
 
     def wait(self) -> int:
-        if self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                self.returncode = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                self.returncode = -1
+        # Polls rather than blocking in waitpid under the lock: a killed helper in
+        # uninterruptible sleep may take long to die, and no `poll` may wait for that.
+        while self.poll() is None:
+            time.sleep(0.05)
         return self.returncode
 
 

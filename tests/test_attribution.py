@@ -283,3 +283,31 @@ def test_bfloat16_model_keeps_the_logit_invariant_within_bf16_precision():
     # bf16 has 8 bits of mantissa: the head's dot products agree to ~1e-2 relative.
     torch.testing.assert_close(attr.logat, expected, atol=2e-2, rtol=2e-2)
     assert attr.scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_prediction_depth_is_the_first_layer_whose_logit_lens_ranks_the_target_first(name):
+    model = models.build(name)
+    ids, mask, _ = _batch(name, batch=4)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    norm = model.transformer.ln_f if name == "gpt2" else model.model.norm
+    last = len(hidden.hidden_states) - 1
+    with torch.no_grad():  # the lens by hand: final norm below the last layer only
+        lens = torch.stack([model.lm_head(h[:, -1] if i == last else norm(h[:, -1]))
+                            for i, h in enumerate(hidden.hidden_states)])  # (L+1, B, V)
+    top = lens.argmax(-1)  # (L+1, B)
+    # Planted targets: row 0 the layer-0 top token, rows 1-2 the model's own prediction
+    # (ranked first at the last layer at the latest), row 3 a token no layer ranks first.
+    never = next(t for t in range(models.VOCAB) if not (top[:, 3] == t).any())
+    targets = torch.tensor([int(top[0, 0]), int(top[-1, 1]), int(top[-1, 2]), never])
+    attr = normxlogit(model, ids, mask, targets=targets, prediction_depth=True)
+    expected = [next((float(i) for i in range(last + 1) if top[i, b] == targets[b]),
+                     float("nan")) for b in range(4)]
+    assert attr.prediction_depth[0].item() == 0.0
+    assert attr.prediction_depth[1:3].tolist() == expected[1:3] and max(expected[1:3]) <= last
+    assert torch.isnan(attr.prediction_depth[3])
+    # Without the option nothing is computed; batching changes nothing.
+    assert normxlogit(model, ids, mask, targets=targets).prediction_depth is None
+    small = normxlogit(model, ids, mask, targets=targets, prediction_depth=True, batch_size=1)
+    torch.testing.assert_close(small.prediction_depth, attr.prediction_depth, equal_nan=True)

@@ -144,7 +144,7 @@ CASES = {
         r"copy the cue from the text exactly or remove it", "ProbeSet()"),
     "unknown probe key": Case(
         lambda c: ProbeSet([{"text": "the key", "label": "x"}]),
-        ProbeError, r"unknown key 'label'", r"valid keys are cues, foil, group, id, target, text",
+        ProbeError, r"unknown key 'label'", r"valid keys are attractors, cues, foil, group, id, target, text",
         "ProbeSet()"),
     "non-UTF-8 probe file": Case(
         lambda c: probe_file(c, "p.yaml", b"- text: caf\xe9 near\n"),

@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from normx_callbacks import NormXLogitCallback, SnapshotSchedule, load_run
 from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.embeddings import TokenCounter, information_gain
 from normx_callbacks.store import find_store
 
 MAX_STEPS = 4
@@ -157,7 +158,9 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     for column in ("value", "low", "high"):
         np.testing.assert_allclose(ddp_m.loc[keys, column], one_m.loc[keys, column],
                                    rtol=1e-5, atol=1e-6)
-    for key in ("probe/target_logit", "probe/target_prob", "alignment/ap"):
+    # The gradient reference of alignment: rank 0 attributes every probe on its own model.
+    for key in ("probe/target_logit", "probe/target_prob", "alignment/ap",
+                "alignment/input_x_gradient/ap"):
         np.testing.assert_allclose(ddp_m.loc[key, "value"], one_m.loc[key, "value"], rtol=1e-5,
                                    atol=1e-6)
 
@@ -172,6 +175,15 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     every_document = torch.bincount(data.input_ids[data.attention_mask.bool()],
                                      minlength=dm.vocab_size)
     assert torch.equal(ddp_counts(dm, MAX_STEPS), every_document)
+    # Next-token pairs too: gathered on rank 0, each counted once, so information gain at the
+    # end is that of every document.
+    counter = TokenCounter(dm.vocab_size)
+    counter.update({"input_ids": data.input_ids, "attention_mask": data.attention_mask})
+    counter.collect()
+    rows = embedding[embedding.step == MAX_STEPS].sort_values("token_id")
+    expected = information_gain(counter.pair_keys, counter.pair_counts, dm.vocab_size)
+    np.testing.assert_allclose(rows["infogain"].to_numpy(), expected.numpy(), rtol=1e-9)
+    assert np.isfinite(expected.numpy()).sum() >= 3
 
 
 

@@ -64,12 +64,15 @@ def test_summary_lists_every_snapshot_and_headline_metrics(tiny_run, capsys):
     assert steps == [0, 1, 2, 4, 8, 16, 20]
     header = next(line for line in out.splitlines() if line.strip().startswith("step"))
     for column in ("target_prob", "accuracy", "ap", "ap_random", "dp_raw", "dp_z", "stability",
-                   "norm_logfreq_spearman"):
+                   "norm_logfreq_spearman", "ap_contrast", "cue_over_attractor",
+                   "prediction_depth", "norm_infogain_spearman"):
         assert column in header.split()
-    rows = [line.split()[0] for line in out.splitlines()[out.splitlines().index(header) + 1:]
-            if line.strip() and line.split()[0].isdigit()]
+    below = out.splitlines()[out.splitlines().index(header) + 1:]
+    table = below[:below.index("")]  # the headline table ends at the first blank line
+    rows = [line.split()[0] for line in table if line.split()[0].isdigit()]
     assert [int(s) for s in rows] == steps
     assert "GPT2LMHeadModel" in out and "5 probes" in out
+    assert "paired tests over probes" in out and "cue AP - random" in out
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])

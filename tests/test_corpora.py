@@ -17,7 +17,7 @@ from normx_callbacks.demo.tokenizer import (
 )
 from normx_callbacks.probes import ProbeSet
 
-PROBE_KEYS = {"id", "text", "target", "foil", "cues"}
+PROBE_KEYS = {"id", "text", "target", "foil", "cues", "attractors"}
 
 
 def _whole_word_count(text: str, word: str) -> int:
@@ -93,6 +93,11 @@ def test_agreement_cues_agree_by_construction(agreement):
         assert NUMBER[attractor] != meta["number"], p
         if meta["construction"] != "det-noun":  # there the cue is a determiner
             assert attractor not in pairs[cue], p
+        # The probe names every word of the other number as an attractor: the distractor
+        # noun, and a relative clause's verb too.
+        wrong = [w for w in p["text"].split() if NUMBER.get(w, meta["number"]) != meta["number"]]
+        assert p["attractors"] == wrong and attractor in wrong, p
+        assert len(wrong) == (2 if meta["construction"] == "sv-rc" else 1), p
         if meta["construction"] == "anaphor" and meta["number"] == "sg":
             assert p["target"] == corpora._REFLEXIVE_SINGULAR[cue], p  # himself / herself
         assert p["id"].startswith(meta["construction"] + "-")

@@ -1,5 +1,7 @@
+import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from normx_callbacks.embeddings import (
     EmbeddingSnapshot,
     TokenCounter,
     embedding_norms,
+    information_gain,
     snapshot_embeddings,
     summarise_norms,
 )
@@ -170,3 +173,129 @@ def test_token_counter_validates():
         TokenCounter(3, count_fn="input_ids")
     with pytest.raises(TypeError, match="count_fn returned"):
         TokenCounter(3, count_fn=lambda b: b.float()).update(torch.tensor([[0, 1]]))
+
+
+# --- next-token pairs and information gain ------------------------------------------------
+
+
+def _markov(n: int, rng: np.random.Generator, transition: np.ndarray) -> np.ndarray:
+    """A chain of ``n`` tokens drawn from ``transition`` (rows: p(next | w))."""
+    cumulative = transition.cumsum(1)
+    x = np.empty(n, dtype=np.int64)
+    x[0] = 0
+    u = rng.random(n)
+    for i in range(1, n):
+        x[i] = min(int(np.searchsorted(cumulative[x[i - 1]], u[i])), len(transition) - 1)
+    return x
+
+
+def _known_kl(transition: np.ndarray) -> np.ndarray:
+    """KL(p(next | w) || p(next)) per w, p(next) the chain's stationary distribution."""
+    values, vectors = np.linalg.eig(transition.T)
+    pi = np.real(vectors[:, np.argmin(abs(values - 1))])
+    pi /= pi.sum()
+    return (transition * np.log(transition / pi)).sum(1)
+
+
+def test_information_gain_on_a_synthetic_bigram_corpus_matches_the_known_kl():
+    rng = np.random.default_rng(0)
+    transition = rng.dirichlet(np.full(5, 0.7), size=5)
+    truth = _known_kl(transition)
+    tokens = _markov(100_000, rng, transition)
+    counter = TokenCounter(5)
+    for rows in np.split(tokens.reshape(50, -1), 5):  # pairs are counted within rows
+        counter.update(torch.from_numpy(rows))
+    counter.collect()
+    estimate = information_gain(counter.pair_keys, counter.pair_counts, 5)
+    np.testing.assert_allclose(estimate.numpy(), truth, atol=0.02)
+    assert truth.max() - truth.min() > 0.3  # the types differ, so matching them means something
+
+
+def test_information_gain_bias_correction_and_minimum_count():
+    # Short samples: the plug-in KL is too large by about (K - 1) / (2 n); the estimator
+    # removes that term, so its mean error over many samples is far smaller.
+    rng = np.random.default_rng(1)
+    transition = rng.dirichlet(np.full(5, 0.7), size=5)
+    truth = _known_kl(transition)
+    corrected, plug_in = [], []
+    for _ in range(150):
+        counter = TokenCounter(5)
+        counter.update(torch.from_numpy(_markov(300, rng, transition))[None])
+        counter.collect()
+        keys, counts, _ = counter.pairs()
+        estimate = information_gain(keys, counts, 5, min_count=1).numpy()
+        left = (keys // 5).numpy()
+        n_w = np.bincount(left, weights=counts.numpy(), minlength=5)
+        distinct = np.bincount(left, minlength=5)
+        corrected.append(estimate - truth)
+        plug_in.append(estimate + (distinct - 1) / (2 * n_w) - truth)
+    bias, plug_in_bias = np.mean(corrected, 0), np.mean(plug_in, 0)
+    assert np.abs(bias).mean() < 0.5 * np.abs(plug_in_bias).mean(), (bias, plug_in_bias)
+    assert (plug_in_bias > 0).all()  # the plug-in errs upward for every type
+    # A type seen as the first word of fewer than min_count pairs gets no estimate.
+    counter = TokenCounter(4)
+    counter.update(torch.tensor([[0, 1] * 25 + [2, 3]]))
+    counter.collect()
+    gain = information_gain(counter.pair_keys, counter.pair_counts, 4)
+    assert torch.isfinite(gain[[0, 1]]).all() and torch.isnan(gain[[2, 3]]).all()  # 2: one pair
+    assert information_gain(counter.pair_keys, counter.pair_counts, 4, min_count=1)[2].item() == pytest.approx(
+        math.log(51))  # 2 -> 3 always; 3 is the next token in 1 of the 51 pairs
+
+
+def test_pairs_stay_within_rows_and_skip_padding_and_the_mask_token():
+    counter = TokenCounter(6, masked=True, mask_token_id=5)
+    ids = torch.tensor([[0, 5, 2, 3], [1, 2, 4, 4]])
+    labels = torch.tensor([[-100, 1, -100, -100], [-100, -100, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    counter.update({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    counter.collect()
+    keys, counts, _ = counter.pairs()
+    pairs = {(int(k) // 6, int(k) % 6): int(c) for k, c in zip(keys, counts, strict=True)}
+    # Row 0 read uncorrupted (0 1 2 3); row 1 stops at padding; no pair spans two rows.
+    assert pairs == {(0, 1): 1, (1, 2): 2, (2, 3): 1, (2, 4): 1}
+
+
+def test_pair_counts_fold_on_the_device_gather_over_ranks_and_survive_a_checkpoint():
+    batches = [torch.tensor([[0, 1, 2, 1, 0]]), torch.tensor([[2, 2, 1, 0, 1]])] * 3
+    whole = TokenCounter(3)
+    folding = TokenCounter(3, fold_keys=5)  # folds at every batch: the same counts
+    for batch in batches:
+        whole.update(batch)
+        folding.update(batch)
+    whole.collect()
+    folding.collect()
+    assert torch.equal(whole.pair_keys, folding.pair_keys)
+    assert torch.equal(whole.pair_counts, folding.pair_counts)
+    assert int(whole.pair_counts.sum()) == 6 * 4
+    # Two "ranks": the writer gets both ranks' pending pairs, the other keeps none.
+    rank0, rank1 = TokenCounter(3), TokenCounter(3)
+    for i, batch in enumerate(batches):
+        (rank0 if i % 2 == 0 else rank1).update(batch)
+    box: list = []
+    rank1.collect(gather=lambda mine: box.append(mine))  # a non-writer: nothing kept
+    rank0.collect(gather=lambda mine: [mine, box[0]])
+    assert rank1.pair_keys.numel() == 0
+    assert torch.equal(rank0.pair_keys, whole.pair_keys)
+    assert torch.equal(rank0.pair_counts, whole.pair_counts)
+    restored = TokenCounter(3)
+    restored.load_state_dict(whole.state_dict())
+    assert torch.equal(restored.pair_counts, whole.pair_counts)
+    old = {"vocab_size": 3, "counts": whole.counts}  # a checkpoint from before pairs
+    restored.load_state_dict(old)
+    assert restored.pair_keys.numel() == 0 and restored.pairs_dropped == 0
+
+
+def test_past_max_pairs_the_rarest_are_dropped_counted_and_warned_once(caplog):
+    counter = TokenCounter(4, max_pairs=2)
+    with caplog.at_level(logging.WARNING, logger="normx_callbacks"):
+        counter.update(torch.tensor([[0, 1, 0, 1, 0, 1, 2, 3, 0, 2]]))
+        counter.collect()
+        counter.update(torch.tensor([[3, 1, 3, 1]]))
+        counter.collect()
+    keys = [(int(k) // 4, int(k) % 4) for k in counter.pair_keys]
+    # Counts: (0,1) x3, (1,0) x2, (1,2), (2,3), (3,0), (0,2) once; then (3,1) x2, (1,3).
+    assert keys == [(0, 1), (1, 0)] and counter.pair_counts.tolist() == [3, 2]
+    assert counter.pairs_dropped == 4 + 3
+    assert len([r for r in caplog.records if "max_pairs=2" in r.getMessage()]) == 1
+    with pytest.raises(ValueError, match="max_pairs must be a positive int, got 0"):
+        TokenCounter(4, max_pairs=0)

@@ -14,8 +14,10 @@ from torch import nn
 from normx_callbacks.adapters import ModelAdapter
 from normx_callbacks.faithfulness import (
     FRACTIONS,
+    RANDOM_PERMUTATIONS,
     Replacement,
     aopc,
+    faithfulness_rows,
     faithfulness_table,
     ranks,
     removal_counts,
@@ -446,9 +448,28 @@ def test_faithfulness_table_on_gpt2():
     # Same numbers as aopc on the method's scores.
     from normx_callbacks.methods import attribute
 
-    scores = attribute("random", model, ids, mask, positions, seed=0)
-    direct = aopc(model, ids, mask, positions, scores, replacement=1)
-    assert table["comprehensiveness"][1] == pytest.approx(direct["comprehensiveness"])
+    # Each probe's own target where it has one (row 1 has none: the argmax); random is the
+    # mean over RANDOM_PERMUTATIONS seeded rankings, not one draw.
+    targets = torch.tensor([4, -1, 8])
+    draws = [aopc(model, ids, mask, positions,
+                  attribute("random", model, ids, mask, positions, seed=i),
+                  replacement=1, targets=targets)["comprehensiveness"]
+             for i in range(RANDOM_PERMUTATIONS)]
+    assert table["comprehensiveness"][1] == pytest.approx(np.mean(draws), rel=1e-4)
+    assert np.std(draws) > 0  # the draws differ, so the mean is not one of them
+    rows = faithfulness_rows(model, probes, ("normxlogit",), replacement=1)
+    assert rows["explained"].tolist() == ["target", "argmax", "target"]
+    direct = aopc(model, ids, mask, positions,
+                  attribute("normxlogit", model, ids, mask, positions, targets),
+                  replacement=1, targets=targets)
+    np.testing.assert_allclose(rows["comprehensiveness"], direct["comprehensiveness_rows"])
+    argmax = faithfulness_rows(model, probes, ("normxlogit",), replacement=1, explain="argmax")
+    assert set(argmax["explained"]) == {"argmax"}
+    original = aopc(model, ids, mask, positions,
+                    attribute("normxlogit", model, ids, mask, positions), replacement=1)
+    np.testing.assert_allclose(argmax["comprehensiveness"],
+                               original["comprehensiveness_rows"])
+    assert rows["correct"].tolist()[::2] == argmax["correct"].tolist()[::2]
     no_gold = faithfulness_table(
         model, _encoded(ids, mask, positions, torch.full((3,), -1)), ("norm",), replacement=1
     )

@@ -79,6 +79,14 @@ def test_custom_scalars_put_each_metric_with_its_baseline(tensorboard):
     assert charts["probe accuracy and target probability"] == [
         "normx/probe/accuracy", "normx/probe/target_prob"]
     assert charts["AP per layer"] == [f"normx/alignment/ap_layer{i}" for i in range(3)]
+    controls = charts["AP controls: first snapshot, target - foil score, gradient references"]
+    assert {"normx/alignment/ap_reference", "normx/alignment/ap_contrast",
+            "normx/alignment/ap_contrast_random"} <= set(controls)
+    assert charts["cue over attractor, random and first snapshot"] == [
+        "normx/alignment/cue_over_attractor", "normx/alignment/cue_over_attractor_random",
+        "normx/alignment/cue_over_attractor_reference"]
+    paired = charts["paired differences over probes (0 = none): vs random, vs first snapshot"]
+    assert "normx/alignment/ap_vs_random" in paired and "normx/alignment/ap_vs_reference" in paired
     assert all(tag.startswith("normx/") for tags in charts.values() for tag in tags)
     assert layout.category[0].title.startswith("normx")
 

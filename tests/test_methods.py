@@ -13,12 +13,14 @@ from torch import nn
 
 from normx_callbacks import normxlogit, resolve_adapter
 from normx_callbacks.adapters import ModelAdapter
+from normx_callbacks.attribution import prepare_inputs
 from normx_callbacks.methods import (
     GRADIENT_METHODS,
     METHODS,
     attribute,
     batched_logits,
     gradient_attributions,
+    resolve_alignment_methods,
 )
 
 NAMES = ("gpt2", "llama", "bert", "bert_cls")
@@ -228,9 +230,50 @@ def test_missing_captum_names_the_install_command(monkeypatch):
     model = models.build("gpt2")
     ids, mask, _ = _batch("gpt2")
     with pytest.raises(ImportError, match=r"pip install 'normx-callbacks\[baselines\]'"):
-        attribute("saliency", model, ids, mask)
+        attribute("integrated_gradients", model, ids, mask)
     # Forward-only methods need no Captum.
     assert attribute("normxlogit", model, ids, mask).shape == ids.shape
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_saliency_and_input_x_gradient_need_no_captum_and_equal_captums(name, monkeypatch):
+    from captum.attr import InputXGradient, Saliency
+
+    model = models.build(name)
+    ids, mask, positions = _batch(name)
+    adapter = resolve_adapter(model)
+    _, _, pos = prepare_inputs(adapter, ids, mask, positions)
+    targets = batched_logits(adapter, ids, mask, pos, None).argmax(-1)
+    embeds = adapter.embedding(ids).detach().requires_grad_(True)
+
+    def forward(x):
+        return batched_logits(adapter, ids, mask, pos, None, embeds=x)
+
+    for method, captum_class in (("input_x_gradient", InputXGradient),
+                                 ("saliency", Saliency)):
+        ours = gradient_attributions(method, model, ids, mask, positions)
+        theirs = captum_class(forward).attribute(embeds, target=targets).detach()
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    for method in ("input_x_gradient", "saliency"):
+        blocked = attribute(method, model, ids, mask, positions)
+        torch.testing.assert_close(blocked, attribute(method, model, ids, mask, positions,
+                                                      batch_size=1), equal_nan=True)
+        assert torch.isfinite(blocked[_expected_valid(model, ids, mask, positions)]).all()
+    assert resolve_alignment_methods("installed") == ("input_x_gradient", "saliency")
+    with pytest.raises(ImportError, match=r"method='integrated_gradients' needs Captum"):
+        resolve_alignment_methods(["integrated_gradients"])
+
+
+def test_alignment_methods_are_validated():
+    assert resolve_alignment_methods(None) == ()
+    assert resolve_alignment_methods("installed") == ("input_x_gradient", "saliency")
+    assert resolve_alignment_methods(GRADIENT_METHODS) == GRADIENT_METHODS
+    with pytest.raises(ValueError, match=r"\['normxlogit'\] are not gradient methods"):
+        resolve_alignment_methods(["normxlogit"])
+    with pytest.raises(ValueError, match="alignment_methods='all'"):
+        resolve_alignment_methods("all")
 
 
 def test_bad_arguments():

@@ -6,10 +6,12 @@ import pytest
 import scipy.stats
 import torch
 
+from normx_callbacks.faithfulness import candidate_mask
 from normx_callbacks.metrics import (
     alignment_per_probe,
     average_precision,
     bootstrap_interval,
+    cue_over_attractor,
     dot_product,
     dot_product_z,
     evidence_alignment,
@@ -18,6 +20,7 @@ from normx_callbacks.metrics import (
     rank_stability,
     ranked_positions,
     spearman,
+    spearman_interval,
     standardised,
 )
 
@@ -245,30 +248,83 @@ def test_rank_stability():
 # --- which positions are ranked, scale-free DP, intervals -------------------------
 
 
-def test_ranked_positions_causal_keeps_the_last_prefix_word_masked_drops_the_slot():
+def test_ranked_positions_exclude_the_explained_position_for_every_objective():
     valid = torch.tensor([[T, T, T, T, F], [T, T, T, T, T]])
     pos = torch.tensor([3, 2])
     special = torch.tensor([[F, F, F, F, F], [T, F, F, F, F]])
     causal = ranked_positions(valid, pos, "causal", special)
-    assert causal.tolist() == [[T, T, T, T, F], [F, T, T, F, F]]
+    assert causal.tolist() == [[T, T, T, F, F], [F, T, F, F, F]]  # before t only
     masked = ranked_positions(valid, pos, "masked")
-    assert masked.tolist() == [[T, T, T, F, F], [T, T, F, T, T]]
+    assert masked.tolist() == [[T, T, T, F, F], [T, T, F, T, T]]  # all but the slot
     with pytest.raises(ValueError, match="positions"):
         ranked_positions(valid, torch.tensor([0, 5]), "causal")
 
 
-def test_causal_probe_whose_only_cue_is_the_last_prefix_word_has_finite_ap():
-    # "the mother liked those" -> cue "those" at the explained position 3.
+def test_alignment_and_faithfulness_share_one_candidate_rule():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[2, 4:] = 0
+    pos = torch.tensor([5, 2, 3])
+    scores = torch.randn(3, 6, generator=g)
+    scores[0, 1] = NAN  # a position without a score is no candidate
+    protect = torch.zeros(3, 6, dtype=torch.bool)
+    protect[1, 0] = True
+    for causal, objective in ((True, "causal"), (False, "masked")):
+        expected = ranked_positions(mask.bool() & ~torch.isnan(scores), pos, objective, protect)
+        assert torch.equal(candidate_mask(mask, pos, scores, causal=causal, protect=protect),
+                           expected)
+
+
+def test_a_causal_probe_whose_only_cue_is_at_the_explained_position_cannot_enter():
+    # "the mother liked those" -> cue "those" at the explained position 3: last-layer LogAt
+    # there is the model's own target logit, so it is not a candidate and AP is undefined.
     scores = torch.tensor([[[0.1, 0.5, 0.2, 0.9]]])
     cue = torch.tensor([[F, F, F, T]])
     valid = torch.ones(1, 4, dtype=torch.bool)
-    keep = ranked_positions(valid, torch.tensor([3]), "causal")
-    out = alignment_per_probe(scores, cue, keep)
+    for objective in ("causal", "masked"):
+        out = alignment_per_probe(scores, cue, ranked_positions(valid, torch.tensor([3]),
+                                                                objective))
+        assert math.isnan(out["ap"].item()) and math.isnan(out["ap_random"].item())
+    # A cue before t enters, ranked among the three earlier positions only.
+    cue = torch.tensor([[F, T, F, T]])
+    out = alignment_per_probe(scores, cue, ranked_positions(valid, torch.tensor([3]), "causal"))
     assert out["ap"].item() == pytest.approx(1.0)
-    assert out["dp_random"].item() == pytest.approx(1 / 4)
-    # A masked LM's slot holds no word: there the same probe has no cue left.
-    dropped = alignment_per_probe(scores, cue, ranked_positions(valid, torch.tensor([3]), "masked"))
-    assert math.isnan(dropped["ap"].item())
+    assert out["dp_random"].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(("cue", "attractor", "win"), [(0.9, 0.4, 1.0), (0.2, 0.4, 0.0),
+                                                       (0.4, 0.4, 0.5)])
+def test_cue_over_attractor_planted_win_loss_and_tie(cue, attractor, win):
+    # Positions: the, <cue>, near, the, <attractor>, (explained). Scores built so that the
+    # cue wins, loses or ties; a higher score elsewhere (position 2) changes nothing.
+    scores = torch.tensor([[[0.0, cue, 5.0, 0.1, attractor, 9.0]]])
+    cues = torch.tensor([[F, T, F, F, F, F]])
+    attractors = torch.tensor([[F, F, F, F, T, F]])
+    keep = ranked_positions(torch.ones(1, 6, dtype=torch.bool), torch.tensor([5]), "causal")
+    got, random = cue_over_attractor(scores, cues, attractors, keep)
+    assert got.item() == win
+    assert random.item() == pytest.approx(0.5)  # one cue, one attractor
+
+
+def test_cue_over_attractor_takes_the_best_of_each_and_its_exact_random_baseline():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(40, 1, 7, generator=g, dtype=torch.float64)
+    cues = torch.zeros(40, 7, dtype=torch.bool)
+    cues[:, 1] = True
+    attractors = torch.zeros(40, 7, dtype=torch.bool)
+    attractors[:, [3, 4]] = True
+    keep = torch.ones(40, 7, dtype=torch.bool)
+    keep[0, 1] = False  # no cue left: undefined
+    keep[1, [3, 4]] = False  # no attractor left: undefined
+    win, random = cue_over_attractor(scores, cues, attractors, keep)
+    expected = (scores[:, 0, 1] > scores[:, 0, [3, 4]].max(-1).values).double()
+    assert torch.isnan(win[:2]).all() and torch.isnan(random[:2]).all()
+    assert torch.equal(win[2:, 0], expected[2:])
+    assert torch.allclose(random[2:], torch.full((38, 1), 1 / 3, dtype=torch.float64))
+    # The baseline is the exact mean over every ordering of the three positions.
+    orders = list(itertools.permutations([0.0, 1.0, 2.0]))
+    mean = sum(float(o[0] > max(o[1], o[2])) for o in orders) / len(orders)
+    assert random[2, 0].item() == pytest.approx(mean)
 
 
 def test_dp_z_is_scale_free_and_its_baseline_is_exact():
@@ -339,3 +395,19 @@ def test_bootstrap_interval_keeps_resamples_that_miss_an_infinite_value():
         low, high = bootstrap_interval(values)
     assert math.isfinite(low) and -1.0 < low < 1.0
     assert not math.isfinite(high)
+
+
+def test_spearman_interval_is_the_bootstrap_of_spearman_over_items_with_ties():
+    # The same draws resampled by hand, ranked with scipy (ties and repeated items averaged).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=60)
+    y = x + rng.normal(size=60)
+    x[::5] = 1.0  # ties
+    y[::7] = np.round(y[::7])
+    draws = np.random.default_rng(0).integers(0, 60, size=(2000, 60))
+    rhos = [scipy.stats.spearmanr(x[i], y[i]).statistic for i in draws]
+    expected = np.percentile(rhos, [2.5, 97.5])
+    low, high = spearman_interval(torch.tensor(x), torch.tensor(y))
+    assert (low, high) == pytest.approx(tuple(expected), abs=1e-12)
+    assert low < spearman(torch.tensor(x), torch.tensor(y)) < high
+    assert all(math.isnan(v) for v in spearman_interval(torch.ones(2), torch.ones(2)))

@@ -96,11 +96,12 @@ def test_intervals_are_stored_with_every_probe_averaged_metric(dm, tmp_path):
     assert mean == pytest.approx(last.loc["faithfulness/normxlogit/comprehensiveness", "value"])
     # The report's curves draw the intervals as bands.
     fig = plots.alignment_curves(run)
-    assert len(fig.axes[0].collections) == 1 and len(fig.axes[1].collections) == 1
+    # Bands: NormXLogit's AP and the target-minus-foil AP; DP_z; cue over attractor.
+    assert [len(ax.collections) for ax in fig.axes] == [2, 1, 1]
     plots.close(fig)
     fig = plots.metric_history(run, ["faithfulness/normxlogit/comprehensiveness"])
     band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
-    assert np.isclose(band.min(), last.loc["faithfulness/normxlogit/comprehensiveness", "low"])
+    assert np.isclose(band, last.loc["faithfulness/normxlogit/comprehensiveness", "low"]).any()
     plots.close(fig)
     assert callback.last_metrics["alignment/dp_random"] == pytest.approx(
         last.loc["alignment/dp_random", "value"])
@@ -126,10 +127,72 @@ def test_special_tokens_are_not_ranked_by_alignment(dm, tmp_path):
                "foil": "is", "cues": ["keys"], "id": "bos"}]
     callback = _fit(dm, tmp_path, probes=probes, max_steps=1)
     attr = callback.last_attribution
-    # N excludes the special token: the baseline counts 5 ranked words (the, keys, near,
-    # the, cabinet), and the cue's AP matches a ranking without position 0.
-    assert callback.last_metrics["alignment/dp_random"] == pytest.approx(1 / 5)
-    scores = attr.scores[0, 1:6]
+    # N excludes the special token and the explained word: the baseline counts the 4 ranked
+    # words before it (the, keys, near, the), and the cue's AP matches a ranking of those.
+    assert callback.last_metrics["alignment/dp_random"] == pytest.approx(1 / 4)
+    scores = attr.scores[0, 1:5]
     rank = int((scores > scores[1]).sum()) + 1
     assert callback.last_metrics["alignment/ap"] == pytest.approx(1 / rank)
     assert torch.isfinite(attr.scores[0, 0])  # it was scored, just not ranked
+
+
+def _ap(scores: list[float], relevant: list[bool]) -> float:
+    """Average precision by hand: descending score, ties in position order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    hits, total = 0, 0.0
+    for rank, i in enumerate(order, start=1):
+        if relevant[i]:
+            hits += 1
+            total += hits / rank
+    return total / hits if hits else math.nan
+
+
+def test_the_store_recomputes_alignment_without_the_explained_position_with_its_controls(
+        dm, tmp_path):
+    options = dict(faithfulness_every=2, faithfulness_probes=3,
+                   faithfulness_methods=("normxlogit", "random"),
+                   alignment_methods=("input_x_gradient", "saliency", "integrated_gradients"))
+    _fit(dm, tmp_path / "process", **options)  # faithfulness and gradients in the helper
+    _fit(dm, tmp_path / "thread", worker="thread", **options)  # ... on the training thread
+    run = load_run(tmp_path / "process" / "store")
+    tokens = run.tokens[run.tokens.layer == run.tokens.layer.max()]
+    probes = run.probes.set_index(["step", "probe_id"])
+    for (step, probe_id), rows in tokens.groupby(["step", "probe_id"]):
+        explained = int(rows.position[rows.is_explained].iloc[0])
+        rows = rows[(rows.position < explained) & ~rows.is_special].sort_values("position")
+        row = probes.loc[(step, probe_id)]
+        assert _ap(rows.score.tolist(), rows.is_cue.tolist()) == pytest.approx(
+            row.ap, nan_ok=True)
+        assert _ap((rows.norm * rows.contrast).tolist(), rows.is_cue.tolist()) == pytest.approx(
+            row.ap_contrast, rel=1e-5, nan_ok=True)
+        cue, attractor = rows.score[rows.is_cue].max(), rows.score[rows.is_attractor].max()
+        expected = math.nan if math.isnan(cue) or math.isnan(attractor) else float(
+            cue > attractor) + 0.5 * (cue == attractor)
+        assert row.cue_over_attractor == pytest.approx(expected, nan_ok=True)
+    metrics = run.metrics.set_index(["step", "key"])
+    last = int(run.metrics.step.max())
+    for step in run.steps:  # the logged mean is the mean of the per-probe column
+        assert metrics.loc[(step, "alignment/ap"), "value"] == pytest.approx(
+            run.probes[run.probes.step == step].ap.mean())
+    assert 0 < probes.cue_over_attractor.notna().sum() < len(probes)  # sv-pp: attractor at t
+    keys = ["alignment/ap", "alignment/ap_vs_random", "alignment/ap_contrast",
+            "alignment/ap_contrast_vs_random", "alignment/cue_over_attractor",
+            "alignment/cue_over_attractor_vs_random", "alignment/ap_vs_reference",
+            "alignment/input_x_gradient/ap", "alignment/input_x_gradient/ap_vs_random",
+            "alignment/integrated_gradients/ap", "alignment/saliency/ap",
+            "embedding/norm_infogain_spearman", "embedding/norm_logfreq_spearman"]
+    for key in keys:
+        low, value, high = metrics.loc[(last, key), ["low", "value", "high"]]
+        assert low <= value <= high and math.isfinite(high), key
+    assert metrics.loc[(last, "alignment/input_x_gradient/seconds"), "value"] > 0
+    depth = run.probes[run.probes.step == last].prediction_depth
+    assert metrics.loc[(last, "probe/prediction_depth_never"), "value"] == depth.isna().sum()
+    assert metrics.loc[(0, "alignment/ap_vs_reference"), "value"] == 0  # step 0 is the reference
+    assert metrics.loc[(last, "embedding/infogain_types"), "value"] >= 3
+    assert metrics.loc[(last, "embedding/unseen_tokens"), "value"] > 0
+    # Gradient APs at the faithfulness steps only, the same in the helper and on the thread.
+    grad = run.probes.dropna(subset=["ap_input_x_gradient"])
+    assert sorted(grad.step.unique()) == [0, 2, 4]
+    other = load_run(tmp_path / "thread" / "store").probes.dropna(subset=["ap_input_x_gradient"])
+    np.testing.assert_allclose(grad.ap_input_x_gradient, other.ap_input_x_gradient, rtol=1e-5)
+    assert run.embedding.infogain.notna().sum() >= 3

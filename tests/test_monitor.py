@@ -25,7 +25,7 @@ from normx_callbacks import NormXLogitCallback, NormXLogitMonitor, load_run
 STEPS = 10
 SNAPSHOTS = [0, 1, 2, 4, 8, 10]  # the log schedule, then the final step
 # Wall-clock costs differ between any two runs; every other number must agree.
-TIMINGS = ("snapshot/", "seconds_per_instance")
+TIMINGS = ("snapshot/", "seconds_per_instance", "/seconds")
 
 
 def _module(dm) -> GPTModule:

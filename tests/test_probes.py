@@ -222,7 +222,7 @@ def test_coerce_accepts_set_list_and_paths(tmp_path: Path) -> None:
         ),
         (
             [{"text": "x y", "tgt": "z"}],
-            r"unknown key 'tgt'; valid keys are cues, foil, group, id, target, text",
+            r"unknown key 'tgt'; valid keys are attractors, cues, foil, group, id, target, text",
         ),
         (
             [{"text": "The keys", "foil": "is"}],
@@ -233,6 +233,15 @@ def test_coerce_accepts_set_list_and_paths(tmp_path: Path) -> None:
         ([{"text": "The keys", "target": " are"}], r"target ' are' has surrounding whitespace"),
         ([{"text": "The keys", "id": 7}], r"id must be a string, got 7"),
         ([42], r"probe \(index 0\): got int 42; a probe is a text string, a mapping"),
+        (
+            [{"id": "k", "text": "The keys to the cabinets", "attractors": ["cabinet"]}],
+            r"probe 'k' \(index 0\): attractor 'cabinet' does not occur as a whole word",
+        ),
+        ([{"text": "The keys", "attractors": [" keys"]}],
+         r"attractor ' keys' must be a non-empty word without surrounding whitespace"),
+        ([{"text": "The keys", "attractors": 3}], r"attractors must be a list of words, got 3"),
+        ([{"text": "The keys near it", "cues": ["keys"], "attractors": ["keys"]}],
+         r"'keys' is listed as a cue and as an attractor; .* keep it in one list"),
     ],
 )
 def test_bad_probes_raise_naming_probe_problem_and_fix(items: list, pattern: str) -> None:
@@ -344,6 +353,27 @@ def test_causal_byte_level_cues_targets_positions_and_padding(bpe) -> None:
     assert enc.input_ids.dtype == enc.positions.dtype == enc.targets.dtype == torch.long
     assert enc.cue_mask.dtype == torch.bool
     assert enc.probes == probes.probes
+
+
+def test_attractors_are_aligned_to_tokens_like_cues(bpe, wordpiece) -> None:
+    probes = ProbeSet([
+        {"text": "The key near the cabinets", "target": "is", "foil": "are", "cues": ["key"],
+         "attractors": "cabinets"},  # a single word may be written bare
+        {"text": "The cat", "cues": ["cat"]},
+    ])
+    assert probes[0].attractors == ("cabinets",)
+    enc = probes.encode(bpe)
+    ids = enc.input_ids[0][enc.attractor_mask[0]].tolist()
+    assert [word(bpe, i) for i in ids] == ["cabinets"]
+    assert not (enc.attractor_mask & enc.cue_mask).any() and not enc.attractor_mask[1].any()
+    assert enc.select([0]).attractor_mask.shape == (1, enc.input_ids.shape[1])
+    masked = ProbeSet([{"text": "The key near the cabinets [MASK] here.", "target": "is",
+                        "cues": ["key"], "attractors": ["cabinets"]}])
+    enc = masked.encode(wordpiece, objective="masked")
+    ids = enc.input_ids[0][enc.attractor_mask[0]].tolist()
+    assert [word(wordpiece, i) for i in ids] == ["cabinets"]
+    # Without attractors anywhere there is no mask at all.
+    assert ProbeSet(["The cat sat"]).encode(bpe).attractor_mask is None
 
 
 def test_causal_cue_split_into_several_tokens_is_fully_marked(bpe) -> None:

@@ -32,6 +32,7 @@ from normx_callbacks import NormXLogitCallback, ProbeError, ProbeSet, load_run, 
 from normx_callbacks.checkpoints import CheckpointError, load_model_and_tokenizer
 from normx_callbacks.cli import main as cli_main
 from normx_callbacks.demo import TextDataModule
+from normx_callbacks.embeddings import TokenCounter, information_gain
 from normx_callbacks.loggers import markdown_table, token_html
 from normx_callbacks.report import write_report
 
@@ -283,6 +284,17 @@ def test_sigkill_while_writing_a_snapshot_leaves_whole_snapshots_and_resume_comp
     assert not run["metrics"].duplicated(["step", "key"]).any()
     # Two whole epochs by step 10: every document counted exactly twice, none lost or doubled.
     assert torch.equal(counts_at(run, 10), every_document_twice(dm))
+    # The next-token pairs too (the Miller-Madow term depends on the counts, so a lost or
+    # doubled pair would show in the information gain).
+    counter = TokenCounter(dm.vocab_size)
+    for _ in range(2):
+        counter.update({"input_ids": dm._train.input_ids,
+                        "attention_mask": dm._train.attention_mask})
+    counter.collect()
+    rows = run["embedding"][run["embedding"].step == 10].sort_values("token_id")
+    expected = information_gain(counter.pair_keys, counter.pair_counts, dm.vocab_size)
+    np.testing.assert_allclose(rows["infogain"].to_numpy(), expected.numpy(), rtol=1e-9)
+    assert np.isfinite(expected.numpy()).sum() >= 3
 
 
 def test_nothing_reaches_the_network(killed):

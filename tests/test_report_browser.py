@@ -23,7 +23,7 @@ from PIL import Image
 from normx_callbacks.report import SECTIONS, write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-WINDOW = (1400, 5000)
+WINDOW = (1400, 7000)  # tall enough to reach the probes: heatmaps and token strips
 
 
 def find_chromium() -> str:

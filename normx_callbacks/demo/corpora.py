@@ -1,9 +1,11 @@
 """Text corpora for the demo pre-training run, each with a held-out probe suite.
 
-A probe is a dict ``{"id", "text", "target", "foil", "cues"}`` in causal form
-(what ``normx_callbacks.probes.ProbeSet`` accepts): ``text`` is a prefix whose
+A probe is a dict ``{"id", "text", "target", "foil", "cues", "attractors"}`` in causal
+form (what ``normx_callbacks.probes.ProbeSet`` accepts): ``text`` is a prefix whose
 next word is ``target``; ``cues`` are whole words of ``text`` that carry the
-evidence for it. What else is known about a probe is in ``Corpus.meta``.
+evidence for it; ``attractors`` (agreement only) the words of ``text`` whose number is the
+cue's opposite, which a model reading the wrong word would follow. What else is known
+about a probe is in ``Corpus.meta``.
 
 Built-in corpora:
 - ``agreement``: synthetic English with number agreement across distractors,
@@ -194,11 +196,16 @@ def _sentence(rng: random.Random, construction: str, plural: bool, attractor: bo
         raise ValueError(
             f"construction must be one of {', '.join(CONSTRUCTIONS)}, got {construction!r}"
         )
+    number = "pl" if plural else "sg"
     return {
         "text": prefix,
         "target": target[n],
         "foil": target[1 - n],
         "cues": [cue],
+        # Every other word that agrees in number, with the cue's opposite number: the
+        # distractor noun, and in a relative clause its verb too ("who the guards like").
+        "attractors": [w for w in prefix.split()
+                       if w != cue and NUMBER.get(w, number) != number],
         "rest": rest,
         "construction": construction,
         "number": "pl" if plural else "sg",
@@ -248,7 +255,7 @@ def _agreement(*, seed: int, num_train: int | None, num_probes: int, val_fractio
 
 def _split_meta(probes: list[dict]) -> tuple[list[dict], dict[str, dict]]:
     """Probe dicts with only the probe keys, and the other keys by probe id."""
-    keys = ("id", "text", "target", "foil", "cues")
+    keys = ("id", "text", "target", "foil", "cues", "attractors")
     return (
         [{k: p[k] for k in keys} for p in probes],
         {p["id"]: {k: v for k, v in p.items() if k not in keys} for p in probes},
@@ -294,6 +301,7 @@ def _probe_candidates(paragraph: str) -> list[dict]:
                     "target": m[1],
                     "foil": None,
                     "cues": [],
+                    "attractors": [],
                     "rest": m[2],
                 }
             )
