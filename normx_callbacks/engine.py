@@ -540,6 +540,7 @@ class Engine:
         changed = self._reread_if_changed()  # on every rank alike: the signature is local
         self._ensure_writer()  # here, on the training thread: never forked from the worker
         counts = self.collect_counts()
+        faith_due = False
         if changed is not None:
             snap = Snapshot(step, final, error=changed)
         elif self.mode == "single":
