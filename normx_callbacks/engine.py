@@ -347,7 +347,8 @@ class Engine:
                 plain_precision = forward_context is None
             self._start_writer(loggers, adapter, mode, plain_precision)
             if self.pipeline is None:
-                self.pipeline = Pipeline(self._job_failed, max_pending=self.max_pending)
+                self.pipeline = Pipeline(self._job_failed, on_dropped=self._job_dropped,
+                                         max_pending=self.max_pending, owner=self.owner)
 
     def _prepare_faithfulness(self, tokenizer: Any) -> None:
         gradient = [m for m in self.faithfulness_methods if m in GRADIENT_METHODS]
@@ -839,6 +840,8 @@ class Engine:
         """On the worker thread: build and write (in the helper process or here), then the
         logger calls, here, where the loggers live."""
         written = self._call("process", snap)
+        if written is None:  # closed meanwhile (a stuck worker thread that came back late)
+            return
         self._note(written)
         if written.metrics:
             self.last_metrics = written.metrics
@@ -849,6 +852,12 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - the store has it
             log.warning("%s: logging the snapshot at step %d failed (%s: %s); it is in the "
                         "snapshot store", self.owner, snap.step, type(error).__name__, error)
+
+    def _job_dropped(self, step: Any, reason: str) -> None:
+        """A snapshot the stuck worker thread could not take: kept here only (the writer
+        is busy in that thread), and listed by the final warning."""
+        if isinstance(step, int):
+            self.failed_steps[step] = reason
 
     def _job_failed(self, step: Any, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"
@@ -876,6 +885,14 @@ class Engine:
             return
         self.pipeline.submit("retry", lambda: self._note(self._call("retry", True)))
         self.pipeline.flush()
+        stuck = self.pipeline.stuck
+        if stuck is not None:  # training goes on without what the stuck thread still holds
+            for step in self.pipeline.queued():
+                if isinstance(step, int) and not (self.store is not None
+                                                  and self.store.has(step)):
+                    self.failed_steps.setdefault(step, (
+                        f"not written by the end of training: the snapshot worker thread was "
+                        f"stuck on snapshot {stuck}"))
         log.info("%s: training waited %.2f s in all for the snapshot worker (a full queue, "
                  "the flushes before checkpoints and at the end)", self.owner,
                  self.pipeline.waited_seconds)

@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from launch import ROOT
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger
 from training import fit, make_model
 
 from normx_callbacks import NormXLogitCallback, load_run
@@ -207,3 +209,42 @@ def test_a_disk_that_stays_full_lists_every_lost_step_at_the_end(dm, tmp_path, m
     message = train.end_of_run_message(trainer, str(tmp_path), [store],
                                        [callback.missing_steps])
     assert "MISSING: 5 of 7 snapshots: step 2 (write failed after retries" in message
+
+
+class HangingLogger(CSVLogger):
+    """A logger whose calls with our metrics never return (an upload on a dead network)."""
+
+    def __init__(self, save_dir, release: threading.Event):
+        super().__init__(save_dir)
+        self.release = release
+
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("normx/") for k in metrics):
+            self.release.wait()
+        super().log_metrics(metrics, step)
+
+
+def test_a_logger_that_never_returns_does_not_hold_training(dm, tmp_path, caplog, monkeypatch):
+    """The worker thread is stuck in a logger call: training stops waiting for it after the
+    deadline (one warning naming where it is), finishes, and the snapshots it never wrote
+    are listed as missing; the store has the first one (written before the logger call)."""
+    from normx_callbacks import pipeline
+
+    monkeypatch.setattr(pipeline, "STALLED_SECONDS", 2.0)  # the module's deadline, shortened
+    caplog.set_level(logging.WARNING, logger="normx_callbacks")
+    release = threading.Event()
+    callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=0,
+                                  faithfulness_every=None, store_dir=tmp_path / "store")
+    start = time.monotonic()
+    try:
+        trainer = fit(make_model(dm), dm, tmp_path, [callback], max_steps=10,
+                      logger=HangingLogger(tmp_path / "csv", release))
+        assert trainer.global_step == 10 and time.monotonic() - start < 60
+        [warning] = [m for m in warnings_of(caplog) if "worker thread has spent" in m]
+        assert "snapshot 0" in warning and "log_metrics" in warning
+        assert load_run(tmp_path / "store").steps[0] == 0
+        assert sorted(callback.missing_steps) == [1, 2, 4, 8, 10]
+        assert all("stuck on snapshot 0" in r for r in callback.missing_steps.values()), \
+            callback.missing_steps
+    finally:
+        release.set()  # let the thread go at the end of the test
