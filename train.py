@@ -27,7 +27,7 @@ from normx_callbacks import NormXLogitCallback, load_run
 from normx_callbacks.demo import ARCHITECTURES, LanguageModel, TextDataModule, cli_errors
 from normx_callbacks.demo.cli_errors import OneLineParser
 from normx_callbacks.demo.progress import StepProgressBar
-from normx_callbacks.engine import missing_summary
+from normx_callbacks.execution import missing_summary
 from normx_callbacks.store import StoreError
 from normx_callbacks.summary import headline_lines, next_commands, summary_paragraph
 

@@ -36,11 +36,12 @@ import harness as h
 import torch
 
 from normx_callbacks import normxlogit
-from normx_callbacks.adapters import resolve_adapter
 from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.discovery import resolve_adapter
 from normx_callbacks.embeddings import TokenCounter, embedding_norms
 from normx_callbacks.engine import Engine
 from normx_callbacks.methods import captum_installed, probe_attributions
+from normx_callbacks.settings import Settings
 from normx_callbacks.snapshot import Snapshot, SnapshotBuilder
 
 STEPS_PER_SNAPSHOT = 100  # tiny.yaml's every_n_steps
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                            dropout=0.0, vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
                            tokenizer=dm.tokenizer)
     adapter = resolve_adapter(module.model)
-    engine = Engine(dm.probes, media_probes=0)
+    engine = Engine(dm.probes, Settings(media_probes=0))
     engine.prepare(adapter, dm.tokenizer, is_writer=False)
     enc = engine.ctx.encoded
     batches = [b for _, b in zip(range(STEPS_PER_SNAPSHOT), dm.train_dataloader(), strict=False)]

@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 from normx_callbacks import load_run
-from normx_callbacks.adapters import resolve_adapter
 from normx_callbacks.checkpoints import load_model_and_tokenizer
 from normx_callbacks.demo.corpora import load_corpus
+from normx_callbacks.discovery import resolve_adapter
 from normx_callbacks.faithfulness import (
     RANDOM_PERMUTATIONS,
     faithfulness_rows,

@@ -1,8 +1,9 @@
 """normx-callbacks: watch token importance emerge while a language model pre-trains."""
 
-from .adapters import ModelAdapter, UnsupportedModelError, resolve_adapter, verify_adapter
+from .adapters import ModelAdapter, UnsupportedModelError, verify_adapter
 from .attribution import Attribution, mask_positions, normxlogit
 from .callback import NormXLogitCallback
+from .discovery import resolve_adapter
 from .faithfulness import (
     REPLACEMENTS,
     Replacement,
@@ -11,11 +12,13 @@ from .faithfulness import (
     resolve_replacement,
     special_token_mask,
 )
+from .loading import RunData, load_run
 from .methods import METHODS, attribute
 from .monitor import NormXLogitMonitor
 from .probes import Probe, ProbeError, ProbeSet
 from .schedule import SnapshotSchedule
-from .store import RunData, SnapshotStore, StoreError, load_run
+from .settings import Settings
+from .store import SnapshotStore, StoreError
 
 __all__ = [
     "METHODS",
@@ -30,6 +33,7 @@ __all__ = [
     "ProbeSet",
     "Replacement",
     "RunData",
+    "Settings",
     "SnapshotSchedule",
     "SnapshotStore",
     "StoreError",

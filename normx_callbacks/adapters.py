@@ -1,34 +1,18 @@
-"""How NormXLogit reads a model: the layer stack, the final norm and the head-on-top.
+"""What NormXLogit needs from a model, and the checks that it is read right.
 
-`resolve_adapter(model)` turns any Hugging Face causal LM, masked LM or sequence
-classifier into a `ModelAdapter` without a table of model families. It relies on
-what every HF model has: `base_model` (the transformer body), the one
-`nn.ModuleList` holding its layers, `get_input_embeddings()` /
-`get_output_embeddings()`, and the head module(s) beside the body. Two things are
-*discovered* by running the model once on a tiny input with temporary hooks:
-
-- the final transform (e.g. GPT-2's `ln_f`, Llama's `norm`, OPT's
-  `final_layer_norm` + `project_out`): the modules the body applies to the last
-  layer's output to produce `last_hidden_state`. It is applied to intermediate
-  layers (the logit lens), never twice to the last one (a known trap: `last_hidden_state` is already normed).
-- whether the reconstruction is exact: the adapter's head applied to
-  `last_hidden_state` must reproduce the model's own logits (soft-capping, biases,
-  tied or untied weights, MLM transforms, poolers). If it does not, resolution
-  fails with an error instead of producing wrong numbers.
-
-The only named special cases are logit post-processing that lives in a model's
-`forward` rather than in a module (`final_logit_softcapping`, `logit_scale`,
-`logits_scaling`) and the BERT-style pooler that a classifier applies first.
-
-Any other language model (a nanoGPT- or litgpt-shaped `GPT`) is discovered by
-`discovery.discover_adapter`; anything else works through a `ModelAdapter` the user builds.
+`ModelAdapter` holds how a model is read: its input embedding, a function that returns the
+L+1 hidden states, the final norm applied to the inner layers, and the head-on-top (with a
+fast path that reads only the target rows of the unembedding). Adapters are built by
+`discovery.resolve_adapter` (a Hugging Face model through `hf_reading.py`, any other
+language model by tracing it) or by hand, and every one is checked the same way: its head
+on its last hidden state must reproduce the model's own logits (`verify_adapter`,
+`check_logits`), or it is refused with the largest difference, never used to produce wrong
+numbers. `model_signature` is what an adapter depends on and training code can change.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,7 +120,7 @@ class ModelAdapter:
         if w is None:
             return False
         e = self.embedding.weight
-        return w is e or _storage(w) == _storage(e)
+        return w is e or storage_start(w) == storage_start(e)
 
     def unembedding_parts(self) -> tuple:
         """``(pre, weight, bias, post)`` of the fast path, with the weight and bias as the
@@ -177,7 +161,7 @@ class ModelAdapter:
         return self.head(x).float()
 
 
-def _storage(t: Tensor) -> int | None:
+def storage_start(t: Tensor) -> int | None:
     """Where a tensor's data starts (a DTensor's local shard); None if it has none."""
     local = getattr(t, "_local_tensor", t)  # public to_local() would build a new view
     try:
@@ -211,7 +195,7 @@ def probe_mode(module: nn.Module | None, *, grad: bool = False):
             m.training = flag
 
 
-def _first_tensor(output) -> Tensor:
+def first_tensor(output) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)):
@@ -229,7 +213,7 @@ def context_length_of(module: nn.Module | None) -> int | None:
     then on its (text) config; None when neither says."""
     if module is None:
         return None
-    config = _text_config(module)
+    config = text_config(module)
     for source in (module, config):
         for key in CONTEXT_KEYS:
             value = getattr(source, key, None)
@@ -238,183 +222,14 @@ def context_length_of(module: nn.Module | None) -> int | None:
     return None
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         return config.get_text_config()
     return config
 
 
-def find_layer_stack(body: nn.Module, num_layers: int | None) -> nn.ModuleList:
-    """The body's `nn.ModuleList` of transformer blocks."""
-    lists = [m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if num_layers is not None:
-        exact = [m for m in lists if len(m) == num_layers]
-        if exact:
-            return exact[0]
-    if not lists:
-        raise UnsupportedModelError(
-            f"no nn.ModuleList of transformer layers found in {type(body).__name__}; "
-            "build a normx_callbacks.ModelAdapter with a hidden_states function instead"
-        )
-    return max(lists, key=len)
-
-
-def _forward_kwargs(body: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(body.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-class _BodyReader:
-    """Runs the body once and returns L+1 hidden states, read with temporary hooks.
-
-    Hugging Face's own `output_hidden_states=True` installs permanent capture hooks
-    on the layers in transformers 5, which would leave the model changed after a
-    probe. Our hooks are removed in a `finally`.
-
-    A model sharded by FSDP2 is run whole instead (see `sharding.py`: its root must run
-    first), the last hidden state read off the body's output and the head asked for one
-    position only where the forward takes `logits_to_keep`; then the groups holding the
-    tensors read directly (``gathered``: embedding, head) are gathered.
-    """
-
-    def __init__(self, body: nn.Module, layers: nn.ModuleList, causal: bool,
-                 model: nn.Module | None = None):
-        self.body = body
-        self.layers = layers
-        self.causal = causal
-        self.model = model if sharding.reads_through_forward(model) else None
-        self.gathered: list[nn.Module] = []
-        params = _forward_kwargs(self.model if self.model is not None else body)
-        self.accepts_position_ids = "position_ids" in params
-        self.accepts_use_cache = "use_cache" in params
-        self.accepts_logits_to_keep = "logits_to_keep" in params
-
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None):
-        states: list[Tensor | None] = [None] * (len(self.layers) + 1)
-        body_out: list = [None]
-
-        def grab_input(module, args, kwargs):
-            x = args[0] if args else kwargs.get("hidden_states")
-            states[0] = x
-
-        def grab_output(i):
-            def hook(module, args, output):
-                states[i + 1] = _first_tensor(output)
-
-            return hook
-
-        def grab_body(module, args, output):
-            body_out[0] = output
-
-        handles = [self.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
-        handles += [
-            layer.register_forward_hook(grab_output(i)) for i, layer in enumerate(self.layers)
-        ]
-        kwargs: dict = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.accepts_use_cache:
-            kwargs["use_cache"] = False
-        if (
-            self.causal
-            and self.accepts_position_ids
-            and attention_mask is not None
-            and bool((attention_mask[:, 0] == 0).any())
-        ):
-            # Left padding: count positions from each row's first real token, as
-            # `generate` does, so a padded row scores exactly like the row alone.
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        try:
-            if self.model is None:
-                out = self.body(**kwargs)
-            else:
-                handles.append(self.body.register_forward_hook(grab_body))
-                if self.accepts_logits_to_keep:
-                    kwargs["logits_to_keep"] = 1
-                self.model(**kwargs)
-                out = body_out[0]
-                sharding.gather(self.model, self.gathered)
-        finally:
-            for h in handles:
-                h.remove()
-        if out is None:
-            raise UnsupportedModelError(
-                f"{type(self.model).__name__}'s forward did not run its body "
-                f"{type(self.body).__name__}; build a normx_callbacks.ModelAdapter instead")
-        last = out.last_hidden_state if hasattr(out, "last_hidden_state") else _first_tensor(out)
-        if any(s is None for s in states):
-            raise UnsupportedModelError(
-                f"{type(self.body).__name__} did not run every layer of its layer stack; "
-                "build a normx_callbacks.ModelAdapter instead"
-            )
-        # Entry L is the body's output (final norm applied), as in Hugging Face.
-        raw_last = states[-1]
-        states[-1] = last
-        return states, raw_last
-
-
-def _discover_final_chain(body, layers, reader, dummy, mask) -> list[nn.Module]:
-    """Modules the body applies, in order, to the last layer's output."""
-    parents: dict[nn.Module, nn.Module] = {}
-    for parent in body.modules():
-        for child in parent.children():
-            parents.setdefault(child, parent)
-
-    def ancestors(m):
-        while m in parents:
-            m = parents[m]
-            yield m
-
-    layer_ancestors = set(ancestors(layers)) | {layers}
-    inside_layers = set(layers.modules())
-    calls: list[tuple[nn.Module, Tensor, Tensor]] = []
-    started = [False]
-
-    def after_last_layer(module, args, output):
-        started[0] = True
-
-    def record(module, args, kwargs, output):
-        if started[0] and isinstance(output, Tensor):
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            if isinstance(x, Tensor):
-                calls.append((module, x, output))
-
-    handles = [layers[-1].register_forward_hook(after_last_layer)]
-    for m in body.modules():
-        if m is body or m in layer_ancestors or m in inside_layers:
-            continue
-        handles.append(m.register_forward_hook(record, with_kwargs=True))
-    try:
-        states, raw_last = reader(dummy, mask)
-    finally:
-        for h in handles:
-            h.remove()
-    # Only outermost calls: a norm's own submodules are not separate chain steps.
-    recorded = {id(m) for m, _, _ in calls}
-    calls = [c for c in calls if not any(id(a) in recorded for a in ancestors(c[0]))]
-    # Follow the tensor from the last layer's output through shape-preserving
-    # per-token modules (OPT's project_out may change the width); a pooler, which
-    # drops the sequence axis, or a sibling branch is not on the path.
-    chain, current = [], raw_last
-    for module, x, y in calls:
-        same = x is current or (x.shape == current.shape and torch.equal(x, current))
-        if same and y.shape[:-1] == x.shape[:-1]:
-            chain.append(module)
-            current = y
-    final = states[-1]
-    if current.shape != final.shape or not torch.allclose(
-        current.float(), final.float(), atol=1e-5, rtol=1e-4
-    ):
-        raise UnsupportedModelError(
-            f"could not identify the final norm of {type(body).__name__}: no chain of "
-            "modules maps the last layer's output to last_hidden_state; build a "
-            "normx_callbacks.ModelAdapter with final_norm=... instead"
-        )
-    return chain
-
-
-def _apply_chain(chain: Sequence[nn.Module]) -> Callable[[Tensor], Tensor] | None:
+def apply_chain(chain: Sequence[nn.Module]) -> Callable[[Tensor], Tensor] | None:
     if not chain:
         return None
 
@@ -426,86 +241,6 @@ def _apply_chain(chain: Sequence[nn.Module]) -> Callable[[Tensor], Tensor] | Non
     return final_norm
 
 
-def _logit_post(config) -> Callable[[Tensor], Tensor] | None:
-    """Logit post-processing that models apply in `forward`, outside any module."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
-    divide = getattr(config, "logits_scaling", None)  # Granite divides
-    ops = []
-    if isinstance(scale, (int, float)) and scale != 1:
-        ops.append(lambda z, s=float(scale): z * s)
-    if isinstance(divide, (int, float)) and divide != 1:
-        ops.append(lambda z, s=float(divide): z / s)
-    if cap:
-        ops.append(lambda z, c=float(cap): torch.tanh(z / c) * c)
-    if not ops:
-        return None
-
-    def post(z: Tensor) -> Tensor:
-        for op in ops:
-            z = op(z)
-        return z
-
-    return post
-
-
-class _HeadInput(Exception):
-    """Raised from a pre-hook to stop a head module at its output projection."""
-
-    def __init__(self, x: Tensor):
-        super().__init__()
-        self.x = x
-
-
-def _head_modules(model: nn.Module, body: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.children()
-        if m is not body
-        and not isinstance(m, nn.Dropout)
-        and any(True for _ in m.parameters())
-    ]
-
-
-def _lm_pre(head: nn.Module, output_embedding: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The head's transform before its output projection (identity for GPT-style)."""
-    if head is output_embedding:
-        return lambda x: x
-
-    def stop(module, args):
-        raise _HeadInput(args[0])
-
-    def pre(x: Tensor) -> Tensor:
-        handle = output_embedding.register_forward_pre_hook(stop)
-        try:
-            head(x)
-        except _HeadInput as captured:
-            return captured.x
-        finally:
-            handle.remove()
-        raise UnsupportedModelError(
-            f"{type(head).__name__} never called its output embedding; build a "
-            "normx_callbacks.ModelAdapter with head=... instead"
-        )
-
-    return pre
-
-
-def _classifier_head(head: nn.Module, pooler: nn.Module | None) -> Callable[[Tensor], Tensor]:
-    """Apply a sequence classifier (and its pooler) to every token vector separately."""
-
-    def apply(x: Tensor) -> Tensor:
-        lead, d = x.shape[:-1], x.shape[-1]
-        h = x.reshape(-1, 1, d)  # each vector as a length-1 sequence: [:, 0] picks it
-        if pooler is not None:
-            h = pooler(h)
-        out = head(h)
-        return out.reshape(*lead, -1)
-
-    return apply
-
-
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, adapter)
 
 
 def model_signature(model: nn.Module | None) -> tuple:
@@ -528,154 +263,13 @@ def model_signature(model: nn.Module | None) -> tuple:
         try:
             i, o = inputs(), outputs()
             w = getattr(o, "weight", None)
-            tied = w is not None and (w is i.weight or _storage(w) == _storage(i.weight))
+            tied = w is not None and (w is i.weight or storage_start(w) == storage_start(i.weight))
         except Exception:  # noqa: BLE001 - a model whose accessors raise: left out
             tied = None
     return (tuple(modules), tuple(shapes), tied)
 
 
-def resolve_adapter(model: nn.Module | ModelAdapter, *, check: bool = False) -> ModelAdapter:
-    """A verified `ModelAdapter` for a Hugging Face model, or for any other module whose
-    forward maps token ids to logits (`discovery.discover_adapter`).
-
-    Cached per model while `model_signature` is unchanged: a model whose modules or
-    embedding shapes changed (a resized vocabulary) is read again. ``check`` verifies a
-    cached adapter against the model's own logits once more (the weights may have changed
-    in a way no signature sees) and reads the model again if it no longer agrees.
-    """
-    if isinstance(model, ModelAdapter):
-        return model
-    signature = model_signature(model) if isinstance(model, nn.Module) else None
-    try:
-        cached_signature, adapter = _CACHE[model]
-    except (KeyError, TypeError):
-        pass
-    else:
-        if cached_signature == signature:
-            if not check:
-                return adapter
-            try:
-                verify_adapter(adapter)
-                return adapter
-            except UnsupportedModelError:
-                pass  # read again below; a model that no longer reads at all raises there
-    if isinstance(model, nn.Module) and not _is_hf(model):
-        from .discovery import discover_adapter
-
-        adapter = discover_adapter(model)
-    else:
-        adapter = _resolve_hf(model)
-    adapter.resolved = True  # read off the model: it can be read again when the model changes
-    try:
-        _CACHE[model] = (signature, adapter)
-    except TypeError:  # not weak-referenceable: never cached
-        pass
-    return adapter
-
-
-def _is_hf(model: nn.Module) -> bool:
-    """A Hugging Face model: it has `base_model` and `get_input_embeddings`."""
-    return getattr(model, "base_model", None) is not None and hasattr(
-        model, "get_input_embeddings")
-
-
-def _resolve_hf(model: nn.Module) -> ModelAdapter:
-    name = type(model).__name__
-    how = (
-        "build a normx_callbacks.ModelAdapter(module=..., embedding=..., hidden_states=..., "
-        "final_norm=..., head=...) and pass it instead of the model"
-    )
-    if getattr(_text_config(model), "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{name} is an encoder-decoder model: NormXLogit explains a decoder-only or "
-            f"encoder-only language model, whose every token has its own last-layer vector "
-            f"under the head; to explain one of its stacks, {how}"
-        )
-    body = getattr(model, "base_model", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    if body is model and get_in is not None:
-        raise UnsupportedModelError(
-            f"{name} is a bare transformer body without a head: it returns hidden states, "
-            f"not logits, and NormXLogit explains a logit. Watch the model with its head "
-            f"(e.g. {name.removesuffix('Model')}ForCausalLM or ...ForMaskedLM), or {how}"
-        )
-    if body is None or get_in is None or body is model:
-        raise UnsupportedModelError(
-            f"{name} is not a Hugging Face model with a head (no base_model / "
-            f"get_input_embeddings found); {how}"
-        )
-    embedding = get_in()
-    if not isinstance(embedding, nn.Embedding):
-        raise UnsupportedModelError(f"{name}.get_input_embeddings() is not an nn.Embedding; {how}")
-    config = _text_config(model)
-    num_layers = getattr(config, "num_hidden_layers", None)
-    layers = find_layer_stack(body, num_layers)
-    output_embedding = model.get_output_embeddings()
-    heads = _head_modules(model, body)
-
-    if output_embedding is not None:
-        kind = "causal" if _can_generate(model) else "masked"
-    else:
-        if len(heads) != 1:
-            raise UnsupportedModelError(
-                f"{name} has no output embeddings and {len(heads)} candidate head modules "
-                f"({[type(h).__name__ for h in heads]}); {how}"
-            )
-        num_labels = getattr(model.config, "num_labels", None)
-        kind = "regression" if num_labels == 1 else "classifier"
-
-    reader = _BodyReader(body, layers, causal=kind == "causal", model=model)
-    reader.gathered = [embedding, output_embedding, *heads]
-    dummy, mask = _dummy_tokens(embedding, context_length_of(model))
-
-    with probe_mode(model):
-        chain = _discover_final_chain(body, layers, reader, dummy, mask)
-        if kind in ("causal", "masked"):
-            head = next((h for h in heads if h is output_embedding), None)
-            if head is None:
-                owners = [h for h in heads if any(m is output_embedding for m in h.modules())]
-                if len(owners) != 1:
-                    raise UnsupportedModelError(
-                        f"cannot find the head module holding {name}'s output embeddings; {how}"
-                    )
-                head = owners[0]
-            pre = _lm_pre(head, output_embedding)
-            weight = output_embedding.weight
-            bias = getattr(output_embedding, "bias", None)
-            post = _logit_post(config)
-            adapter = ModelAdapter(
-                module=model,
-                embedding=embedding,
-                hidden_states=lambda ids, m: reader(ids, m)[0],
-                head=lambda x: ModelAdapter.full_logits(adapter, x),
-                final_norm=_apply_chain(chain),
-                kind=kind,
-                unembedding=(pre, weight, bias, post),
-                num_layers=len(layers),
-                output_embedding=output_embedding,
-            )
-        else:
-            pooler = getattr(body, "pooler", None)
-            adapter = ModelAdapter(
-                module=model,
-                embedding=embedding,
-                hidden_states=lambda ids, m: reader(ids, m)[0],
-                head=_classifier_head(heads[0], pooler if isinstance(pooler, nn.Module) else None),
-                final_norm=_apply_chain(chain),
-                kind=kind,
-                num_layers=len(layers),
-            )
-        expected = model(input_ids=dummy, attention_mask=mask).logits
-        _verify(expected, adapter, dummy, mask, type(model).__name__)
-    return adapter
-
-
-def _can_generate(model: nn.Module) -> bool:
-    can = getattr(model, "can_generate", None)
-    return bool(can()) if callable(can) else bool(getattr(model.config, "is_decoder", False))
-
-
-def _dummy_tokens(embedding: nn.Embedding, context: int | None) -> tuple[Tensor, Tensor]:
+def dummy_tokens(embedding: nn.Embedding, context: int | None) -> tuple[Tensor, Tensor]:
     """A few fixed, varied token ids [1, T] (and an all-ones mask) to check a model on."""
     length = max(2, min(8, (context or 8) - 2))  # RoBERTa offsets positions by padding_idx + 1
     vocab = embedding.num_embeddings
@@ -684,7 +278,7 @@ def _dummy_tokens(embedding: nn.Embedding, context: int | None) -> tuple[Tensor,
     return dummy, torch.ones_like(dummy)
 
 
-def _logits_of(output, name: str) -> Tensor:
+def logits_of(output, name: str) -> Tensor:
     """The logits in a model output: a tensor, `.logits`, or a tuple's first element."""
     logits = getattr(output, "logits", None)
     if isinstance(logits, Tensor):
@@ -712,7 +306,7 @@ def verify_adapter(adapter: ModelAdapter) -> None:
             "ModelAdapter(module=None) without forward=...: the adapter cannot be checked "
             "against the model; pass module=<the model> or forward=<input_ids -> logits>"
         )
-    dummy, mask = _dummy_tokens(adapter.embedding, adapter.context_length)
+    dummy, mask = dummy_tokens(adapter.embedding, adapter.context_length)
     with probe_mode(module):
         try:
             output = forward(dummy)
@@ -722,10 +316,10 @@ def verify_adapter(adapter: ModelAdapter) -> None:
                 f"failed ({type(error).__name__}: {error}); pass ModelAdapter(forward=lambda "
                 "ids: <logits [B, T, C]>)"
             ) from error
-        _verify(_logits_of(output, name), adapter, dummy, mask, name)
+        check_logits(logits_of(output, name), adapter, dummy, mask, name)
 
 
-def _verify(expected: Tensor, adapter: ModelAdapter, dummy: Tensor, mask: Tensor,
+def check_logits(expected: Tensor, adapter: ModelAdapter, dummy: Tensor, mask: Tensor,
             name: str) -> None:
     """The adapter's head on last_hidden_state must reproduce the model's own logits."""
     expected = expected.float()

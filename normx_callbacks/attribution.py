@@ -20,7 +20,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from .adapters import ModelAdapter, probe_mode, resolve_adapter
+from .adapters import ModelAdapter, probe_mode
+from .discovery import resolve_adapter
 
 NORMS = ("layer0", "word")
 
@@ -95,7 +96,7 @@ def mask_positions(input_ids: Tensor, mask_token_id: int) -> Tensor:
     return hits.float().argmax(dim=1)
 
 
-def _resolve_layers(layers, num_layers: int) -> tuple[int, ...] | None:
+def resolve_layers(layers, num_layers: int) -> tuple[int, ...] | None:
     if layers is None:
         return None
     if isinstance(layers, str):
@@ -117,7 +118,7 @@ def _resolve_layers(layers, num_layers: int) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def _as_rows(value, name: str, batch: int, device) -> Tensor | None:
+def as_rows(value, name: str, batch: int, device) -> Tensor | None:
     if value is None:
         return None
     t = torch.as_tensor(value, device=device).long().reshape(-1)
@@ -158,7 +159,7 @@ def prepare_inputs(
             "tokenizer the one this model was built for?"
         )
     batch, length = ids.shape
-    positions = _as_rows(positions, "positions", batch, device)
+    positions = as_rows(positions, "positions", batch, device)
     if positions is None:
         if adapter.kind == "masked":
             raise ValueError(
@@ -229,9 +230,9 @@ def normxlogit(
     num_layers = adapter.num_layers
     if num_layers is None:
         raise ValueError("ModelAdapter.num_layers must be set (the number of layers L)")
-    layer_ids = _resolve_layers(layers, num_layers)
-    targets = _as_rows(targets, "targets", batch, device)
-    foils = _as_rows(foils, "foils", batch, device)
+    layer_ids = resolve_layers(layers, num_layers)
+    targets = as_rows(targets, "targets", batch, device)
+    foils = as_rows(foils, "foils", batch, device)
     for name, ids in (("targets", targets), ("foils", foils)):
         if ids is not None and adapter.kind != "regression":
             limit = _num_outputs(adapter)

@@ -9,24 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
-from .adapters import ModelAdapter, UnsupportedModelError, verify_adapter
+from .adapters import ModelAdapter
 from .attribution import Attribution
-from .discovery import find_model
+from .drivers import DriverCore
 from .engine import Engine
-from .methods import FORWARD_METHODS
 from .probes import ProbeSet
+from .settings import Settings, check_options
 from .store import STORE_DIRNAME, SnapshotStore
 
 log = logging.getLogger(__name__)
 
+WHO = "NormXLogitCallback"
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "XLA")
 
 
@@ -35,10 +35,11 @@ class NormXLogitCallback(Callback):
 
     At step 0, on a log-spaced schedule, then every `every_n_steps`, and at the end
     of training, the callback runs the probe set through the model (eval mode,
-    no grad, RNG untouched) on the training thread; a background worker then builds the
-    metrics and tables, writes the snapshot store (`<log_dir>/normx`, see
-    `normx_callbacks.load_run`) and logs to every logger while training goes on. The worker
-    is flushed before every checkpoint save, at the end of training and on an exception.
+    no grad, RNG untouched) on the training thread; the snapshot writer (in a helper
+    process by default) then builds the metrics and tables and writes the snapshot store
+    (`<log_dir>/normx`, see `normx_callbacks.load_run`), and the pipeline's thread logs to
+    every logger while training goes on. The pipeline is flushed before every checkpoint
+    save, at the end of training and on an exception.
     The work itself is the `Engine` (`engine.py`); Fabric and plain loops drive the same
     engine through `NormXLogitMonitor`.
 
@@ -50,37 +51,12 @@ class NormXLogitCallback(Callback):
             `trainer.datamodule.tokenizer`.
         model_attr: dotted attribute path of the HF model inside the LightningModule
             (default: found automatically); or pass a `ModelAdapter` as `adapter`.
-        schedule: "log" (default), "interval" or "steps" (see `SnapshotSchedule`).
-        every_n_steps, steps, log_base: schedule parameters.
-        layers: "all" (default), None (last layer only) or a list of layer indices.
-        norm: "layer0" (the paper's `hidden_states[0]`) or "word" (raw embedding row).
-        objective: "auto" (from the model), "causal" or "masked".
-        track_tokens: words whose embedding norms are logged at every snapshot.
-        top_k: how many tokens to list with the largest/smallest norms.
-        batch_key, mask_key: where the token ids / attention mask sit in a
-            training batch (dict key, or index for tuples) for frequency counting; a
-            tuple/list batch with a string `batch_key` is read at its first 2-D integer
-            tensor. Masked-LM batches count `labels` where they are not -100 (the
-            uncorrupted text), never the mask token (see `TokenCounter`).
-        count_fn: `batch -> token ids` for batch formats the above cannot read.
         store_dir: where the snapshot store goes (default `<log_dir>/normx`).
-        media_probes: how many probes get heatmap images / HTML (cost control).
-        history_length: how many snapshots the history heatmaps show (the latest ones).
-        probe_batch_size: probes per forward pass (bounds memory).
-        faithfulness_every: evaluate AOPC faithfulness at every n-th snapshot (and the
-            final one); None turns it off.
-        faithfulness_methods: methods compared (`normx_callbacks.METHODS`); default the
-            forward-only ones; integrated_gradients needs `pip install 'normx-callbacks[baselines]'`.
-        faithfulness_probes: how many probes (the first n) the faithfulness evaluation uses.
-        faithfulness_replacement: how AOPC removes a token (`normx_callbacks.REPLACEMENTS`):
-            "auto" (default; see `resolve_replacement`), "mask", "unk", "pad", "eos" or
-            "attention" (attention mask 0, positions kept).
-        max_pending: how many snapshots may wait for the worker before training waits.
-        worker: "process" (default): snapshots are built, written and drawn in a helper
-            process, and on a float32 CPU model the faithfulness forwards run there too, on
-            a copy of the weights; the logger calls stay here. "thread": all of it on a
-            background thread of this process (see `worker.py` for why a process is the
-            default: a busy Python thread slows the training thread down).
+        **settings: every other option, with the same meaning in every driver, declared
+            and documented once in `normx_callbacks.Settings` (schedule, every_n_steps,
+            layers, norm, track_tokens, faithfulness_*, alignment_methods, batch_key,
+            count_fn, media_probes, max_pending, writer, ...); in a LightningCLI config they
+            are written flat (`every_n_steps: 500`).
         state_key_suffix: distinguishes two instances in one Trainer.
         alignment_methods: gradient methods whose evidence alignment is measured beside
             NormXLogit's, at the faithfulness cadence, as a reference: "installed" (default:
@@ -150,53 +126,24 @@ class NormXLogitCallback(Callback):
         tokenizer: Any = None,
         model_attr: str | None = None,
         adapter: ModelAdapter | None = None,
-        schedule: str = "log",
-        every_n_steps: int = 100,
-        steps: Sequence[int] | None = None,
-        log_base: int = 2,
-        layers: str | Sequence[int] | None = "all",
-        norm: str = "layer0",
-        objective: str = "auto",
-        track_tokens: Sequence[str] = (),
-        top_k: int = 20,
-        batch_key: str | int = "input_ids",
-        mask_key: str | int | None = "attention_mask",
-        count_fn: Callable[[Any], Tensor] | None = None,
         store_dir: str | os.PathLike | None = None,
-        media_probes: int = 2,
-        probe_batch_size: int = 32,
-        history_length: int = 64,
-        faithfulness_every: int | None = 4,
-        faithfulness_methods: Sequence[str] = FORWARD_METHODS,
-        faithfulness_probes: int = 16,
-        faithfulness_replacement: str = "auto",
-        max_pending: int = 8,
-        worker: str = "process",
         state_key_suffix: str = "",
-        alignment_methods: str | Sequence[str] | None = "installed",
+        **settings: Any,
     ):
         super().__init__()
-        self.engine = Engine(
-            probes, schedule=schedule, every_n_steps=every_n_steps, steps=steps,
-            log_base=log_base, layers=layers, norm=norm, objective=objective,
-            track_tokens=track_tokens, top_k=top_k, batch_key=batch_key, mask_key=mask_key,
-            count_fn=count_fn, media_probes=media_probes, probe_batch_size=probe_batch_size,
-            history_length=history_length, faithfulness_every=faithfulness_every,
-            faithfulness_methods=faithfulness_methods, faithfulness_probes=faithfulness_probes,
-            faithfulness_replacement=faithfulness_replacement, max_pending=max_pending,
-            worker=worker, alignment_methods=alignment_methods)
+        check_options(settings, WHO)
+        self.engine = Engine(probes, Settings(**settings), owner=WHO)
+        self.core = DriverCore(self.engine)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self._user_adapter = adapter  # else found anew at each fit: the model may change
         self.store_dir = store_dir
         self.state_key_suffix = state_key_suffix
         self._ready = False  # no snapshot before on_fit_start has read the model
-        self._last_step: int | None = None
-        self._resumed_at: int | None = None
-        self._restored: dict | None = None  # run id and store a checkpoint restored, this fit
         self._store_root: Path | None = None
 
     # Results and settings, read through the engine.
+    settings: Settings = property(lambda self: self.engine.settings)
     probes = property(lambda self: self.engine.probes)
     schedule = property(lambda self: self.engine.schedule)
     adapter = property(lambda self: self.engine.adapter)
@@ -218,7 +165,7 @@ class NormXLogitCallback(Callback):
         Lightning's `configure_model` has built it."""
         if stage != "fit":
             return
-        self._restored = None  # load_state_dict runs after setup when a checkpoint is given
+        self.core.restored = None  # load_state_dict runs after setup when a checkpoint is given
         self._ready = False
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in _UNSUPPORTED_STRATEGIES):
@@ -255,22 +202,14 @@ class NormXLogitCallback(Callback):
                 f"{tensor_parallel}): each layer's vectors are split across ranks. Use "
                 "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2 "
                 "data parallel)")
-        self.engine.check_methods_for("collective")
+        self.engine.check_mode("collective")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reads the model (built by now) and prepares the engine for it."""
-        adapter = self._user_adapter
-        if adapter is not None:
-            try:  # the weights may have changed since the last fit: checked at every fit
-                verify_adapter(adapter)
-            except UnsupportedModelError as error:
-                raise RuntimeError(f"NormXLogitCallback: the adapter disagrees with its model: "
-                                   f"{error}") from error
-        else:
-            adapter = find_model(pl_module, self.model_attr, check=True)  # at every fit
+        adapter = self.core.read_model(pl_module, self.model_attr, self._user_adapter)
         mode = ("collective" if _sharded(trainer) else "shared" if _distributed(trainer)
                 else "single")
         self.engine.prepare(adapter, self._find_tokenizer(trainer, pl_module),
@@ -302,14 +241,10 @@ class NormXLogitCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in setup: Lightning restores a checkpoint's callback state after setup.
-        restored, self._restored = self._restored, None
         if trainer.is_global_zero:
-            self.engine.open_run(self._store_root, restored=restored, loggers=trainer.loggers,
-                                 going_on=trainer.global_step > 0)
-            if self._resumed_at is not None:
-                # Snapshots a killed run wrote after its last checkpoint are re-taken now.
-                self.engine.truncate_after(trainer.global_step)
-        self._resumed_at = None
+            self.core.start_run(self._store_root, step=trainer.global_step,
+                                loggers=trainer.loggers, going_on=trainer.global_step > 0)
+        self.core.restored = None
         self._maybe_snapshot(trainer, force=False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -336,23 +271,14 @@ class NormXLogitCallback(Callback):
             self.engine.close()
 
     def _maybe_snapshot(self, trainer: pl.Trainer, *, force: bool) -> None:
-        if trainer.sanity_checking or not self._ready:
-            return
-        step = trainer.global_step
-        if step == self._last_step:
-            return  # gradient accumulation: several batches share one step
-        if not force and not self.engine.due(step):
-            return
-        self._last_step = step
-        # The last step is final whether on_train_end or the schedule reaches it first.
-        final = force or (trainer.max_steps is not None and 0 < trainer.max_steps <= step)
-        self.engine.snapshot(step, final=final)  # every rank together when distributed
+        if not trainer.sanity_checking and self._ready:  # every rank together
+            self.core.maybe_snapshot(trainer.global_step, force=force,
+                                     max_steps=trainer.max_steps)
 
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
-        # The engine flushes first: a checkpoint is never ahead of the snapshots before it.
-        return {"last_step": self._last_step, **self.engine.state_dict()}
+        return self.core.state_dict()
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -367,11 +293,7 @@ class NormXLogitCallback(Callback):
             state["counts"] = self.engine.counter.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict["last_step"]
-        self._resumed_at = state_dict["last_step"]
-        self.engine.load_state_dict(state_dict)
-        # Checkpoints written before runs had an id restore {"run_id": None, "store": None}.
-        self._restored = {"run_id": state_dict.get("run_id"), "store": state_dict.get("store")}
+        self.core.load_state_dict(state_dict)
 
 
 def _sharded(trainer: pl.Trainer) -> bool:

@@ -63,12 +63,12 @@ def load_model_and_tokenizer(
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
-        model = _load_hf_dir(path)
-        tok_dir = Path(tokenizer) if tokenizer is not None else _hf_tokenizer_dir(path)
+        model = load_hf_dir(path)
+        tok_dir = Path(tokenizer) if tokenizer is not None else hf_tokenizer_dir(path)
     else:
         model, hints = _load_lightning(path)
-        tok_dir = Path(tokenizer) if tokenizer is not None else _find_tokenizer(path, hints)
-    tok = _load_tokenizer(tok_dir)
+        tok_dir = Path(tokenizer) if tokenizer is not None else find_tokenizer(path, hints)
+    tok = load_tokenizer(tok_dir)
     rows = model.get_input_embeddings().num_embeddings
     if len(tok) > rows:
         raise CheckpointError(
@@ -115,7 +115,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path) -> dict:
     # torch.save writes zip archives; a truncated one loses its central directory.
     is_zip = zipfile.is_zipfile(path)
     try:
@@ -150,16 +150,16 @@ def _read_checkpoint(path: Path) -> dict:
 def _load_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple[nn.Module, dict]:
     """(the Hugging Face model a ``model_class`` checkpoint keeps at ``.model``, the
     checkpoint's DataModule hyper-parameters)."""
-    ckpt, hp = _read_lightning(path, model_class)
-    model = _build_lightning(path, model_class, hp)
-    _load_lightning_weights(path, model, ckpt, hp.get("arch", model_class.replace(":", ".")))
-    return model, _datamodule_hints(ckpt)
+    ckpt, hp = read_lightning(path, model_class)
+    model = build_lightning(path, model_class, hp)
+    load_lightning_weights(path, model, ckpt, hp.get("arch", model_class.replace(":", ".")))
+    return model, datamodule_hints(ckpt)
 
 
-def _read_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple[dict, dict]:
+def read_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple[dict, dict]:
     """(the checkpoint, its hyper-parameters), checked to be those ``model_class`` takes."""
     accepted = inspect.signature(import_class(model_class).__init__).parameters
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters")
     if isinstance(hp, dict):  # LightningCLI records how it built the module; not an argument
         hp = {k: v for k, v in hp.items() if k != "_instantiator"}
@@ -175,7 +175,7 @@ def _read_lightning(path: Path, model_class: str = DEFAULT_MODEL_CLASS) -> tuple
     return ckpt, hp
 
 
-def _build_lightning(path: Path, model_class: str, hp: dict) -> nn.Module:
+def build_lightning(path: Path, model_class: str, hp: dict) -> nn.Module:
     """The Hugging Face model at ``.model`` of ``model_class`` rebuilt from ``hp`` (untrained)."""
     label = model_class.replace(":", ".")
     try:
@@ -190,14 +190,14 @@ def _build_lightning(path: Path, model_class: str, hp: dict) -> nn.Module:
     return model
 
 
-def _load_lightning_weights(path: Path, model: nn.Module, ckpt: dict, arch: str) -> None:
+def load_lightning_weights(path: Path, model: nn.Module, ckpt: dict, arch: str) -> None:
     """Load the checkpoint's ``model.*`` weights into ``model``; every weight must fit."""
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     _check_state(path, model, state, arch)
     model.load_state_dict(state, strict=True)
 
 
-def _datamodule_hints(ckpt: dict) -> dict:
+def datamodule_hints(ckpt: dict) -> dict:
     hints = ckpt.get("datamodule_hyper_parameters")
     return hints if isinstance(hints, dict) else {}
 
@@ -252,7 +252,7 @@ def _tokenizer_candidates(ckpt_path: Path, hints: dict) -> list[Path]:
     return list(dict.fromkeys(base / cache / leaf for base in bases))
 
 
-def _find_tokenizer(ckpt_path: Path, hints: dict) -> Path:
+def find_tokenizer(ckpt_path: Path, hints: dict) -> Path:
     candidates = _tokenizer_candidates(ckpt_path, hints)
     for candidate in candidates:
         if (candidate / "tokenizer.json").is_file():
@@ -269,12 +269,12 @@ def _find_tokenizer(ckpt_path: Path, hints: dict) -> Path:
 # ------------------------------------------------------------------------ HF model directories
 
 
-def _load_hf_dir(path: Path) -> nn.Module:
+def load_hf_dir(path: Path) -> nn.Module:
     """The model of an HF directory; a weight missing from its files or of another shape is
     refused (``from_pretrained`` would initialise it at random and only log it)."""
     from safetensors import SafetensorError
 
-    _, auto = _hf_config(path)
+    _, auto = hf_config(path)
     try:
         model, info = auto.from_pretrained(str(path), local_files_only=True,
                                            output_loading_info=True)
@@ -329,7 +329,7 @@ def _hf_load_error(path: Path, error: BaseException) -> str:
     return f"cannot load the model in {path}: {detail}"
 
 
-def _hf_config(path: Path) -> tuple[Any, type]:
+def hf_config(path: Path) -> tuple[Any, type]:
     """(the directory's config, the Auto class that loads its model)."""
     import transformers
 
@@ -350,7 +350,7 @@ def _hf_config(path: Path) -> tuple[Any, type]:
     return config, transformers.AutoModelForCausalLM
 
 
-def _hf_weights(path: Path) -> dict[str, torch.Tensor] | None:
+def hf_weights(path: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of an HF directory's weight files as saved (one file or an index of
     shards; safetensors, else ``pytorch_model.bin`` read with ``weights_only``); None when it
     holds neither."""
@@ -377,13 +377,13 @@ def _read_bin(file: Path) -> dict[str, torch.Tensor]:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _hf_tokenizer_dir(path: Path) -> Path:
+def hf_tokenizer_dir(path: Path) -> Path:
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return path
     raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json); {_HINT_TOKENIZER}")
 
 
-def _load_tokenizer(path: Path):
+def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     if not path.is_dir():

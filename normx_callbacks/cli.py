@@ -25,17 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .adapters import UnsupportedModelError
+from .catalog import empty_store_reason, find_runs, find_store, select_runs
+from .loading import RunData, load_store
 from .probes import ProbeError
-from .store import (
-    RunData,
-    SnapshotStore,
-    StoreError,
-    empty_store_reason,
-    find_runs,
-    find_store,
-    load_store,
-    select_runs,
-)
+from .store import SnapshotStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +261,9 @@ def _quietly(args: argparse.Namespace, fn, *fn_args):
 def cmd_attribute(args: argparse.Namespace) -> int:
     import torch
 
-    from .adapters import resolve_adapter
     from .attribution import normxlogit
     from .checkpoints import load_model_and_tokenizer
+    from .discovery import resolve_adapter
     from .probes import ProbeSet
 
     if args.foil is not None and args.target is None:
@@ -373,8 +366,8 @@ def _attribute_html(args, header, tokens, rows, attr, n) -> None:
 
 def cmd_faithfulness(args) -> int:
     """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
-    from .adapters import resolve_adapter
     from .checkpoints import load_model_and_tokenizer
+    from .discovery import resolve_adapter
     from .faithfulness import faithfulness_table, resolve_replacement
     from .methods import METHODS
     from .probes import ProbeSet

@@ -1,4 +1,8 @@
-"""Discovery for any PyTorch language model, not only Hugging Face ones.
+"""Reading any language model: `resolve_adapter` (a Hugging Face model through
+`hf_reading.read_hf_model`, any other by tracing it, cached per model while its signature
+holds) and `find_model` (which module inside a LightningModule is the model being trained).
+
+Discovery for any PyTorch language model, not only Hugging Face ones.
 
 `discover_adapter(model)` reads a module whose forward takes token ids alone and returns
 logits (a tensor, the first element of a tuple, or an output with `.logits`), such as a
@@ -24,6 +28,7 @@ probes run in groups of equal length, so padding never reaches them.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -33,14 +38,17 @@ from . import sharding
 from .adapters import (
     ModelAdapter,
     UnsupportedModelError,
-    _apply_chain,
-    _dummy_tokens,
-    _first_tensor,
-    _logits_of,
-    _verify,
+    apply_chain,
+    check_logits,
     context_length_of,
+    dummy_tokens,
+    first_tensor,
+    logits_of,
+    model_signature,
     probe_mode,
+    verify_adapter,
 )
+from .hf_reading import read_hf_model
 
 HOW = ("build a normx_callbacks.ModelAdapter(module=..., embedding=..., hidden_states=..., "
        "final_norm=..., head=...) and pass it as adapter=...")
@@ -143,7 +151,7 @@ def _final_chain(calls: list[_Call], stack: nn.ModuleList, head: _Call,
                  name: str) -> list[nn.Module]:
     """Modules applied, in order, to the last block's output to give the head's input."""
     last = max((c for c in calls if c.module is stack[-1]), key=lambda c: c.order)
-    raw = _first_tensor(last.out)
+    raw = first_tensor(last.out)
     end = max(c.order for c in calls if any(c.module is m for m in stack[-1].modules()))
     between = [c for c in calls if end < c.order < head.order and isinstance(c.out, Tensor)]
     # Outermost calls only: a norm's own submodules are not separate steps.
@@ -186,7 +194,7 @@ def _is_causal(model: nn.Module, ids: Tensor, logits: Tensor) -> bool:
         return True  # returns the last position only: a generative forward
     changed = ids.clone()
     changed[0, -1] = ids[0, 0] if int(ids[0, -1]) != int(ids[0, 0]) else ids[0, 1]
-    other = _logits_of(model(changed), type(model).__name__)
+    other = logits_of(model(changed), type(model).__name__)
     return torch.allclose(other[:, :-1].float(), logits[:, :-1].float(), atol=1e-5, rtol=1e-4)
 
 
@@ -210,7 +218,7 @@ class _StackReader:
 
         def grab_output(i):
             def hook(module, args, output):
-                states[i + 1] = _first_tensor(output)
+                states[i + 1] = first_tensor(output)
 
             return hook
 
@@ -246,7 +254,7 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
     if not embeddings:
         raise UnsupportedModelError(f"{name} has no nn.Embedding for token ids; {HOW}")
     smallest = min(embeddings, key=lambda e: e.num_embeddings)
-    dummy, mask = _dummy_tokens(smallest, context_length_of(model))
+    dummy, mask = dummy_tokens(smallest, context_length_of(model))
     with probe_mode(model):
         try:
             calls, output = _trace(model, dummy)
@@ -256,7 +264,7 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
                 f"({type(error).__name__}: {error}): discovery needs a forward that takes token "
                 f"ids alone and returns logits; {HOW}"
             ) from error
-        logits = _logits_of(output, name)
+        logits = logits_of(output, name)
         receiving = {id(c.module): c.module for c in calls
                      if isinstance(c.module, nn.Embedding) and _same(c.x, dummy)}
         if len(receiving) != 1:
@@ -268,7 +276,7 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
         stack = _block_stack(model, calls, name)
         head = _head_call(calls, stack, logits, name)
         chain = _final_chain(calls, stack, head, name)
-        final = _apply_chain(chain)
+        final = apply_chain(chain)
         reader = _StackReader(model, stack, head.module, final)
         linear: nn.Linear = head.module
         reader.gathered = [embedding, linear, *chain]
@@ -284,8 +292,57 @@ def discover_adapter(model: nn.Module) -> ModelAdapter:
             output_embedding=linear,
             accepts_mask=False,
         )
-        _verify(logits, adapter, dummy, mask, name)
+        check_logits(logits, adapter, dummy, mask, name)
     return adapter
+
+
+# --------------------------------------------------------------------------- any model
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, adapter)
+
+
+def resolve_adapter(model: nn.Module | ModelAdapter, *, check: bool = False) -> ModelAdapter:
+    """A verified `ModelAdapter` for a Hugging Face model, or for any other module whose
+    forward maps token ids to logits (`discovery.discover_adapter`).
+
+    Cached per model while `model_signature` is unchanged: a model whose modules or
+    embedding shapes changed (a resized vocabulary) is read again. ``check`` verifies a
+    cached adapter against the model's own logits once more (the weights may have changed
+    in a way no signature sees) and reads the model again if it no longer agrees.
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    signature = model_signature(model) if isinstance(model, nn.Module) else None
+    try:
+        cached_signature, adapter = _CACHE[model]
+    except (KeyError, TypeError):
+        pass
+    else:
+        if cached_signature == signature:
+            if not check:
+                return adapter
+            try:
+                verify_adapter(adapter)
+                return adapter
+            except UnsupportedModelError:
+                pass  # read again below; a model that no longer reads at all raises there
+    if isinstance(model, nn.Module) and not _is_hf(model):
+        adapter = discover_adapter(model)
+    else:
+        adapter = read_hf_model(model)
+    adapter.resolved = True  # read off the model: it can be read again when the model changes
+    try:
+        _CACHE[model] = (signature, adapter)
+    except TypeError:  # not weak-referenceable: never cached
+        pass
+    return adapter
+
+
+def _is_hf(model: nn.Module) -> bool:
+    """A Hugging Face model: it has `base_model` and `get_input_embeddings`."""
+    return getattr(model, "base_model", None) is not None and hasattr(
+        model, "get_input_embeddings")
 
 
 # --------------------------------------------------------------------------- finding the model
@@ -305,8 +362,6 @@ def find_model(owner_module: nn.Module, model_attr: str | None = None, *,
     verify a cached adapter against the model's logits again (`resolve_adapter`).
     """
     from transformers import PreTrainedModel
-
-    from .adapters import resolve_adapter
 
     name = type(owner_module).__name__
     if model_attr:

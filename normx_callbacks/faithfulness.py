@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adapters import ModelAdapter, probe_mode, resolve_adapter
+from .adapters import ModelAdapter, probe_mode
 from .attribution import prepare_inputs
+from .discovery import resolve_adapter
 from .methods import METHODS, attribute, batched_logits, resolve_targets
 from .metrics import bootstrap_interval, ranked_positions
 

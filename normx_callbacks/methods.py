@@ -33,8 +33,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .adapters import ModelAdapter, probe_mode, resolve_adapter
-from .attribution import _as_rows, normxlogit, prepare_inputs
+from .adapters import ModelAdapter, probe_mode
+from .attribution import as_rows, normxlogit, prepare_inputs
+from .discovery import resolve_adapter
 
 METHODS = (
     "normxlogit",
@@ -90,7 +91,7 @@ def attribute(
         _captum_class(method)  # fail on a missing backend before any work
     adapter = resolve_adapter(model)
     ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
-    targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
+    targets = as_rows(targets, "targets", ids.shape[0], ids.device)
     valid = valid_positions(adapter.kind, mask, positions)
 
     if method in ("normxlogit", "logat", "norm"):
@@ -143,7 +144,7 @@ def gradient_attributions(
     algorithm = _captum_class(method) if method in CAPTUM_METHODS else None
     adapter = resolve_adapter(model)
     ids, mask, positions = prepare_inputs(adapter, input_ids, attention_mask, positions)
-    targets = _as_rows(targets, "targets", ids.shape[0], ids.device)
+    targets = as_rows(targets, "targets", ids.shape[0], ids.device)
     parts, deltas = [], []
     with probe_mode(adapter.module, grad=True):
         # Inference tensors (made under inference_mode) cannot enter autograd: copy them.

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, UnsupportedModelError, verify_adapter
-from .discovery import find_model
+from .adapters import ModelAdapter
+from .drivers import DriverCore
 from .engine import Engine
+from .settings import Settings, check_options
 from .store import STORE_DIRNAME, SnapshotStore
 
 WHO = "NormXLogitMonitor"
@@ -48,25 +49,23 @@ class NormXLogitMonitor:
         loggers: Lightning or Fabric loggers (`fabric.loggers`); may also be given to `setup`.
         model_attr, adapter: how to find the language model inside the module given to
             `setup` (default: found automatically, as the callback does).
-        **settings: every other `NormXLogitCallback` argument (schedule, every_n_steps,
-            layers, norm, track_tokens, media_probes, faithfulness_*, batch_key, count_fn,
-            max_pending, ...), with the same meaning and defaults.
+        **settings: every other option (`normx_callbacks.Settings`: schedule,
+            every_n_steps, layers, norm, track_tokens, media_probes, faithfulness_*,
+            batch_key, count_fn, max_pending, writer, ...), with the same meaning and defaults
+            as for `NormXLogitCallback`.
     """
 
     def __init__(self, probes: Any, *, store_dir: str | os.PathLike | None = None,
                  loggers: Sequence = (), model_attr: str | None = None,
                  adapter: ModelAdapter | None = None, **settings: Any) -> None:
-        try:
-            self.engine = Engine(probes, owner=WHO, **settings)
-        except TypeError as error:  # an unknown keyword: name the valid ones
-            raise TypeError(f"{WHO}: {error}; see NormXLogitCallback for the settings") from None
+        check_options(settings, WHO)
+        self.engine = Engine(probes, Settings(**settings), owner=WHO)
+        self.core = DriverCore(self.engine)
         self.store_dir = store_dir
         self.loggers = list(loggers)
         self.model_attr = model_attr
         self._user_adapter = adapter
         self._module: nn.Module | None = None
-        self._last_step: int | None = None
-        self._restored: dict | None = None
         self._max_steps: int | None = None
 
     # Results, read through the engine.
@@ -94,15 +93,7 @@ class NormXLogitMonitor:
             self.loggers = list(loggers)
         self._max_steps = max_steps
         self._module = _unwrap(model)
-        adapter = self._user_adapter
-        if adapter is not None:
-            try:
-                verify_adapter(adapter)
-            except UnsupportedModelError as error:
-                raise RuntimeError(f"{WHO}: the adapter disagrees with its model: {error}"
-                                   ) from error
-        else:
-            adapter = find_model(self._module, self.model_attr, who=WHO, check=True)
+        adapter = self.core.read_model(self._module, self.model_attr, self._user_adapter)
         rank, world = _rank_world()
         mode = ("collective" if _is_dtensor(adapter.embedding.weight)
                 else "shared" if world > 1 else "single")
@@ -112,11 +103,9 @@ class NormXLogitMonitor:
         self.engine.prepare(adapter, tokenizer, loggers=self.loggers, mode=mode,
                             is_writer=rank == 0, forward_context=autocast)
         if rank == 0:
-            restored, self._restored = self._restored, None
-            self.engine.open_run(root, restored=restored, loggers=self.loggers,
-                                 going_on=self._last_step is not None and step > 0)
-            if restored is not None:
-                self.engine.truncate_after(step)  # re-taken: written after the checkpoint
+            self.core.start_run(root, step=step, loggers=self.loggers,
+                                going_on=self.core.last_step is not None and step > 0)
+        self.core.restored = None
         self._maybe_snapshot(step, force=False)
 
     def _store_root(self) -> Path:
@@ -172,12 +161,7 @@ class NormXLogitMonitor:
             raise RuntimeError(f"{WHO}: call setup(model, tokenizer) before step() and end()")
 
     def _maybe_snapshot(self, step: int, *, force: bool) -> None:
-        if step == self._last_step or (not force and not self.engine.due(step)):
-            return
-        self._last_step = step
-        # The run's last step is final whether `step` or `end` reaches it first.
-        final = force or (self._max_steps is not None and step >= self._max_steps)
-        self.engine.snapshot(step, final=final)
+        self.core.maybe_snapshot(step, force=force, max_steps=self._max_steps)
 
     # ------------------------------------------------------------------ resume
 
@@ -186,13 +170,11 @@ class NormXLogitMonitor:
         folded in, summed over ranks: call on every rank)."""
         if self.engine.prepared:
             self.engine.collect_counts()
-        return {"last_step": self._last_step, **self.engine.state_dict()}
+        return self.core.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore before `setup(..., step=resumed_step)`."""
-        self._last_step = state["last_step"]
-        self.engine.load_state_dict(state)
-        self._restored = {"run_id": state.get("run_id"), "store": state.get("store")}
+        self.core.load_state_dict(state)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

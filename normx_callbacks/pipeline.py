@@ -141,6 +141,11 @@ class Pipeline:
         running = self._running
         return ([running[0]] if running is not None else []) + waiting
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The pipeline's thread (tests check that `close` stops it)."""
+        return self._thread
+
     def on_worker_thread(self) -> bool:
         return threading.current_thread() is self._thread
 

@@ -714,7 +714,7 @@ def _split_words(tokenizer: Any, probe: Probe, row: _Row) -> list[str]:
     for name, word, pieces in (("target", probe.target, row.target_pieces),
                                ("foil", probe.foil, row.foil_pieces)):
         if word is not None:
-            out.append(f"{name} {word!r} -> {_readable(tokenizer, pieces)}")
+            out.append(f"{name} {word!r} -> {readable_tokens(tokenizer, pieces)}")
     return out
 
 
@@ -796,7 +796,7 @@ def _encode_masked(tokenizer: Any, probe: Probe, label: str) -> _Row:
                 foil_pieces, attractor_mask)
 
 
-def _readable(tokenizer: Any, ids: list[int]) -> list[str]:
+def readable_tokens(tokenizer: Any, ids: list[int]) -> list[str]:
     out = []
     for token in tokenizer.convert_ids_to_tokens(ids):
         text = tokenizer.convert_tokens_to_string([token])
@@ -822,13 +822,13 @@ def _collate(tokenizer: Any, rows: list[_Row], probes: list[Probe]) -> EncodedPr
         ids=[p.id for p in probes],
         input_ids=input_ids,
         attention_mask=attention_mask,
-        tokens=[_readable(tokenizer, row.ids) for row in rows],
+        tokens=[readable_tokens(tokenizer, row.ids) for row in rows],
         cue_mask=cue_mask,
         positions=torch.tensor([row.position for row in rows], dtype=torch.long),
         targets=torch.tensor([row.target for row in rows], dtype=torch.long),
         foils=torch.tensor([row.foil for row in rows], dtype=torch.long),
         probes=list(probes),
-        target_tokens=[_readable(tokenizer, row.target_pieces) for row in rows],
-        foil_tokens=[_readable(tokenizer, row.foil_pieces) for row in rows],
+        target_tokens=[readable_tokens(tokenizer, row.target_pieces) for row in rows],
+        foil_tokens=[readable_tokens(tokenizer, row.foil_pieces) for row in rows],
         attractor_mask=attractor_mask if any(p.attractors for p in probes) else None,
     )

@@ -2,11 +2,12 @@
 
 Each checkpoint is loaded (one at a time) and measured by the callback's own `Engine`, so
 the store, its tables and its numbers are those the callback records at the same step. The
-engine's worker builds and writes one checkpoint's snapshot while the next one loads.
+engine's writer builds and writes one checkpoint's snapshot while the next one loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -24,24 +25,25 @@ from torch import nn
 from .checkpoints import (
     DEFAULT_MODEL_CLASS,
     CheckpointError,
-    _build_lightning,
-    _datamodule_hints,
-    _find_tokenizer,
-    _hf_config,
-    _hf_tokenizer_dir,
-    _hf_weights,
-    _load_hf_dir,
-    _load_lightning_weights,
-    _load_tokenizer,
-    _read_checkpoint,
-    _read_lightning,
+    build_lightning,
+    datamodule_hints,
+    find_tokenizer,
+    hf_config,
+    hf_tokenizer_dir,
+    hf_weights,
     import_class,
+    load_hf_dir,
+    load_lightning_weights,
+    load_tokenizer,
+    read_checkpoint,
+    read_lightning,
 )
 from .discovery import find_model
 from .embeddings import TokenCounter
 from .engine import Engine
 from .probes import ProbeSet
-from .store import SnapshotStore, _read_meta
+from .settings import Settings
+from .store import SnapshotStore, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -198,31 +200,31 @@ class _SeriesLoader:
             return self._hf(path)
         if self.model_class is not None:
             return self._lightning_class(path)
-        ckpt, hp = _read_lightning(path)
+        ckpt, hp = read_lightning(path)
         recipe = ("demo", hp)
         arch = hp.get("arch", DEFAULT_MODEL_CLASS)
         if self._same(recipe):
-            _load_lightning_weights(path, self.module, ckpt, arch)
+            load_lightning_weights(path, self.module, ckpt, arch)
         else:
             self._drop()
-            model = _build_lightning(path, DEFAULT_MODEL_CLASS, hp)
-            _load_lightning_weights(path, model, ckpt, arch)
+            model = build_lightning(path, DEFAULT_MODEL_CLASS, hp)
+            load_lightning_weights(path, model, ckpt, arch)
             self._keep(model, recipe)
         return self.module
 
     def _hf(self, path: Path) -> nn.Module:
-        config, auto = _hf_config(path)
+        config, auto = hf_config(path)
         recipe = ("hf", auto.__name__, {k: v for k, v in config.to_dict().items()
                                         if not k.startswith("_") and k != "transformers_version"})
         if self._same(recipe) and not self.converts:
             try:
-                state = _hf_weights(path)
+                state = hf_weights(path)
             except Exception:  # noqa: BLE001 - unreadable: the rebuild below says why
                 state = None
             if state is not None and _load_fitting(self.module, state):
                 return self.module
         self._drop()
-        module = self._keep(_load_hf_dir(path), recipe)
+        module = self._keep(load_hf_dir(path), recipe)
         self.converts = _converts_weights(module)
         return module
 
@@ -235,7 +237,7 @@ class _SeriesLoader:
         # rescaled buffer, an attribute): on a module already loaded that would compound, so
         # such a class is always rebuilt (and its checkpoints read once, by Lightning).
         if cls.on_load_checkpoint is CheckpointHooks.on_load_checkpoint:
-            ckpt = _read_checkpoint(path)
+            ckpt = read_checkpoint(path)
             recipe = ("class", cls, ckpt.get("hyper_parameters"))
             if self._same(recipe):
                 try:  # what load_from_checkpoint does with the weights of a built module
@@ -325,6 +327,7 @@ def replay(
     norm: str = "layer0",
     count_corpus: str | os.PathLike | None = None,
     progress: bool = True,
+    settings: Settings | None = None,
 ) -> list[int]:
     """Measure every checkpoint of a series into a snapshot store, in step order.
 
@@ -357,6 +360,10 @@ def replay(
             special tokens) fill the ``count`` column and ``embedding/norm_logfreq_spearman``
             at every step; the same counts at every step, not the batches seen up to it.
         progress: a progress bar with ETA on stderr.
+        settings: the options of the callback run being replayed (`Settings`), for its
+            layers, norm, probe batch size and the rest; the replay's own schedule (every
+            checkpoint's step) and media (none) take their place, and ``layers``, ``norm``
+            and ``batch_size`` are then not used.
 
     Returns:
         The steps written by this call.
@@ -394,12 +401,15 @@ def replay(
         log.warning("replay: %d step(s) already in %s are skipped", len(series) - len(todo),
                     store.root)
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(Path(tokenizer).expanduser())
+        tokenizer = load_tokenizer(Path(tokenizer).expanduser())
     elif tokenizer is None and todo:
         tokenizer = _series_tokenizer(todo)
-    engine = Engine(probe_set, layers=layers, norm=norm, schedule="steps",
-                    steps=[c.step for c in series], media_probes=0, probe_batch_size=batch_size,
-                    faithfulness_every=1 if faithfulness else None, owner="normx replay")
+    # A replay measures every checkpoint of its series and draws no media (no loggers).
+    base = settings if settings is not None else Settings(layers=layers, norm=norm)
+    engine = Engine(probe_set, dataclasses.replace(
+        base, schedule="steps", steps=tuple(c.step for c in series), media_probes=0,
+        probe_batch_size=batch_size if settings is None else base.probe_batch_size,
+        faithfulness_every=1 if faithfulness else None), owner="normx replay")
     try:
         with _no_hf_progress():  # one bar: ours, not one per checkpoint load
             return _replay_series(engine, tokenizer, Path(store_dir), series, todo, model_class,
@@ -412,12 +422,12 @@ def _tokenizer_dir(path: Path) -> Path:
     """The tokenizer directory a checkpoint names. Raises FileNotFoundError (why: where it
     looked) when it names none, CheckpointError when the ``.ckpt`` cannot be read."""
     if path.is_dir():
-        return _hf_tokenizer_dir(path)
+        return hf_tokenizer_dir(path)
     try:  # the DataModule's hyper-parameters; mmap reads only what is used
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - unreadable: reported when it is loaded
         raise CheckpointError(str(path)) from error
-    return _find_tokenizer(path, _datamodule_hints(ckpt) if isinstance(ckpt, dict) else {})
+    return find_tokenizer(path, datamodule_hints(ckpt) if isinstance(ckpt, dict) else {})
 
 
 def _series_tokenizer(todo: list[Checkpoint]) -> Any:
@@ -438,7 +448,7 @@ def _series_tokenizer(todo: list[Checkpoint]) -> Any:
             why = why or str(error).split("; pass tokenizer=", 1)[0]
             continue
         try:
-            return _load_tokenizer(found)
+            return load_tokenizer(found)
         except (CheckpointError, FileNotFoundError) as error:
             raise ReplayError([f"{error}; or pass --tokenizer DIR (tokenizer= in Python)"]) from None
     if why is None:
@@ -453,7 +463,7 @@ def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
     """The architecture a store already holds snapshots of, as `_shape` gives it; None if new."""
     if not store.steps():
         return None
-    meta = _read_meta(store.root).get("run_meta", {})
+    meta = read_meta(store.root).get("run_meta", {})
     shape = (meta.get("model"), meta.get("num_layers"), meta.get("vocab_size"))
     return (f"the store {store.root}", shape) if None not in shape else None
 
@@ -503,7 +513,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
                     f"rows) than {first[0]} ({first[1][0]}, {first[1][1]} layers, "
                     f"{first[1][2]} embedding rows)")
             if engine.prepared:
-                engine.use_model(adapter)  # the probes stay encoded; the worker goes on
+                engine.use_model(adapter)  # the probes stay encoded; the writer goes on
             else:
                 engine.prepare(adapter, tokenizer)
         except (RuntimeError, ValueError) as error:
@@ -516,8 +526,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
         if counts is None:
             counts = (_count(count_corpus, tokenizer, shape[2]) if count_corpus
                       else TokenCounter(shape[2]))  # no batches in a replay: zeros
-        engine.counter.counts = counts.counts.clone()
-        engine.counter.pair_keys, engine.counter.pair_counts, _ = counts.pairs()
+        engine.set_counts(counts.counts, counts.pairs())
         engine.snapshot(checkpoint.step, final=checkpoint is series[-1])
         taken.append(checkpoint)
         del module, adapter  # the loader keeps the one model of the series

@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
+from .loading import RunData, load_run
 from .pages import esc, figure_html, grid, html_table, note, page, token_legend, token_strip
-from .store import RunData, load_run
 from .summary import paired_tests, summary_paragraph
 
 log = logging.getLogger(__name__)

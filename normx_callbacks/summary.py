@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog import find_runs
+from .loading import RunData
 from .statistics import (
     ABOVE,
     BELOW,
@@ -32,7 +34,7 @@ from .statistics import (
     sign_word,
     versus_reference,
 )
-from .store import RunData, StoreError, find_runs, read_run_record
+from .store import StoreError, read_run_record
 
 ACCURACY_MARK = 0.9  # the accuracy level the summary reports the crossing of
 VERSUS = {ABOVE: "above", BELOW: "below"}  # else "not distinguishable from"

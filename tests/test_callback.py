@@ -288,9 +288,9 @@ def test_without_any_logger_the_store_is_still_written(dm, tmp_path, caplog, mon
     rendered = []
     for name in ("layer_heatmap", "history_heatmap"):
         monkeypatch.setattr(plots, name, lambda *a, _name=name, **k: rendered.append(_name))
-    # Spied on in this process: the snapshots are built here (worker="thread").
+    # Spied on in this process: the snapshots are built here (writer="thread").
     callback = NormXLogitCallback(dm.probes, every_n_steps=EVERY, media_probes=2,
-                                  store_dir=tmp_path / "store", worker="thread")
+                                  store_dir=tmp_path / "store", writer="thread")
     trainer = fit(make_model(dm), dm, tmp_path, [callback], logger=False)
     assert trainer.loggers == []
     assert rendered == []  # no logger shows images: no figure is rendered
@@ -613,9 +613,9 @@ def test_a_figure_that_cannot_be_drawn_does_not_stop_training(dm, tmp_path, capl
         raise ValueError("cannot draw")
 
     monkeypatch.setattr(plots, "history_heatmap", broken)
-    # The fault is injected in this process: the snapshots are built here (worker="thread").
+    # The fault is injected in this process: the snapshots are built here (writer="thread").
     callback = NormXLogitCallback(dm.probes, every_n_steps=100, media_probes=1,
-                                  store_dir=tmp_path / "store", worker="thread")
+                                  store_dir=tmp_path / "store", writer="thread")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = fit(make_model(dm), dm, tmp_path, [callback], logger=logger, max_steps=2)
     assert trainer.global_step == 2

@@ -23,9 +23,9 @@ from launch import run_ranks, train_args
 from torch.utils.data import DistributedSampler
 
 from normx_callbacks import NormXLogitCallback, SnapshotSchedule, load_run
+from normx_callbacks.catalog import find_store
 from normx_callbacks.demo import LanguageModel, TextDataModule
 from normx_callbacks.embeddings import TokenCounter, information_gain
-from normx_callbacks.store import find_store
 
 MAX_STEPS = 4
 EXPECTED_STEPS = [0, 1, 2, 4]  # every_n_steps=4: the log schedule, the last one final
@@ -39,6 +39,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from normx_callbacks import NormXLogitCallback
 from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.measure import Measurement
 
 root, cache = sys.argv[1], sys.argv[2]
 DATA, MODEL = {data!r}, {model!r}
@@ -52,8 +53,9 @@ def main():
     # No store_dir: the default <log_dir>/normx needs `trainer.log_dir` on every rank.
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=1)
     shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
-    attribute = callback.engine.attribute
-    callback.engine.attribute = lambda rows: (shares.append(list(rows)), attribute(rows))[1]
+    attribute = Measurement.attribute  # a spy on what each rank measures, not a change
+    Measurement.attribute = lambda self, rows: (shares.append(list(rows)),
+                                                attribute(self, rows))[1]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps={max_steps},
         logger=TensorBoardLogger(root, name="ddp"), callbacks=[callback],

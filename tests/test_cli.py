@@ -236,7 +236,7 @@ def test_skip_corrupt_leaves_out_bad_snapshots_with_one_warning_line_each(tiny_r
                            "--max-probes", "1", "-o", tmp_path / "r.html")
     assert code == 0, err
     assert [r.getMessage().split(":")[0] for r in caplog.records
-            if r.name == "normx_callbacks.store"] == ["skipping step 8", "skipping step 16"]
+            if r.name == "normx_callbacks.loading"] == ["skipping step 8", "skipping step 16"]
     for step in (8, 16):
         (store / "_commits" / f"step={step:09d}.json").unlink()
     for step in (0, 1, 2, 4, 20):

@@ -22,8 +22,8 @@ from lightning.pytorch.loggers import CSVLogger
 from training import fit, make_model
 
 from normx_callbacks import NormXLogitCallback, load_run
-from normx_callbacks.store import load_store
-from normx_callbacks.worker import STOPPED_SECONDS, HelperProcess
+from normx_callbacks.helper import STOPPED_SECONDS, HelperProcess
+from normx_callbacks.loading import load_store
 
 
 def warnings_of(caplog) -> list[str]:

@@ -3,8 +3,9 @@
 `configs/tiny.yaml` through `train.py`, as `make demo` runs it, shrunk to 12 steps (every
 snapshot kind: the log schedule, faithfulness, the gradient reference, media): its store's
 tables must equal the frozen ones in `tests/data/frozen/` (every number except timings, to
-1e-6 relative: the same arithmetic on the same CPU kind, with room for a kernel that
-reassociates a sum). A refactoring that changes one number fails here.
+1e-5 relative and 1e-6 absolute: the same float32 arithmetic, whose last bits can differ
+between processes because a kernel's summation order follows the memory alignment of its
+inputs; seen: 2.8e-8 on logits of about 0.01). A refactoring that changes a number fails.
 
 To freeze a new reference after a change that is meant to change the numbers, run
 `NORMX_FREEZE=1 .venv/bin/python -m pytest tests/test_frozen_run.py` and commit
@@ -59,7 +60,7 @@ def test_a_small_demo_run_writes_the_frozen_numbers(tmp_path, monkeypatch):
             a, b = got[column], want[column]
             if pd.api.types.is_numeric_dtype(b) and not pd.api.types.is_bool_dtype(b):
                 np.testing.assert_allclose(a.to_numpy(dtype=float), b.to_numpy(dtype=float),
-                                           rtol=1e-6, atol=1e-9, equal_nan=True,
+                                           rtol=1e-5, atol=1e-6, equal_nan=True,
                                            err_msg=f"{name}.{column}")
             else:
                 assert a.astype(str).tolist() == b.astype(str).tolist(), f"{name}.{column}"

@@ -153,7 +153,7 @@ def test_the_store_recomputes_alignment_without_the_explained_position_with_its_
                    faithfulness_methods=("normxlogit", "random"),
                    alignment_methods=("input_x_gradient", "saliency", "integrated_gradients"))
     _fit(dm, tmp_path / "process", **options)  # faithfulness and gradients in the helper
-    _fit(dm, tmp_path / "thread", worker="thread", **options)  # ... on the training thread
+    _fit(dm, tmp_path / "thread", writer="thread", **options)  # ... on the training thread
     run = load_run(tmp_path / "process" / "store")
     tokens = run.tokens[run.tokens.layer == run.tokens.layer.max()]
     probes = run.probes.set_index(["step", "probe_id"])

@@ -98,7 +98,7 @@ def test_a_vocabulary_resized_during_a_fit_is_read_again_at_the_next_snapshot(dm
 def test_a_model_that_changed_beyond_reading_records_each_snapshot_as_missing(dm, tmp_path):
     """A hand-built adapter cannot be read again: after the resize its check fails, and the
     steps are recorded as missing with a reason that names the change."""
-    from normx_callbacks.adapters import resolve_adapter
+    from normx_callbacks.discovery import resolve_adapter
 
     pl.seed_everything(0, verbose=False)
     module = HFModule("llama", dm.vocab_size, dm.tokenizer)

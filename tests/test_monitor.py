@@ -161,7 +161,8 @@ def test_a_plain_loop_with_tuple_batches_resumes_in_its_store(dm, tmp_path, capl
 
 
 def test_the_monitor_refuses_misuse_by_name(dm, tmp_path):
-    with pytest.raises(TypeError, match="NormXLogitMonitor.*every_n_step"):
+    with pytest.raises(ValueError, match="NormXLogitMonitor: unknown option 'every_n_step'; "
+                                         "did you mean 'every_n_steps'"):
         NormXLogitMonitor(dm.probes, store_dir=tmp_path, every_n_step=3)
     with pytest.raises(ValueError, match="media_probes"):
         NormXLogitMonitor(dm.probes, store_dir=tmp_path, media_probes=-1)

@@ -117,7 +117,7 @@ class FailsAt(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            self.worker_thread = self.normx.engine.pipeline._thread
+            self.worker_thread = self.normx.engine.execution.pipeline.thread
             raise RuntimeError("the training run's own error")
 
 
@@ -134,7 +134,7 @@ def test_an_exception_in_training_still_writes_every_snapshot_taken(dm, tmp_path
     run = load_run(store)
     assert run.steps == callback.snapshot_steps == [0, 1, 2, 3, 4] and run.missing.empty
     assert logger.steps == [0, 1, 2, 3, 4]
-    assert callback.engine.pipeline is None  # the worker was stopped
+    assert callback.engine.execution.pipeline is None  # the pipeline was stopped
     assert not fails.worker_thread.is_alive()
 
 
@@ -148,10 +148,9 @@ class KillsHelper(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            process = self.normx.engine._helper.process
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            self.killed = process.returncode
+            pid = self.normx.engine.helper_pid
+            os.kill(pid, signal.SIGKILL)
+            self.killed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_a_killed_helper_process_loses_nothing_and_numbers_stay_the_same(dm, tmp_path, caplog):
@@ -160,7 +159,7 @@ def test_a_killed_helper_process_loses_nothing_and_numbers_stay_the_same(dm, tmp
     equals a run that never had a helper."""
     caplog.set_level(logging.WARNING, logger="normx_callbacks")
     settings = dict(every_n_steps=4, media_probes=0, faithfulness_every=2)
-    alone = NormXLogitCallback(dm.probes, store_dir=tmp_path / "thread", worker="thread",
+    alone = NormXLogitCallback(dm.probes, store_dir=tmp_path / "thread", writer="thread",
                                **settings)
     fit(make_model(dm), dm, tmp_path, [alone], max_steps=10)
 
@@ -189,7 +188,7 @@ def test_tensors_reach_the_helper_with_their_dtype_shape_and_values():
 
     import torch
 
-    from normx_callbacks.worker import _dumps
+    from normx_callbacks.helper import dumps
 
     g = torch.Generator().manual_seed(0)
     grid = torch.randn(4, 6, generator=g)
@@ -202,7 +201,7 @@ def test_tensors_reach_the_helper_with_their_dtype_shape_and_values():
         "param": torch.nn.Parameter(grid.clone()), "empty": torch.zeros(0, 3),
         "shared": [shared, shared],
     }
-    back = pickle.loads(_dumps(sent))
+    back = pickle.loads(dumps(sent))
     for key in sent:
         if key == "shared":
             continue
@@ -210,4 +209,4 @@ def test_tensors_reach_the_helper_with_their_dtype_shape_and_values():
         assert back[key].dtype == sent[key].dtype and back[key].shape == sent[key].shape, key
         torch.testing.assert_close(back[key], sent[key], rtol=0, atol=0, equal_nan=True)
     assert back["shared"][0] is back["shared"][1]  # one object stays one object
-    assert len(_dumps(grid)) < len(pickle.dumps(grid, pickle.HIGHEST_PROTOCOL))
+    assert len(dumps(grid)) < len(pickle.dumps(grid, pickle.HIGHEST_PROTOCOL))

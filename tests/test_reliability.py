@@ -175,7 +175,7 @@ def train(point, out):
                           tokenizer=dm.tokenizer, **config["model"])
     # The kill is armed in this process's store code: the worker thread writes here.
     callback = NormXLogitCallback(dm.probes, every_n_steps=8, media_probes=0,
-                                  store_dir=out / "store", worker="thread")
+                                  store_dir=out / "store", writer="thread")
     checkpoint = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=5, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=10, logger=TensorBoardLogger(str(out)),
@@ -345,12 +345,12 @@ class DiskSwitch(Callback):
         self.callback.engine.flush()
         step = trainer.global_step
         self.seen[step] = self._look()
-        self.held.append(len(self.callback.engine.writer.unwritten))
+        self.held.append(len(self.callback.engine.held_steps))
         self.disk.full = step in self.full_steps
 
     def on_train_end(self, trainer, pl_module):
         self.callback.engine.flush()
-        self.at_end = (len(self.callback.engine.writer.unwritten), load_run(self.store).missing)
+        self.at_end = (len(self.callback.engine.held_steps), load_run(self.store).missing)
 
 
 def test_a_full_disk_delays_snapshots_which_are_retried_and_written(dm, tmp_path, caplog,
@@ -361,7 +361,7 @@ def test_a_full_disk_delays_snapshots_which_are_retried_and_written(dm, tmp_path
     monkeypatch.setattr(os, "replace", disk)
     # The disk fills in this process (os.replace patched): the snapshots are written here.
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=0, store_dir=store,
-                                  worker="thread")
+                                  writer="thread")
     switch = DiskSwitch(disk, {1, 2}, callback, store)  # full for the snapshots at 1 and 2
     trainer = fit(make_model(dm), dm, tmp_path, [switch, callback], max_steps=10)
 
@@ -384,7 +384,7 @@ def test_a_full_disk_delays_snapshots_which_are_retried_and_written(dm, tmp_path
 
 def test_a_disk_that_stays_full_records_every_lost_snapshot_as_missing(dm, tmp_path, caplog,
                                                                        monkeypatch):
-    from normx_callbacks.worker import MAX_UNWRITTEN
+    from normx_callbacks.writer import MAX_UNWRITTEN
 
     caplog.set_level(logging.WARNING, logger="normx_callbacks")
     store = tmp_path / "store"
@@ -392,7 +392,7 @@ def test_a_disk_that_stays_full_records_every_lost_snapshot_as_missing(dm, tmp_p
     disk = FullDisk(store, suffix=".parquet")
     monkeypatch.setattr(os, "replace", disk)
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=0, store_dir=store,
-                                  worker="thread")
+                                  writer="thread")
     switch = DiskSwitch(disk, range(2, 14), callback, store)
     # Snapshots 0, 1, 2, 4, 8, 12 and the final one at 13; the disk fills before 2.
     trainer = fit(make_model(dm), dm, tmp_path, [switch, callback], max_steps=13)

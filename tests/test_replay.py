@@ -142,7 +142,7 @@ def test_a_series_loads_into_one_model_with_the_numbers_of_each_checkpoint_alone
 
     root, _ = trained
     builds = []
-    for name in ("_build_lightning", "_load_hf_dir"):
+    for name in ("build_lightning", "load_hf_dir"):
         real = getattr(replay_module, name)
         monkeypatch.setattr(replay_module, name,
                             lambda *a, _real=real: builds.append(a[0]) or _real(*a))
@@ -203,7 +203,7 @@ def test_weights_loaded_into_the_kept_model_equal_a_fresh_from_pretrained(family
     """A masked LM with a tied decoder and its bias, an untied RMSNorm model, a model with
     projection dims: the second checkpoint, loaded into the model kept from the first, has
     the state and logits from_pretrained gives it."""
-    from normx_callbacks.checkpoints import _load_hf_dir
+    from normx_callbacks.checkpoints import load_hf_dir
     from normx_callbacks.replay import _SeriesLoader
 
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
@@ -221,7 +221,7 @@ def test_weights_loaded_into_the_kept_model_equal_a_fresh_from_pretrained(family
     kept = loader.load(tmp_path / "step1")
     second = loader.load(tmp_path / "step2")
     assert second is kept
-    fresh = _load_hf_dir(tmp_path / "step2").eval()
+    fresh = load_hf_dir(tmp_path / "step2").eval()
     want = fresh.state_dict()
     assert all(torch.equal(second.state_dict()[k], want[k]) for k in want)
     ids = torch.arange(1, 20).view(1, -1)
@@ -235,8 +235,8 @@ def test_a_model_whose_weights_transformers_converts_on_load_is_rebuilt(dm, tmp_
     import normx_callbacks.replay as replay_module
 
     builds = []
-    real = replay_module._load_hf_dir
-    monkeypatch.setattr(replay_module, "_load_hf_dir", lambda p: builds.append(p) or real(p))
+    real = replay_module.load_hf_dir
+    monkeypatch.setattr(replay_module, "load_hf_dir", lambda p: builds.append(p) or real(p))
     config = T.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
                              vocab_size=dm.vocab_size, max_position_embeddings=64)

@@ -19,12 +19,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from normx_callbacks import NormXLogitCallback, StoreError, load_run, plots
+from normx_callbacks.catalog import find_runs
 from normx_callbacks.cli import main
 from normx_callbacks.demo import LanguageModel, TextDataModule
-from normx_callbacks.store import RUN_FILE, find_runs, load_store
+from normx_callbacks.loading import load_store
+from normx_callbacks.store import RUN_FILE
 from normx_callbacks.summary import next_commands
 
-CALLBACK_LOG = "normx_callbacks.engine"
+CALLBACK_LOG = "normx_callbacks"  # the package: its messages come from several modules
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def markers(store: Path) -> dict[str, bytes]:
 
 def beside_messages(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == CALLBACK_LOG and "writes its store beside it" in r.getMessage()]
+            if r.name.startswith(CALLBACK_LOG) and "writes its store beside it" in r.getMessage()]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

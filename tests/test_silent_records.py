@@ -37,7 +37,7 @@ from normx_callbacks import (
 )
 from normx_callbacks.demo import LanguageModel, TextDataModule, build_model
 from normx_callbacks.embeddings import TokenCounter
-from normx_callbacks.probes import _readable
+from normx_callbacks.probes import readable_tokens
 
 
 def trainer_for(root, callback, **kwargs) -> pl.Trainer:
@@ -209,9 +209,9 @@ def test_a_multi_token_target_is_never_cut_silently(causal_dm, tmp_path):
     run = load_run(tmp_path / "store")
     rows = run["probes"][run["probes"].step == 2].set_index("probe_id")
     cab = tok(" cabinetry", add_special_tokens=False)["input_ids"]
-    assert list(rows.loc["cabinetry", "target_tokens"]) == _readable(tok, cab)
+    assert list(rows.loc["cabinetry", "target_tokens"]) == readable_tokens(tok, cab)
     assert rows.loc["cabinetry", "target_id"] == cab[0]
-    assert list(rows.loc["farm", "foil_tokens"]) == _readable(tok, land)
+    assert list(rows.loc["farm", "foil_tokens"]) == readable_tokens(tok, land)
     assert (rows.loc["farm", "target_id"], rows.loc["farm", "foil_id"]) == (house[k], land[k])
     assert list(rows.loc["sv-pp-000", "foil_tokens"]) == [" were"]
     # The shared pieces joined the prefix: the explained position is the last of them.
@@ -440,7 +440,7 @@ def test_a_model_without_mask_support_scores_padded_probes_as_alone(causal_dm, t
         assert torch.isnan(batched.logat[b, n:]).all()
     # Faithfulness too: the mean over probes each evaluated alone.
     alone = [faithfulness_table(adapter, enc.select([b], n), ("normxlogit",),
-                                replacement=callback.engine.replacement,
+                                replacement=callback.engine.measurement.replacement,
                                 protect=callback.engine.ctx.protect[[b], :n])
              for b, n in enumerate(lengths.tolist())]
     for key in ("comprehensiveness", "sufficiency"):

@@ -8,18 +8,20 @@ import numpy as np
 import torch
 from training import make_model
 
+from normx_callbacks import ProbeSet, Settings
 from normx_callbacks.discovery import find_model
-from normx_callbacks.engine import Engine
+from normx_callbacks.measure import prepare_measurement
 from normx_callbacks.snapshot import SnapshotBuilder, metrics_table
 
 
 def _snapshot(dm, step=0):
-    engine = Engine(dm.probes, layers="all", faithfulness_every=None, worker="thread")
-    engine.prepare(find_model(make_model(dm)), dm.tokenizer)
-    snap = engine._measure(step, False, range(len(engine.ctx.encoded)), False)
+    measurement = prepare_measurement(find_model(make_model(dm)), dm.tokenizer,
+                                      ProbeSet.coerce(dm.probes),
+                                      Settings(layers="all", faithfulness_every=None),
+                                      owner="test")
+    snap = measurement.take(step, False, faith_due=False)
     snap.counts = torch.arange(dm.vocab_size, dtype=torch.long)
-    engine.close()
-    return engine.ctx, snap
+    return measurement.ctx, snap
 
 
 def test_tables_hold_one_row_per_probe_layer_and_token(dm):

@@ -10,14 +10,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from normx_callbacks import catalog
 from normx_callbacks import store as store_mod
+from normx_callbacks.catalog import empty_store_reason
+from normx_callbacks.loading import load_run
 from normx_callbacks.store import (
     SCHEMA_VERSION,
     STORE_DIRNAME,
     SnapshotStore,
     StoreError,
-    empty_store_reason,
-    load_run,
     write_run_record,
 )
 
@@ -190,10 +191,10 @@ def test_stores_are_found_up_to_eight_levels_below_and_never_inside_a_store(tmp_
     (tmp_path / "runs" / "exp" / "again").symlink_to(tmp_path / "runs")  # a loop: seen once
     too_deep = tmp_path.joinpath("a", "b", "c", "d", "e", "f", "g", "h", STORE_DIRNAME)  # 9
     SnapshotStore(too_deep).write(1, {"m": metrics(1)})
-    assert [info.path for info in store_mod.find_runs(tmp_path)] == [deep]
+    assert [info.path for info in catalog.find_runs(tmp_path)] == [deep]
     assert load_run(tmp_path).path == deep
     SnapshotStore(logs / "version_10" / STORE_DIRNAME).write(1, {"m": metrics(1)})
-    assert [info.path.parent.name for info in store_mod.find_runs(tmp_path)] == [
+    assert [info.path.parent.name for info in catalog.find_runs(tmp_path)] == [
         "version_9", "version_10"]  # numbers by value
     assert load_run(tmp_path / "a").path == too_deep  # 8 below
     shutil.rmtree(too_deep)
@@ -210,12 +211,12 @@ def test_the_search_stops_after_ten_thousand_directories_and_says_so(tmp_path, c
     SnapshotStore(tmp_path / "wide" / "normx").write(1, {"m": metrics(1)})
     far = tmp_path / "wide" / "d100" / "e099" / STORE_DIRNAME
     SnapshotStore(far).write(1, {"m": metrics(1)})
-    with caplog.at_level(logging.WARNING, logger="normx_callbacks.store"):
-        runs = store_mod.find_runs(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="normx_callbacks"):
+        runs = catalog.find_runs(tmp_path)
     assert [info.path for info in runs] == [tmp_path / "wide" / "normx"]
     assert (f"the search for normx stores below {tmp_path} stopped after looking into 10000 "
             "directories; stores further down are not listed") in caplog.text
-    assert store_mod.find_runs(tmp_path / "wide" / "d100")[0].path == far
+    assert catalog.find_runs(tmp_path / "wide" / "d100")[0].path == far
 
 
 def test_not_a_run_directory(tmp_path):
@@ -268,7 +269,7 @@ def test_corrupted_table_file_raises_naming_file_and_step(tmp_path):
 def test_skip_corrupt_warns_and_skips_the_whole_step(tmp_path, caplog):
     _three_steps(tmp_path)
     (tmp_path / "metrics" / "step=000000002.parquet").unlink()
-    with caplog.at_level(logging.WARNING, logger="normx_callbacks.store"):
+    with caplog.at_level(logging.WARNING, logger="normx_callbacks"):
         run = load_run(tmp_path, skip_corrupt=True)
     assert run.steps == [1, 3]
     assert run["attributions"]["step"].unique().tolist() == [1, 3]

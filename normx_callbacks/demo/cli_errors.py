@@ -9,6 +9,7 @@ by `train.py`) keeps jsonargparse's full output.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Iterable
 from typing import NoReturn
 
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser
 
 DEBUG = {"on": False}  # set by train.py from --debug
@@ -31,6 +33,12 @@ def _class_parameters(message: str) -> set[str]:
         try:
             cls = getattr(importlib.import_module(module), attr)
             names |= set(inspect.signature(cls).parameters)
+            # Options a class takes through **kwargs (NormXLogitCallback's settings), as the
+            # config parser itself resolves them.
+            parser = ArgumentParser(exit_on_error=False)
+            parser.add_class_arguments(cls, "x")
+            names |= {o[4:] for a in parser._actions for o in a.option_strings
+                      if o.startswith("--x.")}
         except (ImportError, AttributeError, TypeError, ValueError):
             continue
     return names
@@ -70,8 +78,36 @@ _UNKNOWN = (
 )
 
 
+def _settings_refusal(message: str) -> str | None:
+    """Our own message for a value of a `Settings` option that the parser refused by type
+    (a `Literal` choice): jsonargparse names the key and the value (``NestedArg(key=...)``
+    from the command line, the ``init_args`` from a config) but not the choices."""
+    from normx_callbacks.settings import Settings
+
+    given: list[dict] = []
+    for m in re.finditer(r"NestedArg\(key='(\w+)', val=(.+?)\)\s*$", message, re.M):
+        try:
+            given.append({m.group(1): ast.literal_eval(m.group(2))})
+        except (ValueError, SyntaxError):
+            continue
+    for m in re.finditer(r"'init_args': (\{[^{}]*\})", message):
+        try:
+            given.append(ast.literal_eval(m.group(1)))
+        except (ValueError, SyntaxError):
+            continue
+    for options in given:
+        try:
+            Settings(**{k: v for k, v in options.items() if k in Settings.names()})
+        except ValueError as error:
+            return str(error)
+    return None
+
+
 def one_line(message: str, parser) -> str:
     """The one line that matters in a jsonargparse error message."""
+    refused = _settings_refusal(message)  # before the unknown-key patterns, which match it
+    if refused:
+        return refused
     for pattern in _UNKNOWN:
         found = pattern.search(message)
         if found:
