@@ -45,7 +45,7 @@ from .adapters import ModelAdapter, UnsupportedModelError, model_signature, reso
 from .attribution import NORMS, Attribution, _resolve_layers, normxlogit
 from .embeddings import TokenCounter, embedding_norms
 from .faithfulness import REPLACEMENTS, faithfulness_rows, resolve_replacement, special_token_mask
-from .loggers import SnapshotLogger
+from .loggers import WANDB_LOGGER_TYPES, SnapshotLogger
 from .methods import FORWARD_METHODS, GRADIENT_METHODS, METHODS, require_captum
 from .pipeline import Pipeline
 from .probes import ProbeSet
@@ -429,7 +429,7 @@ class Engine:
     def _new_run(self, loggers: Sequence, *, continues: str | None) -> dict:
         described = [{"type": type(lg).__name__, "name": _attr_or_none(lg, "name"),
                       "version": _attr_or_none(lg, "version")} for lg in loggers]
-        wandb = [lg["version"] for lg in described if lg["type"] == "WandbLogger"]
+        wandb = [lg["version"] for lg in described if lg["type"] in WANDB_LOGGER_TYPES]
         return {"run_id": uuid.uuid4().hex,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "loggers": described, "wandb_run_id": wandb[0] if wandb else None,
