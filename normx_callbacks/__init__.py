@@ -25,6 +25,7 @@ __all__ = [
     "UnsupportedModelError",
     "NormXLogitCallback",
     "NormXLogitMonitor",
+    "NormXLogitTrainerCallback",
     "Probe",
     "ProbeError",
     "ProbeSet",
@@ -45,3 +46,13 @@ __all__ = [
     "verify_adapter",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The transformers Trainer's callback is imported when asked for: it needs accelerate
+    # (`normx-callbacks[transformers-trainer]`), which the rest of the package does not.
+    if name == "NormXLogitTrainerCallback":
+        from .trainer_callback import NormXLogitTrainerCallback
+
+        return NormXLogitTrainerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,17 +95,25 @@ def norm_extremes(norms: np.ndarray, counts: np.ndarray, k: int, text_of) -> tup
     return frames[0], frames[1].drop(columns="count")
 
 
+def tensorboard_suffix(run_id: str) -> str:
+    """The end of the name of a `TensorBoardDirLogger`'s event file for run ``run_id``: how
+    the report finds the TensorBoard runs (and the host's loss curves in them) of a store."""
+    return f".normx-{run_id}"
+
+
 class TensorBoardDirLogger:
     """TensorBoard in a given directory, for hosts without a Lightning logger (the
     transformers Trainer): a `SummaryWriter` of its own, created at the first write, so
     our event file sits beside the host's in one TensorBoard run. `LoggerSink` treats it as
-    a `TensorBoardLogger`."""
+    a `TensorBoardLogger`. ``run_id``, when set before the first write, ends the event
+    file's name (`tensorboard_suffix`)."""
 
     name = "tensorboard"
     version = None
 
     def __init__(self, log_dir: str | os.PathLike) -> None:
         self.log_dir = str(log_dir)
+        self.run_id: str | None = None
         self._writer = None
 
     @property
@@ -114,7 +122,9 @@ class TensorBoardDirLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # Flushed every 10 s (not 120): the curves show while the Trainer runs.
-            self._writer = SummaryWriter(log_dir=self.log_dir, flush_secs=10)
+            self._writer = SummaryWriter(
+                log_dir=self.log_dir, flush_secs=10,
+                filename_suffix=tensorboard_suffix(self.run_id) if self.run_id else "")
         return self._writer
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
