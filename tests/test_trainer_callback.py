@@ -416,3 +416,23 @@ def test_ddp_under_torchrun_writes_one_store_equal_to_one_process_and_resumes(dm
         ("probe/", "alignment/", "embedding/"))].set_index("key").sort_index()
         for m in (run, reference))
     pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_the_demo_script_pre_trains_with_the_trainer_and_refuses_bad_input(cache_dir, tmp_path,
+                                                                          capsys):
+    from normx_callbacks.demo.hf_trainer import main as demo
+
+    out = tmp_path / "hf-tiny"
+    common = ["--output-dir", str(out), "--num-train", "400", "--cache-dir", cache_dir,
+              "--batch-size", "8"]
+    assert demo([*common, "--max-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"Run finished: {out}" in err and "cue AP:" in err and "Next:" in err
+    assert load_run(out).steps == [0, 1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "normx", "runs"]
+    # Bad input before the first step: one line, exit 1 (a setting, a missing checkpoint).
+    assert demo([*common, "--max-steps", "2", "--every-n-steps", "0"]) == 1
+    assert demo([*common, "--output-dir", str(tmp_path / "empty"), "--resume"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["hf_trainer", "(--debug shows the "
+                                                      "traceback)"] * 2
