@@ -269,7 +269,11 @@ class NormXLogitTrainerCallback(TrainerCallback):
             if name == "tensorboard":
                 loggers.append(TensorBoardDirLogger(tensorboard_dir(args, state)))
             elif name == "wandb":
-                loggers.append(WandbRunLogger(step_metric=WANDB_STEP_METRIC))
+                # The run the Trainer's WandbCallback started at its on_train_begin (before
+                # ours), held from now on; if there is none yet, the active run at each call.
+                import wandb
+
+                loggers.append(WandbRunLogger(wandb.run, step_metric=WANDB_STEP_METRIC))
             else:
                 others.append(name)
         if others:
