@@ -323,23 +323,26 @@ def test_a_sharded_model_is_refused_at_train_begin(dm, tmp_path):
 
 DDP_SCRIPT = '''
 import json, os, sys
-import lightning.pytorch as pl
-from torch.utils.data import Subset
-from transformers import Trainer, TrainingArguments
-from normx_callbacks import NormXLogitTrainerCallback
-from normx_callbacks.demo import LanguageModel, TextDataModule
 
 out, cache = sys.argv[1], sys.argv[2]
 
 
 def run(resume):
+    # Imported here: the launcher process (below) needs none of it.
+    import lightning.pytorch as pl
+    from torch.utils.data import Subset
+    from transformers import Trainer, TrainingArguments
+    from normx_callbacks import NormXLogitTrainerCallback
+    from normx_callbacks.demo import LanguageModel, TextDataModule
+
     dm = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=400, num_probes=4,
                         batch_size=16, cache_dir=cache)
     dm.setup("fit")
     pl.seed_everything(0, verbose=False)  # the initial weights of tests/training.make_model
     model = LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0,
                           vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id).model
-    callback = NormXLogitTrainerCallback(dm.probes, every_n_steps=4, media_probes=1)
+    callback = NormXLogitTrainerCallback(dm.probes, every_n_steps=4, media_probes=0,
+                                         faithfulness_every=None)
     shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
     attribute = callback.engine.attribute
     callback.engine.attribute = lambda rows: (shares.append(list(rows)), attribute(rows))[1]
@@ -347,7 +350,7 @@ def run(resume):
     args = TrainingArguments(
         output_dir=out, use_cpu=True, ddp_backend="gloo", seed=0, learning_rate=3e-3,
         max_steps=4, per_device_train_batch_size=8, save_strategy="steps", save_steps=2,
-        report_to=["tensorboard"], logging_steps=1, disable_tqdm=True)
+        report_to=[], logging_steps=1, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=Subset(dm._train, range(64)),
                       processing_class=dm.tokenizer, callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
@@ -379,7 +382,8 @@ def test_ddp_under_torchrun_writes_one_store_equal_to_one_process_and_resumes(dm
     run_ranks(script, str(out), cache_dir, cwd=tmp_path, timeout=240, what="Trainer DDP")
 
     # The same initial weights in one process: the reference for step 0.
-    single = NormXLogitTrainerCallback(dm.probes, every_n_steps=4, media_probes=1)
+    single = NormXLogitTrainerCallback(dm.probes, every_n_steps=4, media_probes=0,
+                                       faithfulness_every=None)
     _trainer(dm, _args(tmp_path / "single", max_steps=1), [single], documents=16).train()
 
     ranks = {(r, kind): json.loads((out / f"rank{r}-{kind}.json").read_text())
