@@ -28,10 +28,11 @@ collator and data are not touched; several forwards per optimizer step (gradient
 accumulation) are each counted once, and gradient checkpointing's recomputation, which
 runs the layers again but not the model, is not counted again.
 
-Distributed (DDP under torchrun or accelerate launch): every rank runs the callback, each
-measures its share of the probes, rank 0 gathers them and writes. Sharded models (FSDP,
-FSDP2, DeepSpeed) are refused at train begin: accelerate shards only on GPUs, so that path
-is untested here (under Lightning, `NormXLogitCallback` supports FSDP2).
+Distributed (DDP under torchrun; accelerate launch starts the same processes, untested):
+every rank runs the callback, each measures its share of the probes, rank 0 gathers them
+and writes. Sharded models (FSDP, FSDP2, DeepSpeed) are refused at train begin: accelerate
+shards only on GPUs, so that path is untested here (under Lightning, `NormXLogitCallback`
+supports FSDP2).
 """
 
 from __future__ import annotations
