@@ -327,7 +327,7 @@ def tensorboard_dir(args, state) -> Path:
     mine = [p for p in runs.rglob(f"events.out.tfevents.*.{os.getpid()}.*") if p.is_file()]
     if mine:
         return max(mine, key=lambda p: p.stat().st_mtime).parent
-    fallback = runs / STORE_DIRNAME
+    fallback = runs / "normx-tensorboard"  # not "normx": store discovery looks for that name
     log.warning("%s: no TensorBoard event file of the Trainer's TensorBoardCallback under %s; "
                 "the normx curves go to %s", WHO, runs, fallback)
     return fallback
