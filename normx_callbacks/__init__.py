@@ -28,6 +28,8 @@ __all__ = [
     "UnsupportedModelError",
     "NormXLogitCallback",
     "NormXLogitMonitor",
+    "NormXLogitTrainerCallback",
+    "NormXLogitTrainerCallback",
     "Probe",
     "ProbeError",
     "ProbeSet",
@@ -49,3 +51,13 @@ __all__ = [
     "verify_adapter",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The transformers Trainer's callback is imported when asked for: it needs accelerate
+    # (`normx-callbacks[transformers-trainer]`), which the rest of the package does not.
+    if name == "NormXLogitTrainerCallback":
+        from .trainer_callback import NormXLogitTrainerCallback
+
+        return NormXLogitTrainerCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -262,13 +262,16 @@ def find_store(path: str | os.PathLike, run: str | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- a run's store
 
+# Logger types whose `version` is a W&B run id (a run record names the W&B run).
+WANDB_LOGGER_TYPES = ("WandbLogger", "WandbRunLogger")
+
 
 def new_run_record(loggers: Sequence = (), *, continues: str | None = None) -> dict:
     """A fresh run's record (`run.json`): a new run id, when, its loggers, the run it
     continues (a resume whose store is gone)."""
     described = [{"type": type(lg).__name__, "name": _attr_or_none(lg, "name"),
                   "version": _attr_or_none(lg, "version")} for lg in loggers]
-    wandb = [lg["version"] for lg in described if lg["type"] == "WandbLogger"]
+    wandb = [lg["version"] for lg in described if lg["type"] in WANDB_LOGGER_TYPES]
     return {"run_id": uuid.uuid4().hex,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "loggers": described, "wandb_run_id": wandb[0] if wandb else None,

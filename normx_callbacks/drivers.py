@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapters import ModelAdapter, UnsupportedModelError, verify_adapter
@@ -82,3 +83,10 @@ class DriverCore:
         self.engine.load_state_dict(state)
         # Checkpoints written before runs had an id restore {"run_id": None, "store": None}.
         self.restored = {"run_id": state.get("run_id"), "store": state.get("store")}
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

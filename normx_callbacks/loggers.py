@@ -1,11 +1,15 @@
 """The one seam between snapshots and experiment loggers.
 
-Scalars go to every attached Lightning logger through `log_metrics`. Rich media
+Scalars go to every attached logger through `log_metrics`: Lightning and Fabric loggers,
+and for a transformers `Trainer` the two sinks below (`TensorBoardDirLogger`: a
+TensorBoard writer of our own in the directory the Trainer's TensorBoard callback writes
+to; `WandbRunLogger`: the Trainer's own active W&B run). Rich media
 dispatch on the logger type here and nowhere else: TensorBoard gets histograms,
 images and Markdown tables (it strips HTML); W&B gets histograms, images, a
 long-format `wandb.Table` and `wandb.Html` token heatmaps, all media of one snapshot in
-one `run.log` call, with `normx/*` defined to step on `trainer/global_step` (so W&B's
-media slider follows training steps, not its internal `_step`); any other logger gets
+one `run.log` call, with `normx/*` defined to step on the host's step metric
+(`trainer/global_step` for Lightning, `train/global_step` for the transformers Trainer; so
+W&B's media slider follows training steps, not its internal `_step`); any other logger gets
 the scalars and one warning naming what it cannot show. A logger that raises is
 warned about once and skipped from then on for what raised (scalars or media, separately:
 a broken image writer does not cost the scalar curves); the store is unaffected.
@@ -14,6 +18,7 @@ a broken image writer does not cost the scalar curves); the store is unaffected.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -103,6 +108,98 @@ def norm_extremes(norms: np.ndarray, counts: np.ndarray, k: int, text_of) -> tup
     return frames[0], frames[1].drop(columns="count")
 
 
+def tensorboard_suffix(run_id: str) -> str:
+    """The end of the name of a `TensorBoardDirLogger`'s event file for run ``run_id``: how
+    the report finds the TensorBoard runs (and the host's loss curves in them) of a store."""
+    return f".normx-{run_id}"
+
+
+class TensorBoardDirLogger:
+    """TensorBoard in a given directory, for hosts without a Lightning logger (the
+    transformers Trainer): a `SummaryWriter` of its own, created at the first write, so
+    our event file sits beside the host's in one TensorBoard run. `LoggerSink` treats it as
+    a `TensorBoardLogger`. ``run_id``, when set before the first write, ends the event
+    file's name (`tensorboard_suffix`)."""
+
+    name = "tensorboard"
+    version = None
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        self.log_dir = str(log_dir)
+        self.run_id: str | None = None
+        self._writer = None
+
+    @property
+    def experiment(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Flushed every 10 s (not 120): the curves show while the Trainer runs.
+            self._writer = SummaryWriter(
+                log_dir=self.log_dir, flush_secs=10,
+                filename_suffix=tensorboard_suffix(self.run_id) if self.run_id else "")
+        return self._writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        writer = self.experiment
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class WandbRunLogger:
+    """A W&B run that someone else started (the transformers Trainer's `WandbCallback`),
+    logged into with its step metric. ``run`` defaults to the active run (`wandb.run`) at
+    each call; `LoggerSink` treats it as a `WandbLogger`."""
+
+    name = "wandb"
+
+    def __init__(self, run=None, *, step_metric: str = "train/global_step") -> None:
+        self._run = run
+        self.step_metric = step_metric
+        self._defined: set[int] = set()  # runs whose normx/* step metric is defined
+
+    @property
+    def experiment(self):
+        if self._run is not None:
+            return self._run
+        import wandb
+
+        if wandb.run is None:
+            raise RuntimeError("no W&B run is active (report_to includes 'wandb', but "
+                               "wandb.init has not run)")
+        return wandb.run
+
+    @property
+    def version(self) -> str | None:
+        """The run id (recorded in the store's run.json)."""
+        try:
+            return self.experiment.id
+        except (ImportError, RuntimeError):
+            return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        run = self.experiment
+        if id(run) not in self._defined:
+            self._defined.add(id(run))
+            run.define_metric(f"{PREFIX}/*", step_metric=self.step_metric)
+        run.log({**metrics, self.step_metric: step})
+
+
+
+
+def _tensorboard(logger) -> bool:
+    return isinstance(logger, (TensorBoardLogger, TensorBoardDirLogger))
+
+
+def _wandb(logger) -> bool:
+    return isinstance(logger, (WandbLogger, WandbRunLogger))
+
+
 class LoggerSink:
     """Routes one snapshot's outputs to the trainer's loggers (call on rank 0 only)."""
 
@@ -119,7 +216,7 @@ class LoggerSink:
         """Collect one snapshot's W&B media and send them in one `run.log` call at the end."""
         self._pending = {}
         for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and id(logger) not in self._laid_out:
+            if _tensorboard(logger) and id(logger) not in self._laid_out:
                 self._laid_out.add(id(logger))
                 self._guard(logger, "the custom-scalars layout",
                             lambda lg=logger: lg.experiment.add_custom_scalars(TENSORBOARD_LAYOUT))
@@ -131,15 +228,16 @@ class LoggerSink:
                 payload = pending.get(id(logger))
                 if payload:
                     self._guard(logger, "media",
-                                lambda lg=logger, p=payload: self._wandb_log(lg.experiment, p,
-                                                                             step))
+                                lambda lg=logger, p=payload: self._wandb_log(lg, p, step))
 
-    def _wandb_log(self, run, payload: dict, step: int) -> None:
+    def _wandb_log(self, logger, payload: dict, step: int) -> None:
+        run = logger.experiment
+        step_metric = getattr(logger, "step_metric", "trainer/global_step")
         if id(run) not in self._defined:
             self._defined.add(id(run))
-            run.define_metric("trainer/global_step")
-            run.define_metric("normx/*", step_metric="trainer/global_step")
-        run.log({**payload, "trainer/global_step": step})
+            run.define_metric(step_metric)
+            run.define_metric(f"{PREFIX}/*", step_metric=step_metric)
+        run.log({**payload, step_metric: step})
 
     def _warn_once(self, logger: Logger, what: str, message: str) -> None:
         key = (id(logger), what)
@@ -170,16 +268,16 @@ class LoggerSink:
     def _media(self, what: str, step: int, *, tensorboard=None, wandb=None) -> None:
         """``wandb``: a zero-argument callable building the W&B media object for ``what``."""
         for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and tensorboard is not None:
+            if _tensorboard(logger) and tensorboard is not None:
                 self._guard(logger, what, lambda lg=logger: tensorboard(lg.experiment))
-            elif isinstance(logger, WandbLogger) and wandb is not None:
+            elif _wandb(logger) and wandb is not None:
                 if self._pending is not None:  # inside snapshot(): sent once at its end
                     self._guard(logger, what, lambda lg=logger: self._pending.setdefault(
                         id(lg), {}).__setitem__(what, wandb()))
                 else:
                     self._guard(logger, what, lambda lg=logger: self._wandb_log(
-                        lg.experiment, {what: wandb()}, step))
-            elif not isinstance(logger, (TensorBoardLogger, WandbLogger)):
+                        lg, {what: wandb()}, step))
+            elif not (_tensorboard(logger) or _wandb(logger)):
                 self._warn_once(
                     logger, "media",
                     f"NormXLogitCallback: {type(logger).__name__} receives scalars only; "
@@ -203,7 +301,7 @@ class LoggerSink:
     @property
     def takes_images(self) -> bool:
         """Whether any logger (not yet given up on) shows images."""
-        return any(isinstance(lg, (TensorBoardLogger, WandbLogger))
+        return any((_tensorboard(lg) or _wandb(lg))
                    and (id(lg), "media") not in self._broken for lg in self.loggers)
 
     def figure(self, tag: str, image, step: int, *, png: bytes | None = None) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter
-from .drivers import DriverCore
+from .drivers import DriverCore, rank_and_world
 from .engine import Engine
 from .settings import Settings, check_options
 from .store import STORE_DIRNAME, SnapshotStore
@@ -94,7 +94,7 @@ class NormXLogitMonitor:
         self._max_steps = max_steps
         self._module = _unwrap(model)
         adapter = self.core.read_model(self._module, self.model_attr, self._user_adapter)
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         mode = ("collective" if _is_dtensor(adapter.embedding.weight)
                 else "shared" if world > 1 else "single")
         root = self._store_root() if rank == 0 else None  # bad input fails before the worker
@@ -186,12 +186,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return _unwrap(model.module)
     return model
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -52,6 +52,20 @@ _HF_STEP = re.compile(r"(?:checkpoint-|step)(\d+)$")
 _CKPT_STEP = re.compile(r"step=(\d+)")
 
 
+# What a replay cannot reproduce as the callback recorded it: what depends on the snapshots
+# before (drift, stability, the first snapshot's reference) or on the training batches seen
+# (token and next-token pair counts), which a replay has not seen.
+NOT_REPRODUCED = ("embedding/drift", "stability/", "embedding/norm_logfreq_spearman",
+                  "snapshot/", "embedding/seen_", "embedding/unseen_", "embedding/infogain",
+                  "embedding/bigram_", "embedding/norm_infogain_spearman")
+
+
+def reproduces(key: str) -> bool:
+    """Whether a replay of a checkpoint records metric ``key`` as the callback did at its step
+    (see `NOT_REPRODUCED`; keys ending in ``_reference`` compare with the first snapshot)."""
+    return not key.startswith(NOT_REPRODUCED) and not key.endswith("_reference")
+
+
 class ReplayError(ValueError):
     """Bad replay input; ``lines`` holds one message per bad input."""
 

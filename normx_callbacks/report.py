@@ -69,10 +69,31 @@ def headline_table(run: RunData) -> pd.DataFrame:
     return frame
 
 
-def read_losses(run: RunData) -> tuple[dict[str, tuple[list[int], list[float]]], str | None]:
-    """Loss curves from TensorBoard event files next to the store: (series, note-if-none)."""
+def tensorboard_folders(run: RunData) -> list[Path]:
+    """The TensorBoard runs of a store: the folder next to it when it holds event files (a
+    Lightning logger's version folder), else the folders below it where the transformers
+    Trainer callback wrote this run's event files (named by its run id), in the order they
+    were started: a resumed run's folders follow the first."""
     folder = run.path.parent
-    if not any(p.name.startswith("events.out.tfevents") for p in folder.iterdir()):
+    if any(p.name.startswith("events.out.tfevents") for p in folder.iterdir()):
+        return [folder]
+    run_id = run.run_record.get("run_id")
+    if not run_id:
+        return []
+    from .loggers import tensorboard_suffix
+
+    files = folder.glob(f"runs/**/events.out.tfevents.*{tensorboard_suffix(run_id)}")
+    started = {}
+    for path in files:  # events.out.tfevents.<unix time>.<host>...: the time it was started
+        started.setdefault(path.parent, path.name.split(".")[3])
+    return sorted(started, key=lambda p: (started[p], str(p)))
+
+
+def read_losses(run: RunData) -> tuple[dict[str, tuple[list[int], list[float]]], str | None]:
+    """Loss curves from the store's TensorBoard event files: (series, note-if-none)."""
+    folders = tensorboard_folders(run)
+    folder = run.path.parent
+    if not folders:
         return {}, f"no TensorBoard event files next to the store (in {folder}): loss not shown"
     try:
         from tensorboard.backend.event_processing import event_accumulator as ea
@@ -80,17 +101,19 @@ def read_losses(run: RunData) -> tuple[dict[str, tuple[list[int], list[float]]],
         return {}, "tensorboard is not installed (pip install tensorboard): loss not shown"
     guidance = {ea.SCALARS: 0, ea.IMAGES: 1, ea.HISTOGRAMS: 1, ea.TENSORS: 1, ea.AUDIO: 1,
                 ea.COMPRESSED_HISTOGRAMS: 1}
+    merged: dict[str, dict[int, float]] = {}
     try:
-        acc = ea.EventAccumulator(str(folder), size_guidance=guidance)
-        acc.Reload()
-        tags = [t for t in acc.Tags().get("scalars", []) if "loss" in t.lower()
-                and not t.startswith("normx/")]
-        series = {}
-        for tag in tags:
-            events = acc.Scalars(tag)
-            series[tag] = ([e.step for e in events], [e.value for e in events])
+        for folder in folders:  # a later folder (a resumed run) replaces the steps it re-logs
+            acc = ea.EventAccumulator(str(folder), size_guidance=guidance)
+            acc.Reload()
+            tags = [t for t in acc.Tags().get("scalars", []) if "loss" in t.lower()
+                    and not t.startswith("normx/")]
+            for tag in tags:
+                merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     except Exception as error:  # a damaged event file must not cost the whole report
         return {}, f"could not read the TensorBoard event files in {folder} ({error})"
+    series = {tag: (sorted(points), [points[s] for s in sorted(points)])
+              for tag, points in merged.items()}
     if not series:
         return {}, f"the TensorBoard event files in {folder} hold no scalar tag with 'loss'"
     return series, None

@@ -17,20 +17,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from normx_callbacks import NormXLogitCallback, load_run
 from normx_callbacks.cli import main
 from normx_callbacks.demo import LanguageModel
-from normx_callbacks.replay import ReplayError, replay, resolve_checkpoints
+from normx_callbacks.replay import ReplayError, replay, reproduces, resolve_checkpoints
 
 SAVED = (4, 8)
 # Metrics that depend on the snapshots before (drift, stability), the batches seen (the
 # frequency correlation) or the clock; a replay has none of these. Every other must agree.
-# What depends on the snapshots before (drift, stability, the first snapshot's reference) or
-# on the batches seen (token and pair counts), which a replay has not.
-HISTORY_METRICS = ("embedding/drift", "stability/", "embedding/norm_logfreq_spearman",
-                   "snapshot/", "embedding/seen_", "embedding/unseen_", "embedding/infogain",
-                   "embedding/bigram_", "embedding/norm_infogain_spearman")
-
-
 def _history(key: str) -> bool:
-    return key.startswith(HISTORY_METRICS) or key.endswith("_reference")
+    return not reproduces(key)
 
 
 class SaveHF(Callback):
