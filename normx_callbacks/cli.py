@@ -344,7 +344,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _attribute_html(args, header, tokens, rows, attr, n) -> None:
-    from . import plots
+    from . import images, plots
     from .pages import esc, figure_html, page, token_legend, token_strip
 
     body = ["<h1>normx attribute</h1>"]
@@ -355,7 +355,7 @@ def _attribute_html(args, header, tokens, rows, attr, n) -> None:
         body.append(f'<div class="runlabel">NormXLogit, {esc(name)}</div>'
                     + token_strip(tokens, values))
     if attr.layer_scores is not None and len(attr.layers) > 1:
-        labels = [plots.display_token(t) for t in tokens]
+        labels = [images.display_token(t) for t in tokens]
         fig = plots.layer_figure(attr.layer_scores[0, :, :n].numpy(), labels, attr.layers,
                                  title="NormXLogit per layer")
         body.append(figure_html(fig, "NormXLogit per layer"))

@@ -28,7 +28,7 @@ import pandas as pd
 from lightning.fabric.loggers import Logger, TensorBoardLogger  # Trainer's loggers subclass these
 from lightning.pytorch.loggers import WandbLogger
 
-from . import plots
+from . import images
 
 # Both live in `pages` (one escaping code for every page); imported from here too.
 from .pages import markdown_table
@@ -306,7 +306,7 @@ class LoggerSink:
 
     def figure(self, tag: str, image, step: int, *, png: bytes | None = None) -> None:
         """Log an image: an (H, W, 3) uint8 array, or a zero-argument callable returning one
-        (`plots.layer_heatmap` / `plots.history_heatmap` draw them).
+        (`images.layer_heatmap` / `images.history_heatmap` draw them).
 
         Pass the callable: the image is then drawn only when some logger shows images.
         TensorBoard: `add_image` (HWC), or the image's ``png`` encoding when given (encoded
@@ -345,7 +345,7 @@ class LoggerSink:
                     if array is not None else f"a {type(image).__name__}")
             raise TypeError(
                 f"LoggerSink.figure({tag!r}): expected an (H, W, 3) uint8 image array, got "
-                f"{what}; draw it with normx_callbacks.plots.layer_heatmap/history_heatmap, or "
+                f"{what}; draw it with normx_callbacks.images.layer_heatmap/history_heatmap, or "
                 "convert a matplotlib figure with np.asarray(fig.canvas.buffer_rgba())[..., :3] "
                 "after fig.canvas.draw()")
         return array
@@ -411,13 +411,13 @@ class SnapshotMedia:
             cues = enc.cue_mask[b, :n].tolist()
             if attr.layer_scores is not None:
                 items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/layers", draw and _png(
-                    plots.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens,
+                    images.layer_heatmap(attr.layer_scores[b, :, :n].numpy(), tokens,
                                         attr.layers, title=f"{probe_id} at step {step}",
                                         cues=cues))))
             steps = [s for s, _ in self.history]
             history = np.stack([scores[b, :n] for _, scores in self.history])
             items.append(("figure", f"{PREFIX}/heatmap/{probe_id}/history", draw and _png(
-                plots.history_heatmap(history, tokens, steps, cues=cues,
+                images.history_heatmap(history, tokens, steps, cues=cues,
                                       title=f"{probe_id}: NormXLogit over training"))))
             rows = last_layer[last_layer.probe_id == probe_id]
             items.append(("table", f"{PREFIX}/tokens/{probe_id}",

@@ -18,8 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from . import plots
-
 POSITIVE_RGB = "214,39,40"  # evidence for the prediction
 NEGATIVE_RGB = "31,119,180"  # evidence against it
 
@@ -90,12 +88,9 @@ def token_html(tokens: Sequence[str], scores: Sequence[float], *, title: str = "
 
 
 def figure_html(fig, alt: str, caption: str = "") -> str:
-    """A matplotlib figure as an embedded PNG (the figure is closed)."""
+    """A matplotlib figure as an embedded PNG."""
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=100, facecolor="white")
-    finally:
-        plots.close(fig)
+    fig.savefig(buffer, format="png", dpi=100, facecolor="white")
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
     return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'

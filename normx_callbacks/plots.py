@@ -1,58 +1,38 @@
-"""Heatmaps and curves of token scores, for the dashboards and the post-hoc report.
+"""The report's and notebooks' figures of a loaded run, drawn with matplotlib.
 
-Two renderers share one colour rule: a diverging scale centred at zero (LogAt and
-NormXLogit are signed), red positive, blue negative, rows labelled by layer or step.
-
-- `layer_heatmap` and `history_heatmap` draw the per-snapshot dashboard images with
-  Pillow and return an (H, W, 3) uint8 array: a few milliseconds each, so TensorBoard
-  and W&B get them during training at a small fraction of a step.
-- The figures of a loaded run (`emergence_heatmap`, `layer_view`, `alignment_curves`,
-  ...) are matplotlib figures for `normx report` and notebooks; callers close them.
+`emergence_heatmap` (a probe's scores across snapshots), `layer_view`, `target_curve`,
+`metric_history`, `alignment_curves`, `norm_distribution`, `norm_frequency` and
+`layer_figure` return matplotlib `Figure` objects built without pyplot: importing this module
+selects no backend (a notebook's stays as it is) and a figure needs no closing; `pages.py`
+embeds them as PNG. The colour rule is the dashboards' (`images.py`).
 """
 
 from __future__ import annotations
 
-import math
 import re
-import unicodedata
 from collections.abc import Sequence
-from functools import lru_cache
 
 import matplotlib
+import numpy as np
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-matplotlib.use("Agg")  # headless: dashboards and reports render to files
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from .images import ROW_SCALE_LABEL, display_token, row_scaled, score_bound
 
 CMAP = "RdBu_r"  # red = supports the prediction, blue = argues against it
-RUN_COLOURS = plt.cm.tab10.colors  # run i has colour i in every plot of a comparison
+RUN_COLOURS = matplotlib.colormaps["tab10"].colors  # run i has colour i in every comparison
 KEY_STYLES = ("-o", "--s", ":^", "-.v", "-D", "--x")  # several keys of one run's colour
-ROW_SCALE_LABEL = "score / largest |score| of its step"
 
 
-def row_scaled(values: np.ndarray) -> np.ndarray:
-    """Each row divided by its own largest finite |value| (all-zero rows stay 0)."""
-    values = np.asarray(values, dtype=np.float64)
-    bound = np.nanmax(np.where(np.isfinite(values), np.abs(values), np.nan), axis=1,
-                      initial=0.0, keepdims=True) if values.size else values
-    bound = np.where(np.isfinite(bound) & (bound > 0), bound, 1.0)
-    return values / bound
-
-
-def _bound(values: np.ndarray) -> float:
-    """The largest finite |value|: the end of the zero-centred colour scale (1 if none)."""
-    finite = values[np.isfinite(values)]
-    bound = float(np.abs(finite).max()) if finite.size else 1.0
-    return bound if bound > 0 else 1.0
+def _subplots(*args, figsize, dpi=100, **kwargs):
+    """`pyplot.subplots` without pyplot: a Figure of its own, no backend chosen."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _centred_norm(values: np.ndarray) -> TwoSlopeNorm:
-    bound = _bound(values)
+    bound = score_bound(values)
     return TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
 
 
@@ -70,7 +50,7 @@ def _heatmap_figure(
     rows, cols = values.shape
     width = min(2.0 + 0.45 * cols, 18.0)
     height = min(1.6 + 0.32 * rows, 12.0)
-    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    fig, ax = _subplots(figsize=(width, height), dpi=100)
     masked = np.ma.masked_invalid(values)
     image = ax.imshow(masked, aspect="auto", cmap=CMAP, norm=_centred_norm(values),
                       interpolation="nearest")
@@ -109,249 +89,6 @@ def layer_figure(
                            title=title, label=label, cues=cues)
 
 
-# ------------------------------------------------------------- dashboard images (Pillow)
-# What TensorBoard and W&B get at every snapshot: an (H, W, 3) uint8 array drawn with
-# Pillow's default font. No figure, no layout solver: a few milliseconds per image where a
-# matplotlib figure costs tens, so the images stay a small part of the callback's cost.
-
-# ColorBrewer's 11-class RdBu, most negative (blue) to most positive (red): matplotlib's RdBu_r.
-_RDBU = ("053061", "2166ac", "4393c3", "92c5de", "d1e5f0", "f7f7f7",
-         "fddbc7", "f4a582", "d6604d", "b2182b", "67001f")
-_ANCHORS = np.array([[int(c[i:i + 2], 16) for i in (0, 2, 4)] for c in _RDBU], dtype=np.float64)
-# 255 entries: index 127 is exactly the centre colour (score 0).
-_LUT = np.stack([np.interp(np.linspace(0.0, 1.0, 255), np.linspace(0.0, 1.0, len(_RDBU)),
-                           _ANCHORS[:, k]) for k in range(3)], axis=1).round().astype(np.uint8)
-NAN_RGB = (190, 190, 190)  # a cell without a score: grey, not the white of a zero score
-CUE_RGB = (0, 128, 0)  # the bar under a cue word's column, and its label
-TEXT_RGB = (29, 29, 31)
-FONT_SIZE = 11
-PAD = 6
-CUE_BAR = 5  # pixels
-LEGEND_BAR = 100  # pixels
-MAX_LABEL_CHARS = 16  # longer tokens are cut, ending in an ellipsis
-# Stand-ins for characters that Pillow's default font cannot draw.
-_FALLBACK = {"\u21b5": "\\n", "\u2192": "\\t", "\u2212": "-", "\u2026": "...", "\u00df": "ss"}
-
-
-def score_rgb(values: np.ndarray, bound: float | None = None) -> np.ndarray:
-    """Colours (uint8, ``values.shape + (3,)``) of scores on the zero-centred scale
-    -``bound``..+``bound`` (default: the largest finite |value|), red positive, blue
-    negative, white 0; non-finite scores are `NAN_RGB` grey."""
-    values = np.asarray(values, dtype=np.float64)
-    bound = _bound(values) if bound is None else float(bound)
-    if not (math.isfinite(bound) and bound > 0):
-        raise ValueError(f"score_rgb: bound={bound!r} must be a positive finite number")
-    finite = np.isfinite(values)
-    scaled = np.clip(np.where(finite, values, 0.0) / bound, -1.0, 1.0)
-    rgb = _LUT[np.rint((scaled + 1.0) * ((len(_LUT) - 1) / 2)).astype(np.intp)]
-    rgb[~finite] = NAN_RGB
-    return rgb
-
-
-@lru_cache(maxsize=1)
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's bundled font (the bitmap one where Pillow lacks FreeType)."""
-    return ImageFont.load_default(size=FONT_SIZE)
-
-
-def _ink(text: str) -> bytes | None:
-    """The pixels ``text`` draws in the default font (None: the font cannot encode it)."""
-    image = Image.new("L", (4 * FONT_SIZE, 2 * FONT_SIZE))
-    try:
-        ImageDraw.Draw(image).text((0, 0), text, font=_font(), fill=255)
-    except (UnicodeError, ValueError, OSError):
-        return None
-    return image.tobytes()
-
-
-@lru_cache(maxsize=1)
-def _missing_glyph() -> bytes | None:
-    return _ink("\U0010fffd")  # a private-use code point: what a missing glyph looks like
-
-
-@lru_cache(maxsize=4096)
-def _renders(ch: str) -> bool:
-    ink = _ink(ch)
-    return ink is not None and any(ink) and ink != _missing_glyph()
-
-
-@lru_cache(maxsize=4096)
-def _glyph(ch: str) -> str:
-    """``ch`` where the default font draws it, else a readable stand-in (accents dropped, "?")."""
-    if ch.isspace():
-        return " "
-    if _renders(ch):
-        return ch
-    if ch in _FALLBACK:
-        return _FALLBACK[ch]
-    base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
-    if base and base != ch and all(_renders(c) for c in base):
-        return base
-    return "?"
-
-
-def _drawable(text: str, limit: int | None = None) -> str:
-    """``text`` in characters the default font draws, cut to ``limit`` characters."""
-    text = "".join(_glyph(ch) for ch in str(text))
-    if limit is not None and len(text) > limit:
-        text = text[: limit - 1] + _glyph("\u2026")
-    return text
-
-
-@lru_cache(maxsize=4096)
-def _width(text: str) -> int:
-    return int(math.ceil(_font().getbbox(text)[2])) if text else 0
-
-
-@lru_cache(maxsize=4096)
-def _mask(text: str, upright: bool = True) -> Image.Image:
-    """``text`` drawn once as a coverage mask (turned to read upwards where not ``upright``);
-    token, step and layer labels repeat at every snapshot, so they are drawn once per run."""
-    mask = Image.new("L", (max(1, _width(text)), max(1, math.ceil(_font().getbbox("Hg")[3]))))
-    ImageDraw.Draw(mask).text((0, 0), text, font=_font(), fill=255)
-    return mask if upright else mask.transpose(Image.Transpose.ROTATE_90)
-
-
-def _stamp(image: Image.Image, xy: tuple[float, float], text: str, fill=TEXT_RGB,
-           upright: bool = True) -> None:
-    if text:
-        image.paste(fill, (round(xy[0]), round(xy[1])), _mask(text, upright))
-
-
-def _fit(text: str, width: int) -> str:
-    """``text`` cut (ending in an ellipsis) to at most ``width`` pixels."""
-    if _width(text) <= width:
-        return text
-    lo, hi = 0, len(text)
-    while lo < hi:  # the longest prefix that fits with the ellipsis
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if _width(text[:mid] + _glyph("\u2026")) <= width else (lo, mid - 1)
-    return text[:lo] + _glyph("\u2026")
-
-
-def _heatmap_image(
-    values: np.ndarray,
-    tokens: Sequence[str],
-    row_labels: Sequence[str],
-    *,
-    name: str,
-    row_name: str,
-    title: str,
-    label: str,
-    cues: Sequence[bool] | None,
-) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2 or 0 in values.shape:
-        raise ValueError(f"{name}: the scores must be a non-empty 2-D array (rows x tokens); "
-                         f"got shape {values.shape}")
-    rows, cols = values.shape
-    if len(tokens) != cols:
-        raise ValueError(f"{name}: {len(tokens)} tokens for {cols} score columns; pass one "
-                         "token string per column")
-    if len(row_labels) != rows:
-        raise ValueError(f"{name}: {len(row_labels)} {row_name} labels for {rows} score rows; "
-                         f"pass one {row_name} per row")
-    if cues is not None and len(cues) != cols:
-        raise ValueError(f"{name}: cues has {len(cues)} entries for {cols} tokens; pass one "
-                         "bool per token (True marks a cue word)")
-    font = _font()
-    top, bottom = font.getbbox("Hg")[1], font.getbbox("Hg")[3]
-    line = bottom + 3  # one line of text, in pixels
-    mid = (top + bottom) / 2  # from a text's y to the middle of its ink
-
-    # Cells: as wide/tall as fits ~640 x 320 pixels, labels on every k-th row/column.
-    cw, ch = int(np.clip(640 // cols, 3, 28)), int(np.clip(320 // rows, 2, 20))
-    every_col, every_row = math.ceil((bottom - top + 2) / cw), math.ceil(line / ch)
-    bound = _bound(values)
-    cue = [bool(c) for c in cues] if cues is not None else [False] * cols
-    texts = [_drawable(display_token(t, mathtext=False), MAX_LABEL_CHARS) for t in tokens]
-    shown_cols = range(0, cols, every_col)
-    shown_rows = range(0, rows, every_row)
-    row_texts = {r: _drawable(row_labels[r], MAX_LABEL_CHARS) for r in shown_rows}
-    left = PAD + max([_width(row_name)] + [_width(t) for t in row_texts.values()]) + 4
-    grid_w, grid_h = cols * cw, rows * ch
-    strip = max(_width(texts[c]) for c in shown_cols) + 4  # height of the rotated labels
-
-    y_grid = PAD + (line if title else 0) + line
-    y_cue = y_grid + grid_h + 1
-    y_tokens = y_cue + (CUE_BAR + 1 if cues is not None and any(cue) else 0)
-    y_legend = y_tokens + strip + 4
-    lo_text, hi_text = f"-{bound:.3g}", f"+{bound:.3g}"
-    legend_w = _width(lo_text) + 4 + LEGEND_BAR + 4 + _width(hi_text) + 10 + _width(label)
-    notes = "; ".join(n for n, present in (
-        ("green bar and label: cue word", any(cue)),
-        ("grey: no score", not np.isfinite(values).all())) if present)
-    body_w = max(left + grid_w, PAD + legend_w, PAD + _width(notes)) + PAD
-    width = max(body_w, min(_width(title) + 2 * PAD, max(body_w, 720)))
-    height = y_legend + line * (2 if notes else 1) + PAD
-
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    cells = score_rgb(values, bound)
-    canvas[y_grid:y_grid + grid_h, left:left + grid_w] = np.repeat(
-        np.repeat(cells, ch, axis=0), cw, axis=1)
-    for c in np.flatnonzero(cue):
-        canvas[y_cue:y_cue + CUE_BAR, left + c * cw:left + (c + 1) * cw] = CUE_RGB
-    bar_x = PAD + _width(lo_text) + 4
-    bar_y = y_legend + int(mid) - 5
-    canvas[bar_y:bar_y + 10, bar_x:bar_x + LEGEND_BAR] = _LUT[
-        np.linspace(0, len(_LUT) - 1, LEGEND_BAR).round().astype(np.intp)]
-
-    image = Image.fromarray(canvas)
-    if title:
-        _stamp(image, (PAD, PAD), _fit(_drawable(title), width - 2 * PAD))
-    _stamp(image, (left - 4 - _width(row_name), y_grid - line), row_name)
-    for r, text in row_texts.items():
-        _stamp(image, (left - 4 - _width(text), y_grid + r * ch + ch / 2 - mid), text)
-    # Token labels read upwards, their ends against the grid.
-    for c in shown_cols:
-        _stamp(image, (left + c * cw + cw / 2 - mid, y_tokens + 2), texts[c],
-               CUE_RGB if cue[c] else TEXT_RGB, upright=False)
-    _stamp(image, (PAD, y_legend), lo_text)
-    _stamp(image, (bar_x + LEGEND_BAR + 4, y_legend), hi_text)
-    _stamp(image, (bar_x + LEGEND_BAR + 4 + _width(hi_text) + 10, y_legend), label)
-    _stamp(image, (PAD, y_legend + line), notes)
-    return np.asarray(image)
-
-
-def layer_heatmap(
-    scores: np.ndarray,
-    tokens: Sequence[str],
-    layers: Sequence[int],
-    *,
-    title: str = "",
-    label: str = "NormXLogit",
-    cues: Sequence[bool] | None = None,
-) -> np.ndarray:
-    """Tokens x layers at one step, as an (H, W, 3) uint8 image. scores: [K, T] (NaN: grey).
-
-    ``tokens``: the raw token strings (whitespace is made visible, long tokens are cut);
-    ``cues``: one bool per token, cue words get a green bar and a green label.
-    """
-    return _heatmap_image(scores, tokens, [str(layer) for layer in layers], name="layer_heatmap",
-                          row_name="layer", title=title, label=_drawable(label), cues=cues)
-
-
-def history_heatmap(
-    scores: np.ndarray,
-    tokens: Sequence[str],
-    steps: Sequence[int],
-    *,
-    title: str = "",
-    label: str = "NormXLogit",
-    cues: Sequence[bool] | None = None,
-    per_step: bool = True,
-) -> np.ndarray:
-    """Tokens x snapshots: how importance emerged, as an (H, W, 3) uint8 image. scores: [S, T].
-
-    ``per_step`` (default): each row is scaled to its own largest |score|, so early steps,
-    whose scores are orders of magnitude smaller than late ones, stay readable; the legend
-    says so. False: one zero-centred scale for all steps.
-    """
-    if per_step:
-        scores, label = row_scaled(scores), f"{label}: {ROW_SCALE_LABEL}"
-    return _heatmap_image(scores, tokens, [str(s) for s in steps], name="history_heatmap",
-                          row_name="step", title=title, label=_drawable(label), cues=cues)
-
 def metric_curves(
     series: dict[str, tuple[Sequence[int], Sequence[float]]],
     *,
@@ -367,7 +104,7 @@ def metric_curves(
     ``bands`` (same names: steps, low, high) are drawn as shaded 95% intervals in the
     series' colour.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = _subplots(figsize=(6, 3.5), dpi=100)
     for name, (steps, values) in series.items():
         style = (styles or {}).get(name, "--o" if "random" in name else "-o")
         line, = ax.plot(steps, values, style, markersize=3, label=name,
@@ -382,21 +119,8 @@ def metric_curves(
     return fig
 
 
-def close(fig: Figure) -> None:
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------- figures of a loaded run
-# The notebook API: each takes `RunData` from `load_run` and returns a Figure (close it with
-# `close`). `normx report` embeds exactly these figures.
-
-
-def display_token(token: str, *, mathtext: bool = True) -> str:
-    """A token as a label: whitespace made visible; ``mathtext`` (matplotlib labels): ``$``
-    escaped so it is not read as mathtext (False for the Pillow images, where it is plain)."""
-    text = str(token).replace("\n", "\u21b5").replace("\t", "\u2192")
-    text = text.replace("$", r"\$") if mathtext else text
-    return text if text.strip() else repr(str(token))
+# The notebook API: each takes `RunData` from `load_run` and returns a Figure. `normx report` embeds exactly these figures.
 
 
 def run_labels(runs) -> list[str]:
@@ -518,7 +242,7 @@ def target_curve(runs, probe_id: str, *, labels: Sequence[str] | None = None) ->
     """Probability of one probe's explained target over training (and target-foil contrast)."""
     runs = _as_runs(runs)
     labels = _labels(runs, labels)
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    fig, ax = _subplots(figsize=(6, 3.2), dpi=100)
     twin = None
     colours = RUN_COLOURS
     all_steps: list[int] = []
@@ -619,7 +343,7 @@ def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
     baseline). Old stores' ``alignment/dp`` is read as ``dp_raw``."""
     runs = _as_runs(runs)
     labels = _labels(runs, labels)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), dpi=100)
+    fig, axes = _subplots(1, 3, figsize=(15, 3.6), dpi=100)
     colours = RUN_COLOURS
     found = False
     all_steps: list[int] = []
@@ -665,7 +389,6 @@ def alignment_curves(runs, *, labels: Sequence[str] | None = None) -> Figure:
             ax.text(0.5, 0.5, "not logged (no attractors or no data)", ha="center",
                     transform=ax.transAxes, fontsize=8)
     if not found:
-        plt.close(fig)
         raise ValueError("no alignment/* metrics in the runs: the probes have no cue words")
     fig.tight_layout()
     return fig
@@ -679,7 +402,7 @@ def norm_distribution(run, *, max_outlines: int = 4) -> Figure:
     grouped = table.groupby("step")["norm"]
     q = grouped.quantile([0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]).unstack()
     steps = q.index.to_numpy()
-    fig, (band, hist) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    fig, (band, hist) = _subplots(1, 2, figsize=(10, 3.4), dpi=100)
     band.fill_between(steps, q[0.05], q[0.95], alpha=0.2, color="C0", label="5-95%")
     band.fill_between(steps, q[0.25], q[0.75], alpha=0.4, color="C0", label="25-75%")
     band.plot(steps, q[0.5], "-o", color="C0", markersize=3, label="median")
@@ -691,7 +414,7 @@ def norm_distribution(run, *, max_outlines: int = 4) -> Figure:
     band.legend(fontsize=7)
     picks = sorted({int(steps[round(i)]) for i in np.linspace(0, len(steps) - 1,
                                                                 min(max_outlines, len(steps)))})
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(picks)))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(picks)))
     for step, colour in zip(picks, colours, strict=True):
         norms = table.loc[table["step"] == step, "norm"].to_numpy(dtype=float)
         norms = norms[np.isfinite(norms)]
@@ -714,7 +437,7 @@ def norm_frequency(run, step: int | None = None) -> Figure:
     table = run["embedding"]
     step = nearest_step(table["step"].unique(), step)
     at = table[table["step"] == step]
-    fig, (scatter, gain, curve) = plt.subplots(1, 3, figsize=(15, 3.4), dpi=100)
+    fig, (scatter, gain, curve) = _subplots(1, 3, figsize=(15, 3.4), dpi=100)
     seen = at["count"] > 0
     scatter.scatter(np.log10(at.loc[seen, "count"]), at.loc[seen, "norm"], s=6, alpha=0.5,
                     color="C0", label=f"seen ({int(seen.sum())})")

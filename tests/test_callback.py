@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from training import MAX_STEPS, TABLES, counts_at, fit, make_model, make_trainer
 
-from normx_callbacks import NormXLogitCallback, ProbeError, SnapshotSchedule, load_run, plots
+from normx_callbacks import NormXLogitCallback, ProbeError, SnapshotSchedule, images, load_run
 from normx_callbacks.demo import TextDataModule, build_model
 from normx_callbacks.store import SnapshotStore
 
@@ -287,7 +287,7 @@ def test_without_any_logger_the_store_is_still_written(dm, tmp_path, caplog, mon
     caplog.set_level(logging.WARNING, logger="normx_callbacks")
     rendered = []
     for name in ("layer_heatmap", "history_heatmap"):
-        monkeypatch.setattr(plots, name, lambda *a, _name=name, **k: rendered.append(_name))
+        monkeypatch.setattr(images, name, lambda *a, _name=name, **k: rendered.append(_name))
     # Spied on in this process: the snapshots are built here (writer="thread").
     callback = NormXLogitCallback(dm.probes, every_n_steps=EVERY, media_probes=2,
                                   store_dir=tmp_path / "store", writer="thread")
@@ -612,7 +612,7 @@ def test_a_figure_that_cannot_be_drawn_does_not_stop_training(dm, tmp_path, capl
     def broken(*args, **kwargs):
         raise ValueError("cannot draw")
 
-    monkeypatch.setattr(plots, "history_heatmap", broken)
+    monkeypatch.setattr(images, "history_heatmap", broken)
     # The fault is injected in this process: the snapshots are built here (writer="thread").
     callback = NormXLogitCallback(dm.probes, every_n_steps=100, media_probes=1,
                                   store_dir=tmp_path / "store", writer="thread")

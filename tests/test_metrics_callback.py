@@ -98,11 +98,9 @@ def test_intervals_are_stored_with_every_probe_averaged_metric(dm, tmp_path):
     fig = plots.alignment_curves(run)
     # Bands: NormXLogit's AP and the target-minus-foil AP; DP_z; cue over attractor.
     assert [len(ax.collections) for ax in fig.axes] == [2, 1, 1]
-    plots.close(fig)
     fig = plots.metric_history(run, ["faithfulness/normxlogit/comprehensiveness"])
     band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
     assert np.isclose(band, last.loc["faithfulness/normxlogit/comprehensiveness", "low"]).any()
-    plots.close(fig)
     assert callback.last_metrics["alignment/dp_random"] == pytest.approx(
         last.loc["alignment/dp_random", "value"])
 

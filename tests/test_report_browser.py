@@ -137,7 +137,7 @@ def test_markup_in_tokens_shows_as_text(rendered):
 
 
 def test_notebook_api_returns_the_report_figures(tiny_run):
-    from normx_callbacks import load_run, plots
+    from normx_callbacks import images, load_run, plots
 
     run = load_run(tiny_run)
     fig = plots.emergence_heatmap(run, "markup")
@@ -148,16 +148,16 @@ def test_notebook_api_returns_the_report_figures(tiny_run):
     assert bar.get_ylabel() == "NormXLogit: score / largest |score| of its step"
     low, high = bar.get_ylim()
     assert low == pytest.approx(-1.0) and high == pytest.approx(1.0)  # zero-centred, per step
-    plots.close(fig)
     for make in (lambda: plots.alignment_curves(run), lambda: plots.norm_distribution(run),
                  lambda: plots.norm_frequency(run), lambda: plots.target_curve(run, "markup"),
                  lambda: plots.layer_view(run, "markup", step=8)):
         fig = make()
         assert fig.axes[0].get_xlabel() and fig.axes[0].get_ylabel()
-        plots.close(fig)
     with pytest.raises(ValueError, match="probe_id='nope' is not in .*'markup'"):
         plots.emergence_heatmap(run, "nope")
-    assert plots.display_token("$x$\n") == "\\$x\\$\u21b5"
+    assert images.display_token("$x$\n") == "\\$x\\$\u21b5"
+    assert images.display_token("$x$", mathtext=False) == "$x$"
+    assert images.display_token(" ") == "' '"  # whitespace alone is shown quoted
 
 
 def test_summary_paragraph_opens_the_page(rendered, tiny_run):
