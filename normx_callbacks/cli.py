@@ -13,32 +13,30 @@ Errors print one line on stderr and exit with status 1 (`--debug` shows the trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 import textwrap
 import time
+import traceback
 import unicodedata
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from .adapters import UnsupportedModelError
 from .catalog import empty_store_reason, find_runs, find_store, select_runs
 from .loading import RunData, load_store
+from .messages import anticipated, one_line, warning_lines
 from .probes import ProbeError
 from .store import SnapshotStore, StoreError
 
 log = logging.getLogger(__name__)
 
-# Bad input or state: one line on stderr, not a traceback.
-_EXPECTED = (StoreError, FileNotFoundError, ProbeError, UnsupportedModelError, ValueError,
-             RuntimeError, OSError)
 _FORMATS = ("csv", "parquet", "jsonl")
 _POSITIVE = (214, 39, 40)  # red: evidence for the prediction (as the report's colours)
 _NEGATIVE = (31, 119, 180)  # blue: evidence against it
-
 
 # ------------------------------------------------------------------------------ loading runs
 
@@ -451,7 +449,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if getattr(args, "debug", False):
             raise
         for line in error.lines:
-            print(f"normx replay: error: {' '.join(line.split())}", file=sys.stderr)
+            print(f"normx replay: error: {one_line(line)}", file=sys.stderr)
         return 1
     print(f"replayed {len(written)} checkpoint(s) into {args.output}"
           + (f" (steps {', '.join(map(str, written))})" if written else ""), file=sys.stderr)
@@ -607,19 +605,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _OneLineFormatter(logging.Formatter):
-    """A warning on one line on stderr (a library message may hold a file's newlines)."""
+    """A log record on one line on stderr (a library message may hold a file's newlines)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return " ".join(super().format(record).split())
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+        return one_line(super().format(record))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `normx` command; returns the exit status."""
+    """Entry point of the `normx` command; returns the exit status.
+
+    Warnings are shown, each distinct one once on one line (``--debug``: Python's own
+    format). An anticipated error (`messages.anticipated`: about the input, raised on
+    purpose) is one line and exit status 1; anything else is a bug and keeps its traceback,
+    exit status 2. ``--debug`` raises every error, with its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -631,19 +630,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "normx: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if debug else logging.ERROR, handlers=[handler])
     logging.getLogger(__package__).setLevel(logging.INFO if debug else logging.WARNING)
-    with warnings.catch_warnings():
-        if not debug:  # library deprecation chatter would bury the one line that matters
-            warnings.simplefilter("ignore")
-        try:
+    shown = (contextlib.nullcontext() if debug
+             else warning_lines(lambda line: print(f"normx: {line}", file=sys.stderr)))
+    try:
+        with shown:
             return args.func(args)
-        except KeyboardInterrupt:
-            print("normx: interrupted", file=sys.stderr)
-            return 130
-        except _EXPECTED as error:
-            if debug:
-                raise
-            print(f"normx {args.command}: error: {_one_line(error)}", file=sys.stderr)
-            return 1
+    except KeyboardInterrupt:
+        print("normx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        if not anticipated(error):
+            traceback.print_exc()
+            print(f"normx {args.command}: internal error ({type(error).__name__}); the traceback "
+                  "above is what a bug report needs", file=sys.stderr)
+            return 2
+        print(f"normx {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -444,7 +444,9 @@ def _tensor_pages() -> list[tuple[int, int]]:
     seen: dict[int, int] = {}
     for obj in gc.get_objects():  # here, before the fork: the helper touches none of them
         try:
-            if type(obj) is not torch.Tensor and not isinstance(obj, torch.Tensor):
+            # type(), not isinstance: isinstance reads obj.__class__, which some objects
+            # compute (torch.distributed.reduce_op warns that it is deprecated).
+            if not issubclass(type(obj), torch.Tensor):
                 continue
             if obj.device.type != "cpu" or obj.is_sparse:
                 continue

@@ -41,6 +41,7 @@ from .checkpoints import (
 from .discovery import find_model
 from .embeddings import TokenCounter
 from .engine import Engine
+from .messages import one_line
 from .probes import ProbeSet
 from .settings import Settings
 from .store import SnapshotStore, read_meta
@@ -576,11 +577,7 @@ def _count(path: str | os.PathLike, tokenizer: Any, vocab: int) -> TokenCounter:
     return counter
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _line(path: Path, error: BaseException) -> str:
     """One line for a bad checkpoint, naming it once."""
-    text = _one_line(error)
+    text = one_line(error)
     return text if text.startswith(str(path)) else f"{path}: {text}"

@@ -266,6 +266,41 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["summary", "--debug", str(tmp_path)])
 
 
+def test_library_warnings_are_shown_once_each_on_one_line(tiny_ckpt, tmp_path, capsys):
+    probes = tmp_path / "multi.jsonl"
+    probes.write_text("".join(json.dumps({"id": name, "text": text, "target": "cabinetry",
+                                          "foil": foil}) + "\n"
+                              for name, text, foil in (("a", "the keys near the", "is"),
+                                                       ("b", "the key near the", "are"))))
+    code, out, err = run_cli(capsys, "faithfulness", tiny_ckpt, "--probes", probes,
+                             "--methods", "normxlogit,random")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("normx: warning:")]
+    assert len(lines) == 1, err  # one warning, on one line
+    assert lines[0].startswith("normx: warning: 2 probe(s) have a target or foil of several "
+                               "tokens: a (target 'cabinetry' -> [' cabinet', 'r', 'y']")
+    assert "normxlogit" in out and "random" in out
+
+
+def test_an_error_that_is_not_about_the_input_keeps_its_traceback(tiny_run, capsys,
+                                                                 monkeypatch):
+    """A bug (here a numpy ValueError inside the summary) is not passed off as a message
+    about the input: traceback, exit status 2."""
+    import numpy as np
+
+    from normx_callbacks import summary
+
+    def broken(run):
+        return np.zeros(2).reshape(3)
+
+    monkeypatch.setattr(summary, "summary_paragraph", broken)
+    code, _, err = run_cli(capsys, "summary", tiny_run)
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "cannot reshape array" in err
+    assert err.strip().splitlines()[-1] == ("normx summary: internal error (ValueError); the "
+                                            "traceback above is what a bug report needs")
+
+
 def test_real_process_exit_code_and_stderr(tiny_ckpt, tmp_path):
     bad = tmp_path / "cut.ckpt"
     bad.write_bytes(tiny_ckpt.read_bytes()[:1000])
