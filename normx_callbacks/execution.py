@@ -78,7 +78,7 @@ class Execution:
         one process, small enough to copy, that pickles."""
         self.close_writer()
         s = self.settings
-        self._logger = SnapshotLogger(loggers)
+        self._logger = SnapshotLogger(loggers, owner=self.owner)
         self._adapter = adapter
         self.run_meta = run_meta
         faithfulness = None

@@ -203,8 +203,9 @@ def _wandb(logger) -> bool:
 class LoggerSink:
     """Routes one snapshot's outputs to the trainer's loggers (call on rank 0 only)."""
 
-    def __init__(self, loggers: Sequence[Logger]):
+    def __init__(self, loggers: Sequence[Logger], *, owner: str = "normx_callbacks"):
         self.loggers = list(loggers)
+        self.owner = owner  # who logs: the driver's name in every warning
         self._warned: set[tuple[int, str]] = set()
         self._broken: set[tuple[int, str]] = set()  # (id(logger), "scalars" | "media")
         self._pending: dict[int, dict] | None = None  # id(W&B logger) -> media of this snapshot
@@ -254,9 +255,9 @@ class LoggerSink:
         except Exception as error:  # a logger must never take the training run down
             self._broken.add(key)
             log.warning(
-                "NormXLogitCallback: %s raised while logging %s (%s: %s); %s for this "
+                "%s: %s raised while logging %s (%s: %s); %s for this "
                 "logger are skipped from now on, the snapshot store keeps everything",
-                type(logger).__name__, what, type(error).__name__, error, kind,
+                self.owner, type(logger).__name__, what, type(error).__name__, error, kind,
             )
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
@@ -280,7 +281,7 @@ class LoggerSink:
             elif not (_tensorboard(logger) or _wandb(logger)):
                 self._warn_once(
                     logger, "media",
-                    f"NormXLogitCallback: {type(logger).__name__} receives scalars only; "
+                    f"{self.owner}: {type(logger).__name__} receives scalars only; "
                     "histograms, heatmaps and token tables go to TensorBoard/W&B and the "
                     "snapshot store (normx report reads the store)",
                 )
@@ -443,8 +444,8 @@ class SnapshotLogger:
     """Sends `SnapshotMedia` payloads to the loggers (in the process the loggers live in);
     W&B gets each snapshot's media in one log call."""
 
-    def __init__(self, loggers: Sequence[Logger]) -> None:
-        self.sink = LoggerSink(loggers)
+    def __init__(self, loggers: Sequence[Logger], *, owner: str) -> None:
+        self.sink = LoggerSink(loggers, owner=owner)
 
     @property
     def takes_images(self) -> bool:

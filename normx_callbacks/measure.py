@@ -240,6 +240,7 @@ def prepare_measurement(adapter: ModelAdapter, tokenizer: Any, probes: ProbeSet,
         faithfulness_methods=settings.faithfulness_methods,
         top_k=settings.top_k,
         tied=adapter.tied,
+        owner=owner,
     )
     replacement = (_replacement(adapter, tokenizer, settings, owner)
                    if settings.faithfulness_every else None)

@@ -59,6 +59,7 @@ class ProbeContext:
     faithfulness_methods: tuple[str, ...]
     top_k: int
     tied: bool
+    owner: str  # the driver's name, in what it logs
 
     def token(self, token_id: int) -> str:
         strings = self.token_strings
@@ -198,10 +199,10 @@ class SnapshotBuilder:
         m["nonfinite/logits"] = float(counts["target_logit"])
         if len(nonfinite):
             bad_rows = nonfinite.loc[source == "embedding", "token_id"].tolist()
-            log.warning("NormXLogitCallback: non-finite values at this snapshot: %d embedding "
+            log.warning("%s: non-finite values at this snapshot: %d embedding "
                         "norms (token ids %s%s), %d scores, %d target logits (diverging run or "
                         "fp16 overflow?); the store's `nonfinite` table lists them",
-                        len(bad_rows), bad_rows[:10], " ..." if len(bad_rows) > 10 else "",
+                        self.ctx.owner, len(bad_rows), bad_rows[:10], " ..." if len(bad_rows) > 10 else "",
                         counts["score"], counts["target_logit"])
         return m, intervals
 
@@ -306,18 +307,18 @@ class SnapshotBuilder:
         ids = np.asarray(enc.ids, dtype=object)
         at = sorted(set(ids[at_target.numpy()]) - self.warned_left_out)
         if at:
-            log.warning("NormXLogitCallback: probe(s) %s have cue words only at the explained "
+            log.warning("%s: probe(s) %s have cue words only at the explained "
                         "position, which alignment never ranks (for a causal LM its last-layer "
                         "LogAt is the model's own target logit); they cannot enter alignment/* "
-                        "and are counted in alignment/probes_cue_at_target", at)
+                        "and are counted in alignment/probes_cue_at_target", self.ctx.owner, at)
             self.warned_left_out.update(at)
         other = enc.cue_mask.any(dim=1) & ~entered & ~at_target
         new = sorted(set(ids[other.numpy()]) - self.warned_left_out)
         if new:
-            log.warning("NormXLogitCallback: probe(s) %s have cue words but none is among the "
+            log.warning("%s: probe(s) %s have cue words but none is among the "
                         "ranked positions (a special token, or a non-finite score); they are "
                         "left out of alignment/* (alignment/probes counts those that entered)",
-                        new)
+                        self.ctx.owner, new)
             self.warned_left_out.update(new)
 
 

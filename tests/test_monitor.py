@@ -210,3 +210,29 @@ def test_a_hugging_face_model_passed_itself_is_watched(dm, tmp_path):
         monitor.step(1, model, batch)
     assert monitor.engine.adapter.module is model  # not its base model, not refused
     assert load_run(tmp_path / "normx").steps == [0, 1]
+
+
+def test_what_the_shared_engine_logs_names_the_monitor(dm, tmp_path, caplog):
+    """Warnings from the engine's shared parts (the snapshot builder, the logger sink) name
+    the driver the user wrote, not the Lightning callback."""
+    from lightning.fabric.loggers import CSVLogger
+
+    caplog.set_level(logging.WARNING, logger="normx_callbacks")
+    torch.manual_seed(0)
+    model = NanoGPT(Config(vocab_size=dm.vocab_size, block_size=64))
+    # The cue is the word before the target: the explained position, which alignment never
+    # ranks.
+    probe = {"id": "cue-at-target", "text": "the keys to the cabinet", "target": "are",
+             "cues": ["cabinet"]}
+    with NormXLogitMonitor([probe], store_dir=tmp_path / "normx", loggers=[
+            CSVLogger(tmp_path / "csv")], every_n_steps=1, faithfulness_every=None,
+            writer="thread") as monitor:
+        monitor.setup(model, dm.tokenizer)
+        monitor.step(1, model, None)
+    messages = [r.getMessage() for r in caplog.records]
+    cue = [m for m in messages if "have cue words only at the explained position" in m]
+    media = [m for m in messages if "receives scalars only" in m]
+    assert cue and media, messages
+    assert all(m.startswith("NormXLogitMonitor: ") for m in cue + media), cue + media
+    assert not [m for m in messages if "NormXLogitCallback" in m]
+    assert load_run(tmp_path / "normx").steps == [0, 1]
