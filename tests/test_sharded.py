@@ -1,7 +1,8 @@
 """NormXLogitCallback under FSDP2 (Lightning's ModelParallelStrategy, data parallel) on two
-CPU processes (gloo), launched from a subprocess: a litgpt-shaped GPT sharded with
-`fully_shard` in `configure_model`. One launch fits to step 2 with a checkpoint, then
-resumes to step 4; a one-process run of the same weights is the reference."""
+CPU processes (gloo), launched once from a subprocess: a litgpt-shaped GPT sharded with
+`fully_shard` in `configure_model`, fitted to step 2 with a checkpoint and resumed to step 4;
+then GPT-2 and Llama sharded per block and at the root, and at the root only. One-process
+runs of the same weights are the references."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 from launch import run_ranks
 from lm_shapes import Config, GPTModule, LitGPT
@@ -19,18 +21,23 @@ from normx_callbacks.demo import TextDataModule
 
 DATA = dict(corpus="agreement", bpe_vocab_size=512, num_train=64, num_probes=4, batch_size=8)
 
+# One launch (two ranks) runs both parts: the litgpt-shaped model with a resume, then the HF
+# models; each rank imports Lightning once, not once per test.
 SCRIPT = """
-import json, sys
+import json, os, sys
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, {tests!r})
+from hf_shapes import HFModule, SHARDINGS
 from lm_shapes import Config, GPTModule, LitGPT
 from normx_callbacks import NormXLogitCallback
 from normx_callbacks.demo import TextDataModule
 
-root, cache = sys.argv[1], sys.argv[2]
+top, cache = sys.argv[1], sys.argv[2]
+root = top + "/litgpt"
+os.makedirs(root, exist_ok=True)
 
 
 class Sharded(GPTModule):
@@ -68,73 +75,9 @@ trainer, second = fit(4, ckpt_path=root + "/step2.ckpt")
 with open(root + f"/rank{{trainer.global_rank}}.json", "w") as f:
     json.dump({{"first": first.snapshot_steps, "second": second.snapshot_steps,
                "global_step": trainer.global_step}}, f)
-"""
 
-
-def single_process(cache_dir: str, root: Path):
-    pl.seed_everything(0, verbose=False)
-    dm = TextDataModule(cache_dir=cache_dir, **DATA)
-    torch.manual_seed(0)
-    module = GPTModule(LitGPT(Config(vocab_size=dm.vocab_size, block_size=64)),
-                       tokenizer=dm.tokenizer)
-    callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
-                                  faithfulness_every=1, store_dir=root / "store")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False,
-                         callbacks=[callback], enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False,
-                         limit_val_batches=0, num_sanity_val_steps=0,
-                         default_root_dir=str(root))
-    trainer.fit(module, dm)
-    return load_run(root / "store")
-
-
-def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(cache_dir, tmp_path):
-    reference = single_process(cache_dir, tmp_path / "single")  # also caches the tokenizer
-    root = tmp_path / "fsdp"
-    root.mkdir()
-    script = tmp_path / "fsdp_run.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
-    run_ranks(script, str(root), cache_dir, cwd=tmp_path, timeout=240, what="FSDP2")
-    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["first"] == [0, 1, 2] and ranks[0]["second"] == [0, 1, 2, 4]  # restored
-    # Rank 1 never writes: it records no step itself, and holds what the checkpoint restored.
-    assert ranks[1]["first"] == [] and ranks[1]["second"] == [0, 1, 2]
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
-    run = load_run(root / "store")
-    assert run.steps == [0, 1, 2, 4] and not len(run.missing)
-    for name in ("embedding", "metrics", "probes", "tokens"):
-        assert len(list((root / "store" / name).glob("*.parquet"))) == 4, name  # each once
-    # Step 0: the same weights, sharded over two ranks, give the one-process numbers.
-    key = ["probe_id", "layer", "position"]
-    got = run["tokens"][run["tokens"].step == 0].sort_values(key).reset_index(drop=True)
-    want = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
-    want = want.reset_index(drop=True)
-    assert got[key + ["token"]].equals(want[key + ["token"]])
-    for column in ("norm", "logat", "score", "each"):
-        np.testing.assert_allclose(got[column], want[column], rtol=1e-5, atol=1e-5)
-    emb = [r["embedding"][r["embedding"].step == 0].sort_values("token_id") for r in (run,
-                                                                                 reference)]
-    np.testing.assert_allclose(emb[0]["norm"], emb[1]["norm"], rtol=1e-6)
-    metrics = [r["metrics"][r["metrics"].step == 0].set_index("key")["value"]
-               for r in (run, reference)]
-    keys = [k for k in metrics[1].index if k.startswith("faithfulness/normxlogit/")
-            and "seconds" not in k]
-    assert keys
-    np.testing.assert_allclose(metrics[0][keys], metrics[1][keys], rtol=1e-5, atol=1e-5)
-
-
-HF_SCRIPT = """
-import json, sys
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.fsdp import fully_shard
-sys.path.insert(0, {tests!r})
-from hf_shapes import HFModule, SHARDINGS
-from normx_callbacks import NormXLogitCallback
-from normx_callbacks.demo import TextDataModule
-
-root, cache = sys.argv[1], sys.argv[2]
+root = top + "/hf"
+os.makedirs(root, exist_ok=True)
 dm = TextDataModule(cache_dir=cache, **{data!r})
 steps = {{}}
 for name in SHARDINGS:
@@ -174,18 +117,74 @@ with open(root + f"/rank{{trainer.global_rank}}.json", "w") as f:
 """
 
 
-def test_fsdp2_hf_models_sharded_per_block_and_at_the_root_equal_one_process(cache_dir,
+@pytest.fixture(scope="module")
+def launched(cache_dir, tmp_path_factory) -> Path:
+    """The two-rank launch of SCRIPT; its results under ``litgpt/`` and ``hf/``."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    TextDataModule(cache_dir=cache_dir, **DATA)  # the shared tokenizer, trained before the ranks
+    script = tmp / "fsdp_run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
+    run_ranks(script, str(tmp), cache_dir, cwd=tmp, timeout=400, what="FSDP2")
+    return tmp
+
+
+def single_process(cache_dir: str, root: Path):
+    pl.seed_everything(0, verbose=False)
+    dm = TextDataModule(cache_dir=cache_dir, **DATA)
+    torch.manual_seed(0)
+    module = GPTModule(LitGPT(Config(vocab_size=dm.vocab_size, block_size=64)),
+                       tokenizer=dm.tokenizer)
+    callback = NormXLogitCallback(dm.probes, every_n_steps=2, media_probes=0,
+                                  faithfulness_every=1, store_dir=root / "store")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False,
+                         callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0,
+                         default_root_dir=str(root))
+    trainer.fit(module, dm)
+    return load_run(root / "store")
+
+
+def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(launched, cache_dir, tmp_path):
+    reference = single_process(cache_dir, tmp_path / "single")
+    root = launched / "litgpt"
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["first"] == [0, 1, 2] and ranks[0]["second"] == [0, 1, 2, 4]  # restored
+    # Rank 1 never writes: it records no step itself, and holds what the checkpoint restored.
+    assert ranks[1]["first"] == [] and ranks[1]["second"] == [0, 1, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
+    run = load_run(root / "store")
+    assert run.steps == [0, 1, 2, 4] and not len(run.missing)
+    for name in ("embedding", "metrics", "probes", "tokens"):
+        assert len(list((root / "store" / name).glob("*.parquet"))) == 4, name  # each once
+    # Step 0: the same weights, sharded over two ranks, give the one-process numbers.
+    key = ["probe_id", "layer", "position"]
+    got = run["tokens"][run["tokens"].step == 0].sort_values(key).reset_index(drop=True)
+    want = reference["tokens"][reference["tokens"].step == 0].sort_values(key)
+    want = want.reset_index(drop=True)
+    assert got[key + ["token"]].equals(want[key + ["token"]])
+    for column in ("norm", "logat", "score", "each"):
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-5, atol=1e-5)
+    emb = [r["embedding"][r["embedding"].step == 0].sort_values("token_id") for r in (run,
+                                                                                 reference)]
+    np.testing.assert_allclose(emb[0]["norm"], emb[1]["norm"], rtol=1e-6)
+    metrics = [r["metrics"][r["metrics"].step == 0].set_index("key")["value"]
+               for r in (run, reference)]
+    keys = [k for k in metrics[1].index if k.startswith("faithfulness/normxlogit/")
+            and "seconds" not in k]
+    assert keys
+    np.testing.assert_allclose(metrics[0][keys], metrics[1][keys], rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp2_hf_models_sharded_per_block_and_at_the_root_equal_one_process(launched,
+                                                                             cache_dir,
                                                                              tmp_path):
     """GPT-2 and Llama (untied head) under FSDP2, sharded per block and at the root, and at
     the root only: each step stored once, and step 0 equal to one process's numbers."""
     from hf_shapes import SHARDINGS, HFModule
 
-    root = tmp_path / "fsdp"
-    root.mkdir()
-    script = tmp_path / "fsdp_hf.py"
-    script.write_text(HF_SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
-    dm = TextDataModule(cache_dir=cache_dir, **DATA)  # trains the shared tokenizer first
-    run_ranks(script, str(root), cache_dir, cwd=tmp_path, timeout=300, what="FSDP2 HF")
+    root = launched / "hf"
+    dm = TextDataModule(cache_dir=cache_dir, **DATA)
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:  # refused by name before the first step, on every rank
         assert "fully_shard was applied to AroundTheModel, around the watched model" in \
