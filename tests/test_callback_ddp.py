@@ -2,7 +2,8 @@
 
 Checks that each rank measures half of the probes and rank 0 alone writes the store,
 that snapshots happen at the same steps and give the same attributions and faithfulness
-as a single-process run, and that token frequencies add up the batches of both ranks.
+as a single-process run, that token frequencies add up the batches of both ranks, and that
+a rank arriving late at every collective neither deadlocks nor changes a stored value.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from launch import run_ranks, train_args
@@ -32,46 +34,77 @@ EXPECTED_STEPS = [0, 1, 2, 4]  # every_n_steps=4: the log schedule, the last one
 # 128 documents, 2 ranks, batches of 16: 4 steps are exactly one epoch of each rank's half.
 DATA = dict(corpus="agreement", bpe_vocab_size=512, num_train=128, num_probes=4, batch_size=16)
 MODEL = dict(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+DELAY = 0.15  # seconds rank 1 arrives late, everywhere, in the second fit
 
 SCRIPT = """
-import json, sys
+import json, sys, time
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from normx_callbacks import NormXLogitCallback
 from normx_callbacks.demo import LanguageModel, TextDataModule
 from normx_callbacks.measure import Measurement
 
 root, cache = sys.argv[1], sys.argv[2]
-DATA, MODEL = {data!r}, {model!r}
+DATA, MODEL, DELAY = {data!r}, {model!r}, {delay!r}
+shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
+attribute = Measurement.attribute
+Measurement.attribute = lambda self, rows: (shares.append(list(rows)), attribute(self, rows))[1]
 
 
-def main():
+class SlowRank(Callback):
+    \"\"\"Rank 1 arrives late at train start, before and after every batch and at train end,
+    so it reaches every collective (the callback's all-reduce of token counts) late.\"\"\"
+
+    def __init__(self, seconds):
+        self.seconds, self.slept = seconds, 0.0
+
+    def _sleep(self, trainer):
+        if trainer.global_rank == 1 and self.seconds:
+            time.sleep(self.seconds)
+            self.slept += self.seconds
+
+    def on_train_start(self, trainer, pl_module):
+        self._sleep(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sleep(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sleep(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._sleep(trainer)
+
+
+def run(name, seconds):
     pl.seed_everything(0, verbose=False)
+    shares.clear()
     dm = TextDataModule(cache_dir=cache, **DATA)
     lm = LanguageModel(vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
                        tokenizer=dm.tokenizer, **MODEL)
     # No store_dir: the default <log_dir>/normx needs `trainer.log_dir` on every rank.
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=1)
-    shares = []  # which probes this rank measured, at each snapshot (a spy, not a change)
-    attribute = Measurement.attribute  # a spy on what each rank measures, not a change
-    Measurement.attribute = lambda self, rows: (shares.append(list(rows)),
-                                                attribute(self, rows))[1]
+    slow = SlowRank(seconds)  # first: its sleeps delay rank 1 before the callback's all-reduce
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps={max_steps},
-        logger=TensorBoardLogger(root, name="ddp"), callbacks=[callback],
+        logger=TensorBoardLogger(root, name=name), callbacks=[slow, callback],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         limit_val_batches=0, num_sanity_val_steps=0,
     )
     trainer.fit(lm, dm)
-    with open(f"{{root}}/rank{{trainer.global_rank}}.json", "w") as f:
+    with open(f"{{root}}/{{name}}-rank{{trainer.global_rank}}.json", "w") as f:
         json.dump({{"steps": callback.snapshot_steps, "global_step": trainer.global_step,
-                   "shares": shares, "metrics": callback.last_metrics,
+                   "shares": shares, "metrics": callback.last_metrics, "slept": slow.slept,
                    "store": None if callback.store is None else str(callback.store.root),
                    "world_size": trainer.world_size}}, f)
 
 
 if __name__ == "__main__":
-    main()
+    # Two fits in one launch (Lightning starts rank 1 once, both fits share the group):
+    # steady, then with rank 1 late everywhere.
+    run("ddp", 0.0)
+    run("slow", DELAY)
 """
 
 
@@ -111,16 +144,18 @@ def ddp_counts(dm: TextDataModule, step: int) -> torch.Tensor:
 
 
 def test_ddp_two_cpu_processes(cache_dir, tmp_path):
+    """One launch, two fits: the first is compared with one process; the second, with rank 1
+    late everywhere, must neither deadlock nor change a stored value (`_check_slow_rank`)."""
     root = tmp_path / "ddp"
     root.mkdir()
     script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT.format(data=DATA, model=MODEL, max_steps=MAX_STEPS))
+    script.write_text(SCRIPT.format(data=DATA, model=MODEL, max_steps=MAX_STEPS, delay=DELAY))
     # The tokenizer is cached before the ranks start, so they never train it concurrently.
     dm, single = single_process_run(cache_dir, tmp_path / "single")
 
     run_ranks(script, str(root), cache_dir, cwd=tmp_path, timeout=180, what="DDP")
 
-    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((root / f"ddp-rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [MAX_STEPS, MAX_STEPS]
     assert EXPECTED_STEPS == SnapshotSchedule("log", every_n_steps=4).upto(MAX_STEPS)
@@ -130,9 +165,9 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     # Only rank 0 writes snapshots and holds a store; exactly one store on disk.
     assert ranks[0]["steps"] == single.snapshot_steps == EXPECTED_STEPS
     assert ranks[1]["steps"] == [] and ranks[1]["store"] is None
-    store = find_store(root)  # raises if two stores were written
+    store = find_store(root / "ddp")  # raises if two stores were written
     assert store == Path(ranks[0]["store"])
-    assert sorted(p.name for p in root.rglob("meta.json")) == ["meta.json"]
+    assert sorted(p.name for p in (root / "ddp").rglob("meta.json")) == ["meta.json"]
     run, reference = load_run(store), load_run(tmp_path / "single" / "store")
     assert run.steps == reference.steps == EXPECTED_STEPS
     for name in ("embedding", "metrics", "probes", "tokens"):
@@ -186,6 +221,23 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     expected = information_gain(counter.pair_keys, counter.pair_counts, dm.vocab_size)
     np.testing.assert_allclose(rows["infogain"].to_numpy(), expected.numpy(), rtol=1e-9)
     assert np.isfinite(expected.numpy()).sum() >= 3
+    _check_slow_rank(root, run)
+
+
+def _check_slow_rank(root: Path, steady) -> None:
+    """The second fit: rank 1 slept DELAY s at train start, before and after each of the 4
+    batches and at train end; the snapshots and every stored value equal the steady fit's."""
+    ranks = [json.loads((root / f"slow-rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[1]["slept"] >= DELAY * (2 + 2 * MAX_STEPS) - 1e-9 and ranks[0]["slept"] == 0
+    assert [r["global_step"] for r in ranks] == [MAX_STEPS, MAX_STEPS]
+    assert ranks[0]["steps"] == EXPECTED_STEPS and ranks[1]["steps"] == []
+    slow = load_run(Path(ranks[0]["store"]))
+    assert slow.steps == steady.steps == EXPECTED_STEPS
+    for name in ("tokens", "probes", "embedding"):
+        pd.testing.assert_frame_equal(steady[name], slow[name], check_exact=True)
+    a, b = (r["metrics"][~r["metrics"].key.str.contains("seconds")].reset_index(drop=True)
+            for r in (steady, slow))
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
 
