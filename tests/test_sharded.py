@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
-import pytest
 import torch
 from launch import run_ranks
 from lm_shapes import Config, GPTModule, LitGPT
@@ -117,17 +116,6 @@ with open(root + f"/rank{{trainer.global_rank}}.json", "w") as f:
 """
 
 
-@pytest.fixture(scope="module")
-def launched(cache_dir, tmp_path_factory) -> Path:
-    """The two-rank launch of SCRIPT; its results under ``litgpt/`` and ``hf/``."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    TextDataModule(cache_dir=cache_dir, **DATA)  # the shared tokenizer, trained before the ranks
-    script = tmp / "fsdp_run.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
-    run_ranks(script, str(tmp), cache_dir, cwd=tmp, timeout=400, what="FSDP2")
-    return tmp
-
-
 def single_process(cache_dir: str, root: Path):
     pl.seed_everything(0, verbose=False)
     dm = TextDataModule(cache_dir=cache_dir, **DATA)
@@ -145,9 +133,23 @@ def single_process(cache_dir: str, root: Path):
     return load_run(root / "store")
 
 
-def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(launched, cache_dir, tmp_path):
+def test_fsdp2_litgpt_and_hf_models_equal_one_process_and_resume(cache_dir, tmp_path):
+    """One two-rank launch (each rank imports Lightning once) holds both parts; each is
+    checked against one process of the same weights."""
+    TextDataModule(cache_dir=cache_dir, **DATA)  # the shared tokenizer, trained before the ranks
+    launched = tmp_path / "launch"
+    launched.mkdir()
+    script = launched / "fsdp_run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), data=DATA))
+    run_ranks(script, str(launched), cache_dir, cwd=launched, timeout=400, what="FSDP2")
+    _check_litgpt_with_resume(launched / "litgpt", cache_dir, tmp_path)
+    _check_hf_shardings(launched / "hf", cache_dir, tmp_path)
+
+
+def _check_litgpt_with_resume(root: Path, cache_dir: str, tmp_path: Path) -> None:
+    """Fitted to step 2 with a checkpoint, resumed to step 4: each step stored once, step 0
+    equal to one process."""
     reference = single_process(cache_dir, tmp_path / "single")
-    root = launched / "litgpt"
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["first"] == [0, 1, 2] and ranks[0]["second"] == [0, 1, 2, 4]  # restored
     # Rank 1 never writes: it records no step itself, and holds what the checkpoint restored.
@@ -176,14 +178,11 @@ def test_fsdp2_two_cpu_processes_equal_one_process_and_resume(launched, cache_di
     np.testing.assert_allclose(metrics[0][keys], metrics[1][keys], rtol=1e-5, atol=1e-5)
 
 
-def test_fsdp2_hf_models_sharded_per_block_and_at_the_root_equal_one_process(launched,
-                                                                             cache_dir,
-                                                                             tmp_path):
+def _check_hf_shardings(root: Path, cache_dir: str, tmp_path: Path) -> None:
     """GPT-2 and Llama (untied head) under FSDP2, sharded per block and at the root, and at
     the root only: each step stored once, and step 0 equal to one process's numbers."""
     from hf_shapes import SHARDINGS, HFModule
 
-    root = launched / "hf"
     dm = TextDataModule(cache_dir=cache_dir, **DATA)
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:  # refused by name before the first step, on every rank
