@@ -388,9 +388,10 @@ def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
     rhos = []
     for start in range(0, n_resamples, chunk):
         rows = min(chunk, n_resamples - start)
-        idx = rng.integers(0, n, size=(rows, n))
-        flat = (idx + np.arange(rows)[:, None] * n).ravel()
-        weights = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+        if rows == n_resamples:  # one chunk: the same draws at every snapshot, kept
+            weights = _spearman_weights(n, n_resamples, seed)
+        else:
+            weights = _draw_weights(rng, rows, n)
         rx, ry = _weighted_ranks(x, weights), _weighted_ranks(y, weights)
         rx -= (weights * rx).sum(axis=1, keepdims=True) / n
         ry -= (weights * ry).sum(axis=1, keepdims=True) / n
@@ -404,6 +405,24 @@ def spearman_interval(a: Tensor, b: Tensor, *, confidence: float = 0.95,
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(rhos, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _draw_weights(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """``(rows, n)``: how often each of ``n`` items is drawn in each of ``rows`` resamples."""
+    idx = rng.integers(0, n, size=(rows, n))
+    flat = (idx + np.arange(rows)[:, None] * n).ravel()
+    return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=2)
+def _spearman_weights(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """`_draw_weights` of a fresh seeded generator, kept for the next snapshot: the norm
+    statistics draw over the same number of token types each time (at most ~33 MB each,
+    since one chunk holds at most 2**22 values; two kept: seen tokens and information gain).
+    Read-only, so no caller can change what the next one gets."""
+    weights = _draw_weights(np.random.default_rng(seed), n_resamples, n)
+    weights.flags.writeable = False
+    return weights
 
 
 def _weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
