@@ -34,6 +34,7 @@ from torch import Tensor
 from .adapters import ModelAdapter
 from .attribution import Attribution, normxlogit, resolve_layers
 from .embeddings import embedding_norms
+from .encoding import readable_tokens
 from .faithfulness import Replacement, faithfulness_rows, resolve_replacement, special_token_mask
 from .methods import (
     GRADIENT_METHODS,
@@ -41,7 +42,7 @@ from .methods import (
     require_captum,
     resolve_alignment_methods,
 )
-from .probes import ProbeSet, readable_tokens
+from .probes import ProbeSet
 from .settings import Settings
 from .snapshot import ProbeContext, Snapshot
 

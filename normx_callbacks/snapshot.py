@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .attribution import Attribution
 from .embeddings import EmbeddingSnapshot, PairCounts, summarise_norms
+from .encoding import EncodedProbes
 from .faithfulness import summarise_faithfulness
 from .metrics import (
     alignment_per_probe,
@@ -36,7 +37,6 @@ from .metrics import (
     spearman,
     spearman_interval,
 )
-from .probes import EncodedProbes
 from .statistics import paired
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from normx_callbacks.adapters import ModelAdapter
+from normx_callbacks.encoding import EncodedProbes
 from normx_callbacks.faithfulness import (
     FRACTIONS,
     RANDOM_PERMUTATIONS,
@@ -25,7 +26,6 @@ from normx_callbacks.faithfulness import (
     resolve_replacement,
     special_token_mask,
 )
-from normx_callbacks.probes import EncodedProbes
 
 V, C, R = 12, 3, 0  # vocabulary, classes, replacement id (its weight row is zero)
 

@@ -20,7 +20,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from normx_callbacks.probes import EncodedProbes, Probe, ProbeError, ProbeSet
+from normx_callbacks.encoding import EncodedProbes
+from normx_callbacks.probes import Probe, ProbeError, ProbeSet
 
 CORPUS = [
     "The keys to the cabinet are on the table.",

@@ -37,7 +37,7 @@ from normx_callbacks import (
 )
 from normx_callbacks.demo import LanguageModel, TextDataModule, build_model
 from normx_callbacks.embeddings import TokenCounter
-from normx_callbacks.probes import readable_tokens
+from normx_callbacks.encoding import readable_tokens
 
 
 def trainer_for(root, callback, **kwargs) -> pl.Trainer:
