@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import linecache
 import traceback
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,13 @@ def one_line(error: BaseException | str) -> str:
     """``error``'s message on one line (a message may quote a file's newlines)."""
     text = " ".join(str(error).split())
     return text or type(error).__name__
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with no control characters: an ANSI escape in a token or a stored reason
+    must not drive the terminal (newlines and tabs shown as arrows, others escaped)."""
+    text = str(text).replace("\n", "\u21b5").replace("\t", "\u2192")
+    return "".join(c if unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
 
 
 def anticipated(error: BaseException) -> bool:

@@ -19,7 +19,8 @@ import pytest
 
 from normx_callbacks import load_run
 from normx_callbacks.checkpoints import load_model_and_tokenizer
-from normx_callbacks.cli import colour_tokens, main
+from normx_callbacks.cli import main
+from normx_callbacks.model_commands import colour_tokens
 from normx_callbacks.report import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]

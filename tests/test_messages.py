@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from normx_callbacks import Settings, StoreError
-from normx_callbacks.messages import anticipated, one_line, warning_lines
+from normx_callbacks.messages import anticipated, one_line, terminal_safe, warning_lines
 from normx_callbacks.probes import ProbeSet
 
 
@@ -53,3 +53,9 @@ def test_warning_lines_show_each_distinct_warning_once_and_restore_the_filters()
     assert warnings.filters == before
     with pytest.warns(UserWarning, match="outside"):  # shown as usual after the block
         warnings.warn("outside", UserWarning, stacklevel=1)
+
+
+def test_terminal_safe_text_cannot_drive_the_terminal():
+    assert terminal_safe("red\x1b[31m token") == "red\\x1b[31m token"  # the escape is shown
+    assert terminal_safe("a\nb\tc") == "a\u21b5b\u2192c"
+    assert terminal_safe("caf\u00e9 \u2603") == "caf\u00e9 \u2603"  # printable text unchanged
