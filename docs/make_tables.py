@@ -36,11 +36,11 @@ from normx_callbacks.discovery import resolve_adapter
 from normx_callbacks.faithfulness import (
     RANDOM_PERMUTATIONS,
     faithfulness_rows,
-    resolve_replacement,
     summarise_faithfulness,
 )
 from normx_callbacks.methods import METHODS
 from normx_callbacks.probes import ProbeSet
+from normx_callbacks.removal import resolve_replacement
 from normx_callbacks.report import read_losses
 from normx_callbacks.statistics import change, paired, probe_values
 from normx_callbacks.summary import paired_tests, summary_paragraph

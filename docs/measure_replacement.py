@@ -34,9 +34,10 @@ import numpy as np
 from normx_callbacks.checkpoints import load_model_and_tokenizer
 from normx_callbacks.demo.corpora import load_corpus
 from normx_callbacks.discovery import resolve_adapter
-from normx_callbacks.faithfulness import faithfulness_table, resolve_replacement
+from normx_callbacks.faithfulness import faithfulness_table
 from normx_callbacks.methods import GRADIENT_METHODS, METHODS
 from normx_callbacks.probes import ProbeSet
+from normx_callbacks.removal import resolve_replacement
 
 STRATEGIES = ("mask", "unk", "pad", "eos", "attention")
 

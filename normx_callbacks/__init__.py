@@ -8,18 +8,12 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .attribution import Attribution, mask_positions, normxlogit
     from .callback import NormXLogitCallback
     from .discovery import resolve_adapter
-    from .faithfulness import (
-        REPLACEMENTS,
-        Replacement,
-        aopc,
-        faithfulness_table,
-        resolve_replacement,
-        special_token_mask,
-    )
+    from .faithfulness import aopc, faithfulness_table
     from .loading import RunData, load_run
     from .methods import METHODS, attribute
     from .monitor import NormXLogitMonitor
     from .probes import Probe, ProbeError, ProbeSet
+    from .removal import REPLACEMENTS, Replacement, resolve_replacement, special_token_mask
     from .schedule import SnapshotSchedule
     from .settings import Settings
     from .store import SnapshotStore, StoreError
@@ -34,12 +28,12 @@ _WHERE = {
     "normxlogit": "attribution",
     "NormXLogitCallback": "callback",
     "resolve_adapter": "discovery",
-    "REPLACEMENTS": "faithfulness",
-    "Replacement": "faithfulness",
+    "REPLACEMENTS": "removal",
+    "Replacement": "removal",
     "aopc": "faithfulness",
     "faithfulness_table": "faithfulness",
-    "resolve_replacement": "faithfulness",
-    "special_token_mask": "faithfulness",
+    "resolve_replacement": "removal",
+    "special_token_mask": "removal",
     "RunData": "loading",
     "load_run": "loading",
     "METHODS": "methods",

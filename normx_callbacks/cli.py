@@ -201,7 +201,7 @@ def _add_skip_corrupt_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .faithfulness import REMOVALS, REPLACEMENTS
+    from .removal import REMOVALS, REPLACEMENTS
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

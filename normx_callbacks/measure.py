@@ -35,7 +35,7 @@ from .adapters import ModelAdapter
 from .attribution import Attribution, normxlogit, resolve_layers
 from .embeddings import embedding_norms
 from .encoding import readable_tokens
-from .faithfulness import Replacement, faithfulness_rows, resolve_replacement, special_token_mask
+from .faithfulness import faithfulness_rows
 from .methods import (
     GRADIENT_METHODS,
     probe_attributions,
@@ -43,6 +43,7 @@ from .methods import (
     resolve_alignment_methods,
 )
 from .probes import ProbeSet
+from .removal import Replacement, resolve_replacement, special_token_mask
 from .settings import Settings
 from .snapshot import ProbeContext, Snapshot
 

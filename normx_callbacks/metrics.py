@@ -172,7 +172,7 @@ def ranked_positions(
     Why ``t`` is never a candidate: for a causal LM the last-layer LogAt at ``t`` *is* the
     model's own logit of the target, so ranking it measures the model's confidence, not
     where the evidence sits (and the paper removes it); for a masked LM it is the mask slot,
-    which holds no word. Faithfulness (`faithfulness.candidate_mask`) uses this function, so
+    which holds no word. Faithfulness (`removal.candidate_mask`) uses this function, so
     both panels rank and remove the same positions.
     """
     b, t = valid.shape

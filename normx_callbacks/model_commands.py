@@ -194,9 +194,10 @@ def cmd_faithfulness(args) -> int:
     """AOPC comprehensiveness/sufficiency per method for a checkpoint on a probe set."""
     from .checkpoints import load_model_and_tokenizer
     from .discovery import resolve_adapter
-    from .faithfulness import faithfulness_table, resolve_replacement
+    from .faithfulness import faithfulness_table
     from .methods import METHODS
     from .probes import ProbeSet
+    from .removal import resolve_replacement
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

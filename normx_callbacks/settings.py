@@ -19,8 +19,8 @@ from typing import Any, Literal, get_args
 from torch import Tensor
 
 from .attribution import NORMS
-from .faithfulness import REPLACEMENTS
 from .methods import ALIGNMENT_DEFAULT, FORWARD_METHODS, METHODS, resolve_alignment_methods
+from .removal import REPLACEMENTS
 from .schedule import SCHEDULES, SnapshotSchedule
 
 Schedule = Literal["log", "interval", "steps"]

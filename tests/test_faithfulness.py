@@ -14,12 +14,14 @@ from torch import nn
 from normx_callbacks.adapters import ModelAdapter
 from normx_callbacks.encoding import EncodedProbes
 from normx_callbacks.faithfulness import (
-    FRACTIONS,
     RANDOM_PERMUTATIONS,
-    Replacement,
     aopc,
     faithfulness_rows,
     faithfulness_table,
+)
+from normx_callbacks.removal import (
+    FRACTIONS,
+    Replacement,
     ranks,
     removal_counts,
     removal_masks,

@@ -6,7 +6,6 @@ import pytest
 import scipy.stats
 import torch
 
-from normx_callbacks.faithfulness import candidate_mask
 from normx_callbacks.metrics import (
     alignment_per_probe,
     average_precision,
@@ -23,6 +22,7 @@ from normx_callbacks.metrics import (
     spearman_interval,
     standardised,
 )
+from normx_callbacks.removal import candidate_mask
 
 NAN = float("nan")
 T, F = True, False
