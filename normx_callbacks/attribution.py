@@ -10,6 +10,9 @@ layer except the last, which already carries it:
     EachLayer_l = ||x_i^l|| * LogAt_l.
 
 See docs/method.md for the definitions; `adapters.py` for how a model is read.
+
+Past 400 lines as one module: the method itself (hidden states, the final norm, head rows,
+the logit lens) kept in one place, so the math is read in one file.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ post-processing done in `forward` outside a module (soft-capping, a log-softmax)
 encoder-decoder models are refused with a message that says how to build a
 `ModelAdapter` instead. Discovered models take no attention mask (`accepts_mask=False`):
 probes run in groups of equal length, so padding never reaches them.
+
+Past 400 lines as one module: resolving, caching, re-verifying and tracing adapters are one
+decision (which adapter reads this model, now).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ summary statistics, the extreme tokens, how far the embeddings moved since the l
 snapshot, and the rank correlations of norm with log frequency and with information gain
 in the training batches counted so far (`TokenCounter` counts tokens and next-token pairs;
 `information_gain` is the estimator).
+
+Past 400 lines as one module: embedding-norm snapshots, token and next-token pair counting
+and information gain are one path (the counts are what the information gain is estimated
+from, folded into the same snapshot, on every rank).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ to the writer (in the helper process or this one, behind the pipeline's thread) 
 what comes back, and `embeddings.TokenCounter` counts the tokens training sees. The engine
 itself holds the run's identity, notices a model that changed under it, and keeps the
 resume state.
+
+Past 400 lines as one module: the composition of the parts above; most of its length is the
+contracts (run record, resume state, flush) in docstrings.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ W&B's media slider follows training steps, not its internal `_step`); any other 
 the scalars and one warning naming what it cannot show. A logger that raises is
 warned about once and skipped from then on for what raised (scalars or media, separately:
 a broken image writer does not cost the scalar curves); the store is unaffected.
+
+Past 400 lines as one module: it is the one seam to every logger kind, with what a snapshot
+shows; splitting by logger would spread the media rules.
 """
 
 from __future__ import annotations

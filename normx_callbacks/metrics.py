@@ -8,6 +8,9 @@ after the explained one, and is always ignored.
 Ties: rankings use a stable descending sort, so equal scores rank by position
 order (the earlier position first). This is deterministic but not neutral: a
 cue that ties with a later non-cue position is ranked above it.
+
+Past 400 lines as one module: pure functions over arrays whose definitions depend on each
+other (alignment, its exact random baselines and intervals, Spearman and its interval).
 """
 
 from __future__ import annotations

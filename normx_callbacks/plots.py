@@ -5,6 +5,9 @@
 `layer_figure` return matplotlib `Figure` objects built without pyplot: importing this module
 selects no backend (a notebook's stays as it is) and a figure needs no closing; `pages.py`
 embeds them as PNG. The colour rule is the dashboards' (`images.py`).
+
+Past 400 lines as one module: every figure of a loaded run shares the label, colour and
+step-axis helpers.
 """
 
 from __future__ import annotations

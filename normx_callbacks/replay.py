@@ -3,6 +3,10 @@
 Each checkpoint is loaded (one at a time) and measured by the callback's own `Engine`, so
 the store, its tables and its numbers are those the callback records at the same step. The
 engine's writer builds and writes one checkpoint's snapshot while the next one loads.
+
+Past 400 lines as one module: the series loader (one model reused across checkpoints) and
+the replay loop share the checkpoint-compatibility checks and the one-line error per bad
+checkpoint.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Figures are the `plots` functions a notebook would call, embedded as base64 PNGs; the
 page itself (escaping, styles, Content-Security-Policy) is built by `pages`.
+
+Past 400 lines as one module: one page, its sections in order.
 """
 
 from __future__ import annotations

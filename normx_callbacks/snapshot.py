@@ -10,6 +10,9 @@ that both the `nonfinite/*` counts and the `nonfinite` table come from.
 The builder keeps the little state that spans snapshots (the previous norms and scores, for
 drift and rank stability, the first snapshot's per-probe alignment as the structural
 reference, and which probes a warning already named); snapshots reach it in step order.
+
+Past 400 lines as one module: the builders of one snapshot's metrics and tables share its
+state (previous norms and scores, the alignment reference) and the one non-finite pass.
 """
 
 from __future__ import annotations

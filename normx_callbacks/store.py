@@ -36,6 +36,9 @@ disk and choosing one: `catalog.py`.
 Post-hoc reading without this package::
 
     pandas.read_parquet("normx/tokens/step=000000100.parquet")
+
+Past 400 lines as one module: the format, its atomic writing and the run records are one
+on-disk contract.
 """
 
 from __future__ import annotations

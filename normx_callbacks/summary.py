@@ -5,6 +5,9 @@ and the README's tables (`docs/make_tables.py`), so all say the same thing. Ever
 "below", "rose" and "fell" comes from `statistics` (paired bootstraps over the probes the
 store keeps per-probe values of; "first above" only at two consecutive snapshots); a store
 without per-probe values gets point values and no verdict.
+
+Past 400 lines as one module: every sentence written about a run, beside the tests that
+license it.
 """
 
 from __future__ import annotations
