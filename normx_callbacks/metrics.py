@@ -436,10 +436,13 @@ def _weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     order = np.argsort(values, kind="stable")
     sorted_values = values[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
-    group = np.add.reduceat(weights[:, order], starts, axis=1)  # (R, G) items per tie group
+    group = weights[:, order]
+    if starts.size < n:  # ties: one column per group of equal values
+        group = np.add.reduceat(group, starts, axis=1)  # (R, G) items per tie group
     rank = np.cumsum(group, axis=1) - group + (group + 1) / 2
     ranks = np.empty_like(weights)
-    ranks[:, order] = np.repeat(rank, np.diff(np.r_[starts, n]), axis=1)
+    ranks[:, order] = rank if starts.size == n else np.repeat(rank, np.diff(np.r_[starts, n]),
+                                                               axis=1)
     return ranks
 
 
