@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show full tracebacks and library warnings")
+                        help="raise every error with its full traceback; INFO logs; warnings in Python's own format")
     parser = argparse.ArgumentParser(
         prog="normx", parents=[common],
         description="Reports and attributions for NormXLogit snapshot stores and checkpoints.")
