@@ -49,12 +49,14 @@ class Settings:
         norm: "layer0" (the paper's ||hidden_states[0]||) or "word" (the raw embedding row).
         objective: "auto" (from the model), "causal" or "masked".
         probe_batch_size: probes per forward pass (bounds memory).
-        track_tokens: words whose embedding norms are logged at every snapshot.
+        track_tokens: words whose embedding norms are logged at every snapshot (a bare
+            string is one word).
         top_k: how many tokens the largest/smallest norm lists show.
         faithfulness_every: AOPC faithfulness at every n-th snapshot and the final one;
             None turns it off.
-        faithfulness_methods: the methods it compares (`normx_callbacks.METHODS`); the
-            gradient ones need `pip install 'normx-callbacks[baselines]'`.
+        faithfulness_methods: the methods it compares (`normx_callbacks.METHODS`; a bare
+            string is one method); the gradient ones need
+            `pip install 'normx-callbacks[baselines]'`.
         faithfulness_probes: how many probes (the first n) it uses.
         faithfulness_replacement: how AOPC removes a token (`normx_callbacks.REPLACEMENTS`):
             "auto", "mask", "unk", "pad", "eos" or "attention".
@@ -103,6 +105,11 @@ class Settings:
     writer: Writer = "process"
 
     def __post_init__(self) -> None:
+        # A bare word is one word (as a probe's bare cue is), not a sequence of characters:
+        # track_tokens="is" would otherwise track "i" and "s" without a word of warning.
+        for name in ("track_tokens", "faithfulness_methods"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
         for name, choices in (("schedule", SCHEDULES), ("norm", NORMS),
                               ("objective", get_args(Objective)),
                               ("faithfulness_replacement", REPLACEMENTS),

@@ -45,6 +45,23 @@ def dm(cache_dir):
     return data
 
 
+@pytest.fixture(scope="module")
+def measurement(dm):
+    """A prepared `measure.Measurement` of the demo GPT-2 (`training.make_model`) on `dm`'s
+    probes, all layers, no faithfulness: what snapshots are taken with, for the unit tests of
+    what follows a measurement (the writer, the execution, the helper's pipe)."""
+    from training import make_model
+
+    from normx_callbacks import ProbeSet, Settings
+    from normx_callbacks.discovery import find_model
+    from normx_callbacks.measure import prepare_measurement
+
+    return prepare_measurement(find_model(make_model(dm)), dm.tokenizer,
+                               ProbeSet.coerce(dm.probes),
+                               Settings(faithfulness_every=None, writer="thread"),
+                               owner="test")
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished 20-step run (2-layer, 32-wide GPT-2 on the agreement corpus, the markup

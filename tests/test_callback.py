@@ -1,6 +1,7 @@
 """NormXLogitCallback in real Lightning runs: what each logger receives, the store, the
-schedule under gradient accumulation, resume, setup errors, failing snapshots, and that
-the training run itself is unchanged by being watched.
+schedule under gradient accumulation, resume, setup errors, failing snapshots, that the
+training run itself is unchanged by being watched, and two instances in one Trainer (each
+with its own `state_key_suffix`, store and resume state; without one Lightning refuses).
 
 Every test trains a 2-layer, 32-wide GPT-2 on the synthetic agreement corpus for a few
 steps on CPU; what was logged is read back with each backend's own reader.
@@ -667,3 +668,56 @@ def test_faithfulness_can_be_switched_off_and_rejects_unknown_methods(dm, tmp_pa
     fit(make_model(dm), dm, tmp_path, [callback], max_steps=2)
     keys = set(load_run(tmp_path / "store").metrics.key)
     assert not any(k.startswith("faithfulness/") for k in keys)
+
+
+# --------------------------------------------------------------------------- two instances
+
+
+def test_two_instances_with_their_own_suffix_write_and_resume_their_own_stores(dm, tmp_path):
+    def pair():
+        # Different schedules, so that states swapped on resume would show.
+        return (NormXLogitCallback(dm.probes, media_probes=0, faithfulness_every=None,
+                                   writer="thread", store_dir=tmp_path / "a",
+                                   state_key_suffix="a"),
+                NormXLogitCallback(dm.probes, media_probes=0, faithfulness_every=None,
+                                   writer="thread", store_dir=tmp_path / "b",
+                                   state_key_suffix="b", schedule="steps", steps=[2]))
+
+    first_a, first_b = pair()
+    assert first_a.state_key != first_b.state_key
+    trainer = fit(make_model(dm), dm, tmp_path, [first_a, first_b], max_steps=2)
+    assert first_a.snapshot_steps == [0, 1, 2] and first_b.snapshot_steps == [0, 2]
+    assert load_run(tmp_path / "a").steps == [0, 1, 2]
+    assert load_run(tmp_path / "b").steps == [0, 2]
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert sorted(k for k in saved if k.startswith("NormXLogitCallback")) == [
+        "NormXLogitCallback{'suffix': 'a'}", "NormXLogitCallback{'suffix': 'b'}"]
+    states = {key: saved[key] for key in (first_a.state_key, first_b.state_key)}
+    assert states[first_a.state_key]["store"] == str((tmp_path / "a").resolve())
+    assert states[first_b.state_key]["store"] == str((tmp_path / "b").resolve())
+    assert states[first_a.state_key]["snapshot_steps"] == [0, 1, 2]
+    assert states[first_b.state_key]["snapshot_steps"] == [0, 2]
+
+    # Resumed in new instances (a new process), listed in the other order: each restores
+    # the state saved under its own key, and goes on in its own store.
+    again_a, again_b = pair()
+    fit(make_model(dm), dm, tmp_path, [again_b, again_a], max_steps=3, ckpt_path=str(ckpt))
+    assert again_a.snapshot_steps == [0, 1, 2, 3] and again_b.snapshot_steps == [0, 2, 3]
+    for callback, first, store in ((again_a, first_a, "a"), (again_b, first_b, "b")):
+        assert callback.engine.run["run_id"] == first.engine.run["run_id"], store
+        assert callback.store.root == tmp_path / store
+    assert load_run(tmp_path / "a").steps == [0, 1, 2, 3]
+    assert load_run(tmp_path / "b").steps == [0, 2, 3]
+
+
+def test_two_instances_without_a_suffix_are_refused_by_lightning(dm, tmp_path):
+    callbacks = [NormXLogitCallback(dm.probes, store_dir=tmp_path / name) for name in "ab"]
+    assert callbacks[0].state_key == callbacks[1].state_key
+    # Lightning checks the state keys when the Trainer is built, before anything runs.
+    with pytest.raises(RuntimeError, match=r"Found more than one stateful callback of type "
+                                           r"`NormXLogitCallback`.* The `callback.state_key` must "
+                                           r"be unique"):
+        make_trainer(tmp_path, callbacks)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

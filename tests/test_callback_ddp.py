@@ -108,12 +108,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    # Same path as test_callback.py's fixture: the tokenizer is trained once per session.
-    return str(tmp_path_factory.getbasetemp() / "tokenizer_cache")
-
-
 def single_process_run(cache_dir: str, root: Path):
     pl.seed_everything(0, verbose=False)
     dm = TextDataModule(cache_dir=cache_dir, **DATA)

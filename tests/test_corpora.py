@@ -15,7 +15,7 @@ from normx_callbacks.demo.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
-from normx_callbacks.probes import ProbeSet
+from normx_callbacks.probes import MASK_PLACEHOLDER, ProbeSet
 
 PROBE_KEYS = {"id", "text", "target", "foil", "cues", "attractors"}
 
@@ -151,10 +151,36 @@ def test_masked_probes(agreement):
 
 
 def test_probes_validate_with_probeset(agreement, docs):
-    ProbeSet(agreement.probes)
-    ProbeSet(agreement.masked_probes())
-    ProbeSet(docs.probes)
-    ProbeSet(docs.masked_probes())
+    """The corpora's probe dicts become ProbeSets that keep every probe and field: targets
+    everywhere, a foil of the other number and cue words present in the text for agreement,
+    neither foil nor cue for docs, and the masked forms holding the placeholder once."""
+    for corpus in (agreement, docs):
+        causal, masked = ProbeSet(corpus.probes), ProbeSet(corpus.masked_probes())
+        assert len(causal) == len(masked) == len(corpus.probes) == 64
+        ids = [p["id"] for p in corpus.probes]
+        assert [p.id for p in causal] == [p.id for p in masked] == ids
+        for raw, probe, masked_probe in zip(corpus.probes, causal, masked, strict=True):
+            assert probe.text == raw["text"] and probe.target == raw["target"]
+            assert probe.target and probe.target.strip() == probe.target
+            assert MASK_PLACEHOLDER not in probe.text
+            assert masked_probe.text.count(MASK_PLACEHOLDER) == 1
+            assert masked_probe.text.startswith(f"{probe.text} {MASK_PLACEHOLDER}")
+            # The masked form differs in its text only.
+            assert (masked_probe.target, masked_probe.foil, masked_probe.cues,
+                    masked_probe.attractors) == (probe.target, probe.foil, probe.cues,
+                                                 probe.attractors)
+            assert probe.group == ""
+            if corpus is docs:
+                assert probe.foil is None and probe.cues == () and probe.attractors == ()
+                continue
+            (cue,) = probe.cues
+            assert isinstance(probe.cues, tuple) and isinstance(probe.attractors, tuple)
+            assert probe.foil and probe.foil != probe.target
+            assert NUMBER[probe.foil] != NUMBER[probe.target] == NUMBER[cue]
+            assert _whole_word_count(probe.text, cue) == 1
+            assert probe.attractors and all(_whole_word_count(probe.text, a) >= 1
+                                            for a in probe.attractors)
+            assert cue not in probe.attractors
 
 
 # --- docs and local text -------------------------------------------------------------------

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
@@ -27,7 +26,6 @@ STEPS = [0, 1, 2, 4]  # the log schedule up to max_steps=4
 
 
 def _fit(dm, root: Path, logger) -> NormXLogitCallback:
-    torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     model = LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0,
                           vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,

@@ -46,14 +46,6 @@ KILL_STEP = 8  # every_n_steps=8: snapshots 0, 1, 2, 4, 8, then the final one at
 KILL_POINTS = ("inside_table_file", "after_first_table", "before_marker", "after_marker")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> str:
     # Our own: the shared session cache is retrained whenever another module's corpus size

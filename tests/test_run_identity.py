@@ -17,11 +17,12 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from training import make_model
 
 from normx_callbacks import NormXLogitCallback, StoreError, load_run, plots
 from normx_callbacks.catalog import find_runs
 from normx_callbacks.cli import main
-from normx_callbacks.demo import LanguageModel, TextDataModule
+from normx_callbacks.demo import TextDataModule
 from normx_callbacks.loading import load_store
 from normx_callbacks.store import RUN_FILE
 from normx_callbacks.summary import next_commands
@@ -38,13 +39,6 @@ def dm(cache_dir) -> TextDataModule:
     return data
 
 
-def make_model(dm: TextDataModule, seed: int = 0) -> LanguageModel:
-    pl.seed_everything(seed, verbose=False)
-    return LanguageModel(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=0.0,
-                         vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
-                         tokenizer=dm.tokenizer)
-
-
 def callback(**kwargs) -> NormXLogitCallback:
     return NormXLogitCallback(every_n_steps=4, media_probes=0, faithfulness_every=None,
                               **kwargs)
@@ -56,7 +50,7 @@ def fit(dm, root, callbacks, *, max_steps, logger=False, ckpt_path=None, seed=0)
         default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
-    trainer.fit(make_model(dm, seed), dm, ckpt_path=ckpt_path)
+    trainer.fit(make_model(dm, seed=seed), dm, ckpt_path=ckpt_path)
     return trainer
 
 

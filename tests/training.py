@@ -1,8 +1,8 @@
 """The demo LanguageModel and a quiet CPU Trainer, as the tests train them (our own code).
 
-`make_model`: a 2-layer, 32-wide GPT-2 sized from a DataModule, seeded; `make_trainer`: a CPU
-Trainer without progress bars, validation or (unless a ModelCheckpoint is given)
-checkpoints; `fit`: both together; `counts_at`: a store's token counts at a step.
+`make_model`: a 2-layer, 32-wide GPT-2 sized from a DataModule, seeded (0 unless told);
+`make_trainer`: a CPU Trainer without progress bars, validation or (unless a ModelCheckpoint
+is given) checkpoints; `fit`: both together; `counts_at`: a store's token counts at a step.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ MAX_STEPS = 10
 TABLES = ("embedding", "metrics", "probes", "tokens")  # every snapshot writes these
 
 
-def make_model(dm: TextDataModule, *, dropout: float = 0.0, **kwargs) -> LanguageModel:
-    pl.seed_everything(0, verbose=False)
+def make_model(dm: TextDataModule, *, dropout: float = 0.0, seed: int = 0,
+               **kwargs) -> LanguageModel:
+    pl.seed_everything(seed, verbose=False)
     options = dict(arch="gpt2", d_model=32, n_layers=2, n_heads=2, dropout=dropout,
                    vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id, tokenizer=dm.tokenizer)
     return LanguageModel(**{**options, **kwargs})
