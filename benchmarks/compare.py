@@ -5,6 +5,14 @@ largest batch that fits a memory budget, on one model with one probe set.
     python benchmarks/compare.py --threads 1 --quick    # timing only, about a minute
     python benchmarks/compare.py --threads 1 --no-timing --budget-gib 4 --skip nx-fast nx-all naive
     python benchmarks/compare.py --device cuda --out compare-gpu.json   # GPT-2 small, 40 GiB
+    python benchmarks/compare.py --quick --layers 1 --width 32 --vocab 256 --length 8 \
+        --probes 2 --batch-size 2 --repeats 1                      # smallest, timing
+    python benchmarks/compare.py --no-timing --search slope-only --layers 1 --width 32 \
+        --vocab 256 --length 8 --probes 2 --batch-size 2 --skip nx-fast nx-all saliency \
+        input_x_gradient integrated_gradients naive                # smallest, memory
+
+The two smallest runs (tests/test_benchmarks.py) check the code paths; their numbers mean
+nothing.
 
 CPU default: a GPT-2 shape (4 layers, d=256, vocabulary 32000), 8 random probes of 256
 tokens; `--device cuda` default: GPT-2 small (124M), 32 probes of 512 tokens, bfloat16,

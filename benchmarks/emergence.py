@@ -3,6 +3,12 @@ process, and the gradient reference of alignment per snapshot.
 
     python benchmarks/emergence.py                 # tiny.yaml's model and probes, 1 thread
     python benchmarks/emergence.py --quick         # fewer rounds (a check)
+    python benchmarks/emergence.py --smoke --cache-dir /tmp/tok   # smallest: the code path only
+
+`--smoke` (tests/test_benchmarks.py) runs every measurement once on the smallest inputs: 400
+training sentences, 4 probes, 4 batches counted and folded, 2 rounds; its numbers mean
+nothing. `--cache-dir` is where the BPE tokenizer is cached (default .normx_cache, as in
+tiny.yaml).
 
 The model is configs/tiny.yaml's (2-layer GPT-2 shape, d_model 64, the agreement corpus's
 BPE vocabulary, 64 held-out probes, batches of 32 x 32 tokens), freshly initialised.
@@ -49,16 +55,21 @@ STEPS_PER_SNAPSHOT = 100  # tiny.yaml's every_n_steps
 
 def main(argv=None) -> int:
     p = h.parser(__doc__, devices=False)
-    p.add_argument("--rounds", type=int, help="timing rounds (default 40, quick 10)")
+    p.add_argument("--rounds", type=int, help="timing rounds (default 40, quick 10, smoke 2)")
+    p.add_argument("--smoke", action="store_true", help="the smallest run (see above)")
+    p.add_argument("--cache-dir", default=".normx_cache", help="tokenizer cache")
     args = p.parse_args(argv)
     args.threads = args.threads or 1
-    rounds = args.rounds or (10 if args.quick else 40)
-    info = h.start(args, "the cost of #23's measurements", {"rounds": rounds,
-                                                           "threads": args.threads})
+    rounds = args.rounds or (2 if args.smoke else 10 if args.quick else 40)
+    steps = 4 if args.smoke else STEPS_PER_SNAPSHOT  # batches counted, then folded
+    probes = 4 if args.smoke else 64
+    info = h.start(args, "the cost of #23's measurements", {
+        "rounds": rounds, "threads": args.threads, "smoke": args.smoke})
     h.set_threads(args.threads)
     started = time.perf_counter()
     dm = TextDataModule(corpus="agreement", bpe_vocab_size=512, batch_size=32, context=32,
-                        num_train=20000, num_probes=64, seed=0, cache_dir=".normx_cache")
+                        num_train=400 if args.smoke else 20000, num_probes=probes, seed=0,
+                        cache_dir=args.cache_dir)
     dm.setup("fit")
     torch.manual_seed(0)
     module = LanguageModel(arch="gpt2", d_model=64, n_layers=2, n_heads=4, context=32,
@@ -68,7 +79,7 @@ def main(argv=None) -> int:
     engine = Engine(dm.probes, Settings(media_probes=0))
     engine.prepare(adapter, dm.tokenizer, is_writer=False)
     enc = engine.ctx.encoded
-    batches = [b for _, b in zip(range(STEPS_PER_SNAPSHOT), dm.train_dataloader(), strict=False)]
+    batches = [b for _, b in zip(range(steps), dm.train_dataloader(), strict=False)]
 
     def forward(depth: bool):
         return lambda: normxlogit(adapter, enc.input_ids, enc.attention_mask,
@@ -115,8 +126,8 @@ def main(argv=None) -> int:
         for pairs in (False, True):
             c = fill(pairs)
             fold[pairs].append(h.timed(c.collect, "cpu"))
-    rows.append(("folding 100 steps' counts per snapshot", f"{1e3 * h.median(fold[False]):.3f}",
-                 f"{1e3 * h.median(fold[True]):.3f}",
+    rows.append((f"folding {len(batches)} steps' counts per snapshot",
+                 f"{1e3 * h.median(fold[False]):.3f}", f"{1e3 * h.median(fold[True]):.3f}",
                  f"{h.median(fold[True]) / h.median(fold[False]):.3f}"))
     print(h.table(("work", "without ms", "with ms", "ratio"), rows))
     per_snapshot_without = float(rows[0][1]) + STEPS_PER_SNAPSHOT * float(rows[1][1]) + float(
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
         for method, (_, s) in probe_attributions(adapter, enc, methods,
                                                  batch_size=32).items():
             seconds[method].append(s)
-    print("\nGradient reference of alignment, per faithfulness snapshot (64 probes, "
+    print(f"\nGradient reference of alignment, per faithfulness snapshot ({probes} probes, "
           f"{args.threads} thread(s)):")
     print(h.table(("method", "seconds (median)"),
                   [(m, f"{h.median(v):.3f}") for m, v in seconds.items()]))
@@ -154,8 +165,10 @@ def main(argv=None) -> int:
         build.append(h.timed(lambda snap=snap: builder.build(snap), "cpu"))
     print(f"\nSnapshot builder (helper), with the gradient scores and pair counts: "
           f"{h.median(build):.3f} s per snapshot (median of {len(build)}).")
-    h.finish(args, started, machine=info, rows=rows, gradient_seconds={
-        m: h.median(v) for m, v in seconds.items()}, build_seconds=h.median(build))
+    h.finish(args, started, machine=info, rows=rows,
+             interval_ms={"without": per_snapshot_without, "with": per_snapshot_with},
+             gradient_seconds={m: h.median(v) for m, v in seconds.items()},
+             build_seconds=h.median(build))
     return 0
 
 

@@ -3,6 +3,9 @@
     python benchmarks/floor.py --threads 1            # ~5 minutes on 2 CPU cores
     python benchmarks/floor.py --threads 1 --quick    # under a minute: T=64/128, 3 rounds
     python benchmarks/floor.py --device cuda --out floor-gpu.json   # GPT-2 small, Llama-1B
+    python benchmarks/floor.py --quick --vocabs 256 --lengths 8 --repeats 1   # smallest
+
+The smallest run (tests/test_benchmarks.py) checks the code path; its numbers mean nothing.
 
 CPU default: a Llama shape (untied head, GQA, RMSNorm) and a GPT-2 shape (tied head,
 LayerNorm), both 4 layers of width 256, at vocabularies 8192 and 128256, B=4 rows of

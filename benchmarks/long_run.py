@@ -3,6 +3,8 @@
     python benchmarks/long_run.py --snapshots 500      # part 1, RELIABILITY.md's numbers
     python benchmarks/long_run.py --large-vocab        # part 2, in a fresh process
     python benchmarks/long_run.py --quick              # 30 snapshots, part 2 at 32 probes
+    python benchmarks/long_run.py --snapshots 3 --sample-every 1 --media-probes 1 \
+        --faithfulness-every 2                         # smallest part 1
 
 Part 1 trains a 2-layer, 32-wide GPT-2 on the agreement corpus with
 `NormXLogitCallback(schedule="interval", every_n_steps=1)`: one snapshot per training
@@ -17,7 +19,8 @@ whose full-vocabulary logits for the probe set would not fit in memory: vocabula
 256,000, d=64, 2 layers, 256 probes x 128 tokens (all positions x 3 layers x 256k float32
 logits = 100.7 GB). Peak = VmHWM after a reset of the high-water mark, in a fresh process.
 
-tests/test_long_run.py runs shortened versions of both through this command line.
+tests/test_long_run.py runs shortened versions of both through this command line;
+tests/test_benchmarks.py runs the smallest part 1 above (a check of the code path).
 """
 
 from __future__ import annotations

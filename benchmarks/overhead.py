@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                        # 3 rounds of full 600-step runs
     python benchmarks/overhead.py --threads 1 --rounds 5 --arms without with with-nomedia
     python benchmarks/overhead.py --threads 1 --quick    # 1 round of 30-step runs (a check)
+    python benchmarks/overhead.py --smoke --keep /tmp/o  # smallest: the code path only
 
 Arms, each `train.py fit --config configs/tiny.yaml` in a fresh subprocess with the same
 seed (the callback restores every RNG it touches, so all arms train on the same batches):
@@ -19,10 +20,17 @@ the end-of-run summary). The process's wall time is printed beside it. The ratio
 is the median over rounds of fit(with) / fit(without) within a round, against GOAL.
 
 Where the callback's time goes comes from the store it wrote, read with `load_run`: the sums
-over the run of `snapshot/train_seconds` (training thread: probe forward, embedding norms,
-faithfulness forwards) and `snapshot/worker_seconds` (background worker: metrics and tables
-before the store write); "-" where the package does not record them. `--threads N` sets
-torch's threads in each child; without it they are torch's default (tiny.yaml as is).
+over the run of `snapshot/train_seconds` (training thread: counts, probe forward, embedding
+norms, copies to the CPU; the faithfulness forwards where they run there, else the weights
+copy for the helper) and `snapshot/worker_seconds` (the writer, in the helper process by
+default: faithfulness forwards and gradient reference on its copy of a small model, metrics
+and tables, before the store write); "-" where the package does not record them.
+`--threads N` sets torch's threads in each child; without it they are torch's default
+(tiny.yaml as is).
+
+`--smoke` (tests/test_benchmarks.py) is the smallest run, a check of the code path whose
+numbers mean nothing: 1 round of 2-step runs, no warm-up run, tiny.yaml on 400 sentences and
+4 probes with its tokenizer cached in the run directory (`--keep`, else a temporary one).
 """
 
 from __future__ import annotations
@@ -64,6 +72,9 @@ def child(args) -> None:
             "--trainer.logger.init_args.save_dir", args.root,
             "--trainer.enable_progress_bar", "false"]
     argv += ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
+    if args.smoke:  # a small corpus; the tokenizer cached beside the runs, not in the checkout
+        argv += ["--data.num_train", "400", "--data.num_probes", "4",
+                 "--data.cache_dir", str(Path(args.root).parent / "tokenizer")]
     argv += {"without": ["--trainer.callbacks=[]"], "with": [],
              "with-nomedia": ["--trainer.callbacks.init_args.media_probes", "0"]}[args.child]
     TimedCLI(LanguageModel, TextDataModule, save_config_kwargs={"overwrite": True},
@@ -76,20 +87,27 @@ def run_arm(arm: str, args, workdir: Path, index: int, max_steps: int | None) ->
     cmd = [__file__, "--child", arm, "--root", root, "--config", args.config]
     cmd += ["--max-steps", max_steps] if max_steps else []
     cmd += ["--threads", args.threads] if args.threads else []
+    cmd += ["--smoke"] if args.smoke else []
     try:
         child_report, wall = h.run_child(cmd, args.threads, cwd=h.ROOT)
     except h.ChildFailed as error:
         raise SystemExit(f"the {arm!r} run failed: {error}") from None
     out = {"arm": arm, **child_report, "process_s": wall}
     if arm != "without":
-        from normx_callbacks import load_run
-
-        run = load_run(root)
-        m = run.metrics
-        out["snapshots"] = len(run.steps)
-        out.update({k: float(m.loc[m["key"] == k, "value"].sum()) if (m["key"] == k).any()
-                    else None for k in COSTS})
+        out.update(store_costs(root))
     return out
+
+
+def store_costs(root: Path) -> dict:
+    """The number of snapshots in the store under ``root`` and the sum of each of COSTS
+    over them (None where the store has no such key)."""
+    from normx_callbacks import load_run
+
+    run = load_run(root)
+    m = run.metrics
+    return {"snapshots": len(run.steps),
+            **{k: float(m.loc[m["key"] == k, "value"].sum()) if (m["key"] == k).any()
+               else None for k in COSTS}}
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -103,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, help="trainer.max_steps (default: the config's)")
     p.add_argument("--config", type=Path, default=h.ROOT / "configs" / "tiny.yaml")
     p.add_argument("--keep", type=Path, help="keep the runs' logs and stores here")
+    p.add_argument("--smoke", action="store_true", help="the smallest run (see above)")
     p.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -111,15 +130,17 @@ def main(argv=None) -> int:
         return 0
     if "without" not in args.arms or len(args.arms) < 2:
         p.error("--arms needs 'without' (the baseline) and at least one arm with the callback")
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.max_steps = args.max_steps or (30 if args.quick else None)
+    args.rounds = args.rounds or (1 if args.quick or args.smoke else 3)
+    args.max_steps = args.max_steps or (2 if args.smoke else 30 if args.quick else None)
     settings = {"rounds": args.rounds, "arms": args.arms, "config": str(args.config),
-                "max_steps": args.max_steps or "the config's", "threads": args.threads}
+                "max_steps": args.max_steps or "the config's", "threads": args.threads,
+                "smoke": args.smoke}
     info = h.start(args, "NormXLogitCallback overhead on the tiny.yaml training run", settings)
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="normx-overhead-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run_arm("with", args, workdir, 0, 2)  # warm-up, untimed
+    if not args.smoke:
+        run_arm("with", args, workdir, 0, 2)  # warm-up, untimed
 
     rounds, index = [], 1
     print("\n| round | arm | fit s | process s | snapshots | train_seconds sum "

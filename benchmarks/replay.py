@@ -2,11 +2,14 @@
 
     python benchmarks/replay.py --threads 1 --checkpoints 24 --rounds 7
     python benchmarks/replay.py --threads 1 --quick          # 4 checkpoints, 3 rounds
+    python benchmarks/replay.py --checkpoints 2 --every 1 --rounds 1 --probes 4   # smallest
 
 The checkpoints are the demo run's: `configs/tiny.yaml`'s model (GPT-2 shape, d=64, 2
 layers, 512-token BPE) and probe suite (64 agreement probes), trained here for
 `--every * --checkpoints` steps with a `.ckpt` every `--every` steps (a shorter corpus than
-tiny.yaml's, so the script takes a minute; the shapes are the same).
+tiny.yaml's, so the script takes a minute; the shapes are the same). `--probes N` makes
+N probes instead of 64 (the smallest run above, in tests/test_benchmarks.py, checks the
+code path; its numbers mean nothing).
 
 Three arms, timed in the same process; each round times `replay` and `reused` between two
 runs of `floor`, the order rotating, and a ratio is taken against the mean of the two
@@ -42,14 +45,15 @@ from normx_callbacks.checkpoints import load_model_and_tokenizer
 from normx_callbacks.replay import replay
 
 
-def train_series(root: Path, every: int, count: int):
+def train_series(root: Path, every: int, count: int, probes: int = 64):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from normx_callbacks.demo import LanguageModel, TextDataModule
 
-    dm = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=2000, num_probes=64,
-                        batch_size=32, context=32, cache_dir=str(root / "cache"))
+    dm = TextDataModule(corpus="agreement", bpe_vocab_size=512, num_train=2000,
+                        num_probes=probes, batch_size=32, context=32,
+                        cache_dir=str(root / "cache"))
     dm.setup("fit")
     pl.seed_everything(0, verbose=False)
     model = LanguageModel(arch="gpt2", d_model=64, n_layers=2, n_heads=4, context=32,
@@ -90,16 +94,17 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoints", type=int, help="default 8 (quick 4)")
     p.add_argument("--every", type=int, default=10, help="training steps between them")
     p.add_argument("--rounds", type=int, help="default 5 (quick 3)")
+    p.add_argument("--probes", type=int, default=64, help="probes (default 64)")
     args = p.parse_args(argv)
     args.checkpoints = args.checkpoints or (4 if args.quick else 8)
     args.rounds = args.rounds or (3 if args.quick else 5)
-    settings = {k: getattr(args, k) for k in ("checkpoints", "every", "rounds")}
+    settings = {k: getattr(args, k) for k in ("checkpoints", "every", "rounds", "probes")}
     info = h.start(args, "normx replay against loading + probe forward", settings)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths, probes = train_series(root, args.every, args.checkpoints)
+        paths, probes = train_series(root, args.every, args.checkpoints, args.probes)
         n = len(paths)
         print(f"checkpoints: {n} ({paths[0].name} ... {paths[-1].name}), probes: {len(probes)}")
         stores = itertools.count()

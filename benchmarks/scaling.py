@@ -4,6 +4,10 @@ of probes, always against the forward-pass floor measured alongside.
     python benchmarks/scaling.py --threads 1          # ~4 minutes on 2 shared CPU cores
     python benchmarks/scaling.py --threads 1 --quick  # under a minute: fewer, smaller points
     python benchmarks/scaling.py --device cuda --out scaling-gpu.json   # GPT-2-small body
+    python benchmarks/scaling.py --quick --width 32 --layers 1 --lengths 8 --vocabs 256 \
+        --depths 1 --probes 2 --tokens-per-call 16 --repeats 1     # smallest: one point each
+
+The smallest run (tests/test_benchmarks.py) checks the code path; its numbers mean nothing.
 
 GPT-2 shapes with random weights. Each sweep varies one thing from a base point (CPU: 4
 layers, d=256, vocabulary 32000, B=4 x T=256): length (64 .. 2048 at a constant 2048 tokens
