@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo tables clean browser summary report dashboard timings
+.PHONY: setup test lint demo tables clean browser summary report dashboard timings benchmark-smoke
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 
 test: lint browser
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+
+# The benchmark scripts whose arms are training processes, run whole at their smallest size
+# (about 2 minutes; `make test` runs the rest of each in process).
+benchmark-smoke: $(STAMP)
+	$(BIN)/python -m pytest -q -m end_to_end tests/test_benchmarks.py
 
 demo: $(STAMP)
 	$(BIN)/python train.py fit --config configs/tiny.yaml

@@ -12,9 +12,10 @@ the numbers themselves mean nothing.
   method, in another), emergence.py (`--smoke`), replay.py and long_run.py's part 1 (its
   part 2, in the fresh process it starts, is tests/test_long_run.py's second test).
 - ddp_probes.py, overhead.py and memory.py run each arm as a training process of its own
-  (on 2 cores about 25 s, 18 s and 60 s at their smallest): end to end only with
-  NORMX_SLOW_BENCHMARKS=1. Otherwise the part of each that a renamed key or option breaks
-  runs here: ddp_probes.py's one-process run and the store keys it reads, overhead.py's
+  (on 2 cores about 25 s, 18 s and 60 s at their smallest, more than the suite's 5-minute
+  budget leaves): end to end they are the `end_to_end` tests, run by `make benchmark-smoke`
+  and left out of `make test`. In `make test` the part of each that a renamed key or option
+  breaks runs: ddp_probes.py's one-process run and the store keys it reads, overhead.py's
   timed fit of the "with" arm and the costs it reads from the store, and every training
   command memory.py builds, parsed by train.py's own parser.
 - Every script in benchmarks/ but harness.py has a test here, and each imports harness.py.
@@ -27,7 +28,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -36,15 +36,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-SLOW = os.environ.get("NORMX_SLOW_BENCHMARKS") == "1"
-
-
-def slow(seconds: int):
-    """Skipped unless NORMX_SLOW_BENCHMARKS=1: the script's arms are training processes that
-    take about ``seconds`` on 2 cores at its smallest size, more than this file's budget."""
-    return pytest.mark.skipif(not SLOW, reason=(
-        f"its arms are training processes (about {seconds} s on 2 cores): "
-        "NORMX_SLOW_BENCHMARKS=1 runs it end to end"))
+# The script's arms are training processes of their own: end to end it takes longer than the
+# suite's budget leaves, so `make test` deselects it and `make benchmark-smoke` runs it.
+end_to_end = pytest.mark.end_to_end
 
 
 # The scripts each test below covers; a new script without a test fails the last test.
@@ -206,7 +200,7 @@ def test_long_run_samples_every_snapshot_of_a_run(run, tmp_path):
 # ------------------------------------------------------------------ arms in processes
 
 
-@slow(25)
+@end_to_end
 def test_ddp_probes_compares_one_and_two_processes(run):
     """ddp_probes.py end to end: both runs stored their snapshots, and the medians of
     `snapshot/train_seconds` and `snapshot/worker_seconds` and the printed ratio are finite
@@ -233,7 +227,7 @@ def test_ddp_probes_run_reads_the_training_thread_time_from_the_store(tmp_path, 
         assert len(seconds[key]) == 2 and finite(*seconds[key]), (key, seconds)
 
 
-@slow(18)
+@end_to_end
 def test_overhead_compares_runs_with_and_without_the_callback(run, tmp_path):
     """overhead.py --smoke end to end: one round of both arms, a finite fit ratio (the one
     printed) and finite sums of the costs it reads from the store."""
@@ -265,7 +259,7 @@ def test_overhead_arm_times_its_fit_and_reads_the_costs_from_the_store(tmp_path,
     assert finite(*(costs[k] for k in module.COSTS)), costs
 
 
-@slow(60)
+@end_to_end
 def test_memory_compares_the_process_trees_fresh_and_resumed(run):
     """memory.py --smoke end to end: each of the four runs has a peak PSS (the "with" runs
     with the helper among the children), and the printed worst ratio is the JSON's."""

@@ -233,8 +233,12 @@ def test_a_logger_that_never_returns_does_not_hold_training(dm, tmp_path, caplog
     monkeypatch.setattr(pipeline, "STALLED_SECONDS", 2.0)  # the module's deadline, shortened
     caplog.set_level(logging.WARNING, logger="normx_callbacks")
     release = threading.Event()
+    # writer="thread": the snapshot is built on the pipeline thread at normal priority, so
+    # the only long wait is the logger's (a helper on idle CPU time can take seconds on a
+    # loaded machine, and that wait would be the one the deadline names).
     callback = NormXLogitCallback(dm.probes, every_n_steps=4, media_probes=0,
-                                  faithfulness_every=None, store_dir=tmp_path / "store")
+                                  faithfulness_every=None, store_dir=tmp_path / "store",
+                                  writer="thread")
     start = time.monotonic()
     try:
         trainer = fit(make_model(dm), dm, tmp_path, [callback], max_steps=10,

@@ -1,7 +1,7 @@
 """NormXLogitCallback under FSDP2 (Lightning's ModelParallelStrategy, data parallel) on two
 CPU processes (gloo), launched once from a subprocess: a litgpt-shaped GPT sharded with
 `fully_shard` in `configure_model`, fitted to step 2 with a checkpoint and resumed to step 4;
-then GPT-2 and Llama sharded per block and at the root, and at the root only. One-process
+then GPT-2 and Llama sharded per block and at the root, and Llama at the root only. One-process
 runs of the same weights are the references."""
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def _check_litgpt_with_resume(root: Path, cache_dir: str, tmp_path: Path) -> Non
 
 
 def _check_hf_shardings(root: Path, cache_dir: str, tmp_path: Path) -> None:
-    """GPT-2 and Llama (untied head) under FSDP2, sharded per block and at the root, and at
-    the root only: each step stored once, and step 0 equal to one process's numbers."""
+    """GPT-2 and Llama (untied head) under FSDP2, sharded per block and at the root, and Llama
+    at the root only: each step stored once, and step 0 equal to one process's numbers."""
     from hf_shapes import SHARDINGS, HFModule
 
     dm = TextDataModule(cache_dir=cache_dir, **DATA)
