@@ -81,7 +81,7 @@ class Engine:
         self._count_checked = False
         # What `prepare` was given, to read the model again when it changes during a fit.
         self._prepared_with: dict[str, Any] = {}
-        self._shape: tuple | None = None
+        self._encoded_for: tuple | None = None
         self._signature: tuple = ()
         self._unreadable: str | None = None  # why the changed model cannot be read, if so
 
@@ -147,7 +147,7 @@ class Engine:
                                           owner=self.owner, mode=mode,
                                           forward_context=forward_context)
         self.measurement, self.adapter, self.is_writer = measurement, adapter, is_writer
-        self._shape = _shape(adapter)
+        self._encoded_for = _encoding_key(adapter)
         self._signature = model_signature(adapter.module)
         self._unreadable = None
         self._new_counter(adapter, tokenizer, measurement.ctx.objective)
@@ -198,10 +198,10 @@ class Engine:
     def use_model(self, adapter: ModelAdapter) -> None:
         """Measure another model of the same shape with the probes as encoded (a replayed
         checkpoint): no flush, the writer goes on with the snapshots before."""
-        if _shape(adapter) != self._shape:
+        if _encoding_key(adapter) != self._encoded_for:
             raise ValueError(f"another model shape (kind, layers, vocabulary, tied, mask, "
-                             f"context: {_shape(adapter)}) than the one the probes were "
-                             f"encoded for ({self._shape})")
+                             f"context: {_encoding_key(adapter)}) than the one the probes were "
+                             f"encoded for ({self._encoded_for})")
         self.adapter = adapter
         self.measurement = self.measurement.with_model(adapter)
         self._signature = model_signature(adapter.module)
@@ -336,7 +336,7 @@ class Engine:
             return self._unreadable
         change = _describe_change(self._signature, signature)
         self.collect_counts()  # batches counted with the old vocabulary, folded in first
-        old = self._shape
+        old = self._encoded_for
         try:
             if self.adapter.resolved:
                 adapter = resolve_adapter(module)
@@ -354,7 +354,7 @@ class Engine:
             return reason
         log.warning("%s: the model changed since it was read (%s; vocabulary %d -> %d rows); "
                     "it was read and verified again and the probes encoded again for it",
-                    self.owner, change, old[2], self._shape[2])
+                    self.owner, change, old[2], self._encoded_for[2])
         return None
 
     def _faithfulness_due(self, final: bool) -> bool:
@@ -410,7 +410,9 @@ class Engine:
                                    "prev_scores": state["prev_scores"]})
 
 
-def _shape(adapter: ModelAdapter) -> tuple:
+def _encoding_key(adapter: ModelAdapter) -> tuple:
+    """What the encoded probes and the measurement depend on: a model that differs in any
+    of these needs `prepare` again."""
     return (adapter.kind, adapter.num_layers, adapter.embedding.num_embeddings, adapter.tied,
             adapter.accepts_mask, adapter.context_length)
 

@@ -47,7 +47,9 @@ def colour_tokens(tokens: Sequence[str], scores: Sequence[float], bound: float) 
     return "".join(out)
 
 
-def _parse_layers(text: str, num_layers: int):
+def _parse_layers(text: str, num_layers: int | None = None):
+    """``--layers``: "all", "last" (None) or comma-separated layer indices; the valid range is
+    named when the model is known."""
     if text == "all":
         return "all"
     if text == "last":
@@ -57,8 +59,10 @@ def _parse_layers(text: str, num_layers: int):
     except ValueError:
         layers = []
     if not layers:
-        raise ValueError(f"--layers {text!r}: use 'last', 'all' or comma-separated indices "
-                         f"in 0..{num_layers} (e.g. 0,{num_layers})")
+        valid = (f" in 0..{num_layers} (e.g. 0,{num_layers})" if num_layers is not None
+                 else " (e.g. 0,2)")
+        raise ValueError(f"--layers {text!r}: use 'last', 'all' or comma-separated layer "
+                         f"indices{valid}")
     return layers
 
 
@@ -260,16 +264,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Replay a checkpoint series into a snapshot store."""
     from .replay import ReplayError, replay
 
-    layers = args.layers
-    if layers not in ("all", "last"):
-        try:
-            layers = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--layers {args.layers!r}: use 'all', 'last' or comma-separated "
-                             "layer indices") from None
+    layers = _parse_layers(args.layers)
     try:
         written = replay(args.checkpoints, probes=args.probes, store_dir=args.output,
-                         tokenizer=args.tokenizer, layers=None if layers == "last" else layers,
+                         tokenizer=args.tokenizer, layers=layers,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          model_class=args.model_class, steps=_parse_steps(args.steps),
                          faithfulness=args.faithfulness, count_corpus=args.count_corpus,

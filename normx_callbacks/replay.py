@@ -325,7 +325,8 @@ def _load_fitting(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
-def _shape(adapter) -> tuple[str, int | None, int]:
+def _series_shape(adapter) -> tuple[str, int | None, int]:
+    """What every checkpoint of one series must share: model class, layers, vocabulary."""
     return (type(adapter.module).__name__ if adapter.module is not None else "?",
             adapter.num_layers, adapter.embedding.num_embeddings)
 
@@ -479,7 +480,7 @@ def _series_tokenizer(todo: list[Checkpoint]) -> Any:
 
 
 def _stored_shape(store: SnapshotStore) -> tuple[str, tuple] | None:
-    """The architecture a store already holds snapshots of, as `_shape` gives it; None if new."""
+    """The architecture a store already holds snapshots of, as `_series_shape` gives it; None if new."""
     if not store.steps():
         return None
     meta = read_meta(store.root).get("run_meta", {})
@@ -525,7 +526,7 @@ def _replay_series(engine: Engine, tokenizer: Any, root: Path, series: list[Chec
             continue
         try:
             adapter = find_model(module, who="normx replay")
-            shape = _shape(adapter)
+            shape = _series_shape(adapter)
             if first is not None and shape != first[1]:
                 raise ValueError(
                     f"another architecture ({shape[0]}, {shape[1]} layers, {shape[2]} embedding "
