@@ -39,14 +39,15 @@ def terminal_safe(text: str) -> str:
 def anticipated(error: BaseException) -> bool:
     """Whether ``error`` is a message about the input rather than a bug.
 
-    True for an `OSError` (a missing file, a full disk, a permission) and for a `ValueError`
-    or `RuntimeError` (our error classes derive from them) raised by a ``raise`` statement in
-    this package (the demo's corpora included). A `ValueError` numpy or torch raises inside our code, or
-    any other exception type, is not: its traceback is what a bug report needs.
+    True for an `OSError` (a missing file, a full disk, a permission), and for a
+    `ValueError` or `RuntimeError` (our error classes derive from them) or an `ImportError`
+    (an optional dependency to install) raised by a ``raise`` statement in this package, the
+    demo's corpora included. A `ValueError` numpy or torch raises inside our code, or any
+    other exception type, is not: its traceback is what a bug report needs.
     """
     if isinstance(error, OSError):
         return True
-    if not isinstance(error, (ValueError, RuntimeError)):
+    if not isinstance(error, (ValueError, RuntimeError, ImportError)):
         return False
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:

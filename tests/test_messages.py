@@ -35,6 +35,18 @@ def test_errors_raised_on_purpose_by_the_package_are_anticipated(tmp_path):
     assert not anticipated(_caught(ours_but_outside_the_package))
 
 
+def test_a_missing_optional_dependency_is_anticipated(monkeypatch):
+    import sys
+
+    from normx_callbacks import methods
+
+    monkeypatch.setitem(sys.modules, "captum", None)  # as if Captum were not installed
+    error = _caught(lambda: methods.require_captum("integrated_gradients"))
+    assert isinstance(error, ImportError) and "needs Captum" in str(error)
+    assert anticipated(error)
+    assert not anticipated(_caught(lambda: __import__("no_such_module_anywhere")))
+
+
 def test_bugs_are_not_anticipated():
     assert not anticipated(_caught(lambda: np.zeros(2).reshape(3)))  # numpy's ValueError
     assert not anticipated(_caught(lambda: int("x")))  # a builtin's, in a caller's frame
