@@ -129,7 +129,7 @@ def summarise_norms(
     pairs: PairCounts | None = None,
 ) -> EmbeddingSnapshot:
     """Summarise the row norms ``(V,)`` of an input embedding matrix (CPU work only: the
-    snapshot worker calls this on norms the training thread measured).
+    writer calls this on norms the training thread measured).
 
     Args:
         counts: ``(V,)`` token counts (e.g. :attr:`TokenCounter.counts`); None

@@ -202,7 +202,7 @@ class Execution:
         """Whether the training thread waits for the writer now: always when it calls the
         writer itself, and while it waits on the pipeline (a full queue, a flush)."""
         pipeline = self.pipeline
-        return pipeline is None or not pipeline.on_worker_thread() or pipeline.training_waits
+        return pipeline is None or not pipeline.on_pipeline_thread() or pipeline.training_waits
 
     # ------------------------------------------------------------------ snapshots
 

@@ -314,7 +314,7 @@ class _Watch:
 
 class _Child:
     """The helper's pid, with `subprocess.Popen`'s poll / wait / returncode. One lock: the
-    worker thread polls a helper that died mid-call while another thread may wait for it,
+    pipeline thread polls a helper that died mid-call while another thread may wait for it,
     and only the thread that reaps the pid learns its exit code."""
 
     def __init__(self, pid: int) -> None:

@@ -381,7 +381,7 @@ PREFIX = "normx"
 
 class SnapshotMedia:
     """What each snapshot shows in the loggers, built where the snapshot is built (the
-    worker, possibly another process): scalars, the norm histogram and extremes, and for
+    writer, possibly in the helper process): scalars, the norm histogram and extremes, and for
     the first ``media_probes`` probes the layer and history heatmaps (drawn only when some
     logger shows images), the token table and (W&B) the coloured tokens. Keeps the score
     history the history heatmaps draw (the last ``history_length`` snapshots)."""

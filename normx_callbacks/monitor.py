@@ -97,7 +97,7 @@ class NormXLogitMonitor:
         rank, world = rank_and_world()
         mode = ("collective" if _is_dtensor(adapter.embedding.weight)
                 else "shared" if world > 1 else "single")
-        root = self._store_root() if rank == 0 else None  # bad input fails before the worker
+        root = self._store_root() if rank == 0 else None  # bad input fails before the writer starts
         if root is not None:
             SnapshotStore(root)  # a path that can never be a store fails here
         self.engine.prepare(adapter, tokenizer, loggers=self.loggers, mode=mode,
@@ -134,13 +134,13 @@ class NormXLogitMonitor:
 
     def end(self, step: int) -> None:
         """Training ended at ``step``: take its final snapshot (unless taken), write
-        everything and stop the worker."""
+        everything and stop the pipeline."""
         self._check_ready()
         self._maybe_snapshot(step, force=True)
         self.close()
 
     def close(self) -> None:
-        """Write everything measured so far and stop the worker (also on an exception:
+        """Write everything measured so far and stop the pipeline (also on an exception:
         use the monitor as a context manager, or call this in a `finally`)."""
         self.engine.finish()
         self.engine.close()

@@ -1,10 +1,11 @@
-"""The snapshot worker: everything after the measurement, off the training thread.
+"""The pipeline: one background thread that hands snapshots to the writer, in order.
 
 The training thread hands each `Snapshot` to `Pipeline.submit` and goes back to training;
-one background thread builds the metrics and tables, writes the store and calls the
-loggers, one snapshot at a time, in submission order.
+the pipeline's one thread passes them to the writer (`writer.py`: in the helper process,
+`helper.py`, by default; on this thread with `writer="thread"`) one at a time, in
+submission order, and makes the logger calls each reply carries.
 
-- **Bounded.** At most `max_pending` snapshots wait. When the worker falls behind, `submit`
+- **Bounded.** At most `max_pending` snapshots wait. When the writer falls behind, `submit`
   blocks until there is room; nothing is ever dropped. Once training has waited more than
   `WARN_AFTER_SECONDS` in all, one warning says so.
 - **Flushed** (`flush`) whenever what is written must be complete: before a checkpoint is
@@ -12,10 +13,14 @@ loggers, one snapshot at a time, in submission order.
   exception in training and at teardown.
 - **Never loses an error.** A job that raises is handed to `on_error` (which records the step
   as missing and warns), and kept in `failures`, which the training thread reads.
+- **Never holds training forever.** A job stuck past `STALLED_SECONDS` (a logger call that
+  never returns) gets one warning naming where the thread is; flushes stop waiting for it.
 
-A thread, not a process: the loggers (a TensorBoard writer, a W&B run) live in this
-process, and the heavy parts (Parquet, fsync, numpy) release the GIL. See BENCHMARKS.md,
-"Training overhead", for what it costs the training thread.
+A thread, because the loggers (a TensorBoard writer, a W&B run) live in the training
+process; while the helper works, this thread only waits on a pipe and holds no interpreter
+lock. The building itself is not done on a thread by default: a busy Python thread slows a
+PyTorch training thread far beyond the CPU it takes (`helper.py`; BENCHMARKS.md, "Training
+overhead").
 """
 
 from __future__ import annotations
@@ -37,16 +42,16 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 # A burst of early snapshots (steps 0, 1, 2, 4 of the log schedule) may fill the queue for a
-# moment; only a worker that keeps training waiting is worth a warning.
+# moment; only a writer that keeps training waiting is worth a warning.
 WARN_AFTER_SECONDS = 1.0
 # A job running this long is stuck: far beyond building and writing a snapshot, and beyond
-# the helper process's own deadlines (worker.STOPPED_SECONDS, STALLED_SECONDS).
+# the helper process's own deadlines (helper.STOPPED_SECONDS, STALLED_SECONDS).
 STALLED_SECONDS = 300.0
 _SLICE_SECONDS = 0.5
 
 
 class Pipeline:
-    """A bounded single-worker queue of jobs ``(name, fn, args)`` run in order.
+    """A bounded queue of jobs ``(name, fn, args)`` run in order.
 
     Every wait on it has a deadline. A job still running after `STALLED_SECONDS` (a logger
     call that hangs on a dead network: the helper process has its own, shorter deadlines)
@@ -55,7 +60,7 @@ class Pipeline:
     queued is handed to ``on_dropped`` (the caller lists it as missing) instead of blocking.
 
     Args:
-        on_error: called on the worker thread as ``on_error(name, error)`` when a job
+        on_error: called on the pipeline thread as ``on_error(name, error)`` when a job
             raises (the job's snapshot is then recorded as missing by the caller's handler).
         on_dropped: called on the calling thread as ``on_dropped(name, reason)`` for a job
             not queued because the thread is stuck.
@@ -66,7 +71,7 @@ class Pipeline:
     def __init__(self, on_error: Callable[[Any, BaseException], None], *,
                  on_dropped: Callable[[Any, str], None] | None = None,
                  max_pending: int = 8, owner: str = "NormXLogitCallback",
-                 name: str = "normx-snapshot-worker") -> None:
+                 name: str = "normx-snapshot-pipeline") -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending={max_pending!r} must be a positive integer")
         self.on_error = on_error
@@ -88,7 +93,7 @@ class Pipeline:
     def submit(self, name: Any, fn: Callable[..., None], *args: Any) -> None:
         """Queue ``fn(*args)``; blocks (and warns once) while `max_pending` jobs wait."""
         if not self._thread.is_alive():
-            raise RuntimeError("the snapshot worker is closed")
+            raise RuntimeError("the snapshot pipeline is closed")
         if self._is_stuck():
             self._drop(name)
             return
@@ -113,7 +118,7 @@ class Pipeline:
             self.waited_seconds += time.perf_counter() - start
         if not self._warned_full and self.waited_seconds > WARN_AFTER_SECONDS:
             self._warned_full = True
-            log.warning("%s: the snapshot worker is %d snapshots behind; training has waited "
+            log.warning("%s: the snapshot writer is %d snapshots behind; training has waited "
                         "%.2f s for it (it never drops a snapshot). Snapshots cost more than "
                         "the steps between them: take fewer (every_n_steps), draw fewer "
                         "heatmaps (media_probes) or evaluate faithfulness less often",
@@ -146,11 +151,11 @@ class Pipeline:
         """The pipeline's thread (tests check that `close` stops it)."""
         return self._thread
 
-    def on_worker_thread(self) -> bool:
+    def on_pipeline_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
     def close(self) -> None:
-        """Flush, then stop the worker thread (a stuck one is left to itself: it is a
+        """Flush, then stop the pipeline thread (a stuck one is left to itself: it is a
         daemon thread, and what it still holds was named when it counted as stuck)."""
         if self._thread.is_alive():
             self.flush()
@@ -165,14 +170,14 @@ class Pipeline:
             return False
         if self.stuck != running[0]:
             self.stuck = running[0]
-            log.warning("%s: the snapshot worker thread has spent %.0f s on snapshot %s (%s); "
+            log.warning("%s: the snapshot pipeline thread has spent %.0f s on snapshot %s (%s); "
                         "training no longer waits for it, and snapshots that cannot be queued "
                         "behind it are listed as missing at the end", self.owner,
                         time.monotonic() - running[1], running[0], self._where())
         return True
 
     def _where(self) -> str:
-        """The innermost frames of the worker thread: what it is stuck in."""
+        """The innermost frames of the pipeline thread: what it is stuck in."""
         frame = sys._current_frames().get(self._thread.ident)  # documented in `sys`
         if frame is None:
             return "its stack is not available"
@@ -182,7 +187,7 @@ class Pipeline:
                                    for f in reversed(frames[-2:]))
 
     def _drop(self, name: Any) -> None:
-        reason = (f"not written: the snapshot worker thread was stuck on snapshot "
+        reason = (f"not written: the snapshot pipeline thread was stuck on snapshot "
                   f"{self.stuck} ({STALLED_SECONDS:.0f} s or more)")
         if self.on_dropped is not None:
             self.on_dropped(name, reason)

@@ -3,7 +3,7 @@
 A `Snapshot` is what the training thread takes at a scheduled step: only what needs the
 model's weights at that step (the probe attribution, the embedding row norms, the
 faithfulness rows), already on the CPU. Everything else is built from it by
-`SnapshotBuilder` in the snapshot worker (`pipeline.py`): the scalars with their bootstrap
+`SnapshotBuilder` in the writer (`writer.py`, in the helper process by default): the scalars with their bootstrap
 intervals, the long-format tables the store keeps, and the one pass over non-finite values
 that both the `nonfinite/*` counts and the `nonfinite` table come from.
 

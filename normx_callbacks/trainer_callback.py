@@ -149,7 +149,7 @@ class NormXLogitTrainerCallback(TrainerCallback):
         self.core.restored = None
         if step > 0 and rank == 0:
             self._restore(args, state)
-        root = self._store_root(args) if rank == 0 else None  # bad input fails before the worker
+        root = self._store_root(args) if rank == 0 else None  # bad input fails before the writer starts
         if root is not None:
             SnapshotStore(root)  # a path that can never be a store fails here
         self._close_loggers()

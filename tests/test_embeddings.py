@@ -96,7 +96,7 @@ def test_drift_shape_mismatch():
         snapshot_embeddings(_weight(), previous=torch.ones(49, 8))
     with pytest.raises(ValueError, match="previous"):
         snapshot_embeddings(_weight(), previous=torch.ones(49))
-    # The norms path the snapshot worker takes checks the same.
+    # The norms path the writer takes checks the same.
     with pytest.raises(ValueError, match="previous"):
         summarise_norms(torch.ones(50), previous=torch.ones(49))
 

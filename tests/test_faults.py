@@ -225,7 +225,7 @@ class HangingLogger(CSVLogger):
 
 
 def test_a_logger_that_never_returns_does_not_hold_training(dm, tmp_path, caplog, monkeypatch):
-    """The worker thread is stuck in a logger call: training stops waiting for it after the
+    """The pipeline thread is stuck in a logger call: training stops waiting for it after the
     deadline (one warning naming where it is), finishes, and the snapshots it never wrote
     are listed as missing; the store has the first one (written before the logger call)."""
     from normx_callbacks import pipeline
@@ -244,7 +244,7 @@ def test_a_logger_that_never_returns_does_not_hold_training(dm, tmp_path, caplog
         trainer = fit(make_model(dm), dm, tmp_path, [callback], max_steps=10,
                       logger=HangingLogger(tmp_path / "csv", release))
         assert trainer.global_step == 10 and time.monotonic() - start < 60
-        [warning] = [m for m in warnings_of(caplog) if "worker thread has spent" in m]
+        [warning] = [m for m in warnings_of(caplog) if "pipeline thread has spent" in m]
         assert "snapshot 0" in warning and "log_metrics" in warning
         assert load_run(tmp_path / "store").steps[0] == 0
         assert sorted(callback.missing_steps) == [1, 2, 4, 8, 10]

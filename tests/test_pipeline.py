@@ -1,4 +1,4 @@
-"""The snapshot worker: bounded, ordered, never dropping, never losing an error, and flushed
+"""The pipeline: bounded, ordered, never dropping, never losing an error, and flushed
 whenever what is written must be complete (checkpoint saves, train end, exceptions)."""
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def train(point, out):
     pl.seed_everything(0, verbose=False)
     model = LanguageModel(vocab_size=dm.vocab_size, pad_token_id=dm.pad_token_id,
                           tokenizer=dm.tokenizer, **config["model"])
-    # The kill is armed in this process's store code: the worker thread writes here.
+    # The kill is armed in this process's store code: the pipeline thread writes here.
     callback = NormXLogitCallback(dm.probes, every_n_steps=8, media_probes=0,
                                   store_dir=out / "store", writer="thread")
     checkpoint = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=5, save_top_k=-1)
