@@ -103,7 +103,7 @@ def read_blimp(paths: Any) -> tuple[list[dict[str, Any]], list[str], list[str | 
             f"BLiMP {', '.join(map(str, files))}: skipped "
             + ", ".join(f"{n} pair(s) with {why}" for why, n in skipped.items())
             + "; a probe needs a one-prefix pair whose good and bad words differ",
-            stacklevel=4,
+            stacklevel=3,
         )
     return items, wheres, masked, ", ".join(map(str, files))
 

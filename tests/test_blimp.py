@@ -29,6 +29,8 @@ def test_from_blimp_and_the_blimp_string_load_one_probe_per_pair(tmp_path):
         probes = ProbeSet.from_blimp(root)
     skipped = [str(w.message) for w in record if "skipped" in str(w.message)]
     assert len(skipped) == 1  # reported once, with the counts
+    # It points at the caller's line, not into the package.
+    assert [w.filename for w in record if "skipped" in str(w.message)] == [__file__]
     assert "1 pair(s) with no one_prefix_method" in skipped[0]
     assert "1 pair(s) with same good and bad word" in skipped[0]
     assert [p.id for p in probes] == ["det_noun-0", "det_noun-1", "sv_agreement-0",
@@ -68,8 +70,10 @@ def test_blimp_encodes_masked_as_the_good_sentence_with_the_word_masked(tmp_path
     assert enc.probes[0].text == rows["sentence_good"].replace(" books ", " [MASK] ")
     assert int(enc.input_ids[0, enc.positions[0]]) == tok.mask_token_id
     assert int(enc.targets[0]) == tok(" books", add_special_tokens=False)["input_ids"][0]
-    with pytest.warns(UserWarning, match=r"skipped 1 of 6 BLiMP probes: 1 pair\(s\) whose good"):
+    with pytest.warns(UserWarning, match=r"skipped 1 of 6 BLiMP probes: 1 pair\(s\) whose good"
+                      ) as record:
         causal = probes.encode(tok, objective="causal")
+    assert [w.filename for w in record] == [__file__]  # the caller's line
     assert "two_words-0" in causal.ids and causal.probes[0].text == "the girl saw these"
 
 

@@ -454,8 +454,10 @@ def test_multi_token_target_and_foil_explain_their_first_differing_token(bpe) ->
                        {"id": "solo", "text": "The cat", "target": "жук"},
                        {"id": "one", "text": "The cat", "target": "sat", "foil": "is"}])
     with pytest.warns(UserWarning, match=r"2 probe\(s\) have a target or foil of several "
-                                         r"tokens: bug \(target 'жук' -> \[.*\]\); solo"):
+                                         r"tokens: bug \(target 'жук' -> \[.*\]\); solo"
+                      ) as record:
         enc = probes.encode(bpe)
+    assert [w.filename for w in record] == [__file__]  # the caller's line
     prefix = bpe("The cat")["input_ids"]
     target = bpe(" жук", add_special_tokens=False)["input_ids"]
     foil = bpe(" жаба", add_special_tokens=False)["input_ids"]
