@@ -119,25 +119,23 @@ def test_the_gradient_reference_of_alignment_runs_only_where_it_can(adapter, dm)
 # --------------------------------------------------------------------------- snapshots
 
 
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def test_preserved_rng_restores_every_stream_also_after_an_error():
-    random.seed(1)
-    np.random.seed(1)
-    torch.manual_seed(1)
+    seed_all(1)
     expected = draws()
-    random.seed(1)
-    np.random.seed(1)
-    torch.manual_seed(1)
+    seed_all(1)
     with preserved_rng():
         draws()
         draws()
     assert draws() == expected
-    random.seed(2)
-    np.random.seed(2)
-    torch.manual_seed(2)
+    seed_all(2)
     expected = draws()
-    random.seed(2)
-    np.random.seed(2)
-    torch.manual_seed(2)
+    seed_all(2)
     with pytest.raises(ZeroDivisionError), preserved_rng():
         draws()
         1 / 0  # noqa: B018
