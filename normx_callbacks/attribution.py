@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,8 @@ from torch import Tensor, nn
 from .adapters import ModelAdapter, probe_mode
 from .discovery import resolve_adapter
 
-NORMS = ("layer0", "word")
+NormKind = Literal["layer0", "word"]
+NORMS = get_args(NormKind)
 
 
 @dataclass

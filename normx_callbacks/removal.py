@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the fractions k of AOPC
 REMOVALS = ("nearest", "floor")
-REPLACEMENTS = ("auto", "mask", "unk", "pad", "eos", "attention")
+ReplacementName = Literal["auto", "mask", "unk", "pad", "eos", "attention"]
+REPLACEMENTS = get_args(ReplacementName)
 # What "auto" tries in order, a rule fixed before any result was looked at: a token the model
 # was trained to read in place of a word. A masked LM's mask token is exactly that; a causal
 # LM pre-trained on concatenated documents has read its end-of-text token at every document

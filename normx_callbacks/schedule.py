@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
+from typing import Literal, get_args
 
-SCHEDULES = ("log", "interval", "steps")
+ScheduleKind = Literal["log", "interval", "steps"]
+SCHEDULES = get_args(ScheduleKind)
 
 
 class SnapshotSchedule:

@@ -18,15 +18,14 @@ from typing import Any, Literal, get_args
 
 from torch import Tensor
 
-from .attribution import NORMS
+from .attribution import NORMS, NormKind
 from .methods import ALIGNMENT_DEFAULT, FORWARD_METHODS, METHODS, resolve_alignment_methods
-from .removal import REPLACEMENTS
-from .schedule import SCHEDULES, SnapshotSchedule
+from .removal import REPLACEMENTS, ReplacementName
+from .schedule import SCHEDULES, ScheduleKind, SnapshotSchedule
 
-Schedule = Literal["log", "interval", "steps"]
-Norm = Literal["layer0", "word"]
+# The choices of schedule, norm and faithfulness_replacement are defined once, where they are
+# used (schedule.py, attribution.py, removal.py), as the Literal types LightningCLI reads.
 Objective = Literal["auto", "causal", "masked"]
-Replacement = Literal["auto", "mask", "unk", "pad", "eos", "attention"]
 Writer = Literal["process", "thread"]
 WRITERS = get_args(Writer)
 # Options renamed since users last saw them: old name -> current name.
@@ -76,13 +75,13 @@ class Settings:
     """
 
     # schedule
-    schedule: Schedule = "log"
+    schedule: ScheduleKind = "log"
     every_n_steps: int = 100
     steps: Sequence[int] | None = None
     log_base: int = 2
     # probes and layers
     layers: Literal["all"] | Sequence[int] | None = "all"
-    norm: Norm = "layer0"
+    norm: NormKind = "layer0"
     objective: Objective = "auto"
     probe_batch_size: int = 32
     track_tokens: Sequence[str] = ()
@@ -91,7 +90,7 @@ class Settings:
     faithfulness_every: int | None = 4
     faithfulness_methods: Sequence[str] = FORWARD_METHODS
     faithfulness_probes: int = 16
-    faithfulness_replacement: Replacement = "auto"
+    faithfulness_replacement: ReplacementName = "auto"
     alignment_methods: str | Sequence[str] | None = ALIGNMENT_DEFAULT
     # token counting
     batch_key: str | int = "input_ids"
